@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# `make bootstrap`: everything both README commands need, idempotent. A second run takes seconds:
+# each step checks a stamp (a hash of its inputs) and skips when nothing changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+say() { printf '==> %s\n' "$*"; }
+die() { printf 'bootstrap: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run as root (it installs Debian packages and runs rootful podman)"
+. /etc/os-release
+[ "${ID:-}" = debian ] && [ "${VERSION_ID:-}" = 12 ] || die "needs Debian 12 (found ${PRETTY_NAME:-unknown})"
+
+# 1. Debian packages ---------------------------------------------------------------------------
+APT_PACKAGES=(podman runc debootstrap busybox-static haproxy rsync git make openssh-client python3-venv
+              ca-certificates curl jq)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing Debian packages: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  say "Debian packages: present"
+fi
+# The host's haproxy service is not used (tests run their own); keep it from holding :8000 etc.
+if [ -d /run/systemd/system ] && systemctl is-enabled --quiet haproxy 2>/dev/null; then
+  systemctl disable --now haproxy >/dev/null 2>&1 || true
+fi
+
+# 2. podman ------------------------------------------------------------------------------------
+say "checking that podman runs containers"
+bash scripts/podman-check.sh
+
+# 3. Python virtual environment ------------------------------------------------------------------
+PYTHON="${PYTHON:-python3}"
+venv_stamp=$(cat requirements/dev.in requirements/constraints.txt runtime/pyproject.toml 2>/dev/null | sha256sum | cut -c1-16)
+if [ -f .venv/.stamp ] && [ "$(cat .venv/.stamp)" = "$venv_stamp" ]; then
+  say "virtual environment .venv: up to date"
+else
+  say "creating .venv (pinned by requirements/constraints.txt)"
+  "$PYTHON" -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+  # torch first, pinned: an unpinned torch would pull several GB of CUDA wheels. Its CPU build
+  # comes from a local wheel directory where the machine has one, else from PyTorch's CPU index.
+  torch_source=(--extra-index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}")
+  if compgen -G "${TORCH_FIND_LINKS:-/opt/wheels}/torch-*.whl" >/dev/null; then
+    torch_source=(--find-links "${TORCH_FIND_LINKS:-/opt/wheels}")
+  fi
+  .venv/bin/pip install -q -c requirements/constraints.txt "${torch_source[@]}" torch
+  .venv/bin/pip install -q -c requirements/constraints.txt -r requirements/dev.in
+  if [ -f runtime/pyproject.toml ]; then
+    .venv/bin/pip install -q -c requirements/constraints.txt --no-deps -e runtime
+  fi
+  echo "$venv_stamp" > .venv/.stamp
+fi
+
+# 4. Base image for molecule and the lab -------------------------------------------------------
+say "base image"
+bash scripts/build-base-image.sh
+
+# 5. Wheelhouse: what hosts install with pip, built on the controller, installed offline --------
+say "wheelhouse"
+.venv/bin/python scripts/wheelhouse.py
+
+say "bootstrap done"

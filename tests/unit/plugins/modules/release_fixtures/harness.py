@@ -1,0 +1,275 @@
+# -*- coding: utf-8 -*-
+# Copyright: sovereign.mlops maintainers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Real services for the release modules' unit tests (no mocks).
+
+* :func:`render_haproxy_cfg`: renders the traffic_switch role's haproxy.cfg.j2 with test values;
+* :class:`HAProxy`: a foreground haproxy process on loopback high ports, temp socket, killed at teardown;
+* :class:`Backend`: a tiny HTTP/1.1 runtime stand-in (health, slow path, OIP infer) in a thread;
+* :func:`run_module`: runs a module's ``main()`` in-process and returns its JSON result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+TEMPLATE_DIR = pathlib.Path(__file__).resolve().parents[5] / 'roles' / 'traffic_switch' / 'templates'
+HAPROXY = shutil.which('haproxy') or '/usr/sbin/haproxy'
+
+needs_haproxy = pytest.mark.skipif(not os.path.exists(HAPROXY), reason='haproxy is not installed (apt-get install haproxy)')
+
+
+def free_port():
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def template_vars(tmp, frontend_port, stats_port, colors, **overrides):
+    """Test values for every traffic_switch_* variable haproxy.cfg.j2 uses."""
+    values = dict(
+        traffic_switch_log_target=None,
+        traffic_switch_chroot=None,
+        traffic_switch_user=None,
+        traffic_switch_group=None,
+        traffic_switch_maxconn=256,
+        traffic_switch_admin_socket=str(tmp / 'admin.sock'),
+        traffic_switch_admin_socket_mode='660',
+        traffic_switch_frontend_bind='127.0.0.1',
+        traffic_switch_frontend_port=frontend_port,
+        traffic_switch_stats_bind='127.0.0.1:%d' % stats_port,
+        traffic_switch_map_file=str(tmp / 'live.map'),
+        traffic_switch_map_key='live',
+        traffic_switch_default_color='blue',
+        traffic_switch_colors=colors,
+        traffic_switch_health_path='/v2/health/ready',
+        traffic_switch_check_interval='100ms',
+        traffic_switch_check_fall=1,
+        traffic_switch_check_rise=1,
+        traffic_switch_timeouts=dict(connect='2s', client='30s', server='30s', http_request='5s',
+                                     http_keep_alive='10s', queue='5s', check='1s'),
+    )
+    values.update(overrides)
+    return values
+
+
+def render_haproxy_cfg(values):
+    """Render the role's template the way Ansible's template module does (trim_blocks), strictly."""
+    import jinja2
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, keep_trailing_newline=True)
+    return env.get_template('haproxy.cfg.j2').render(**values)
+
+
+def admin_command(path, cmd, timeout=5.0):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+        sock.sendall(cmd.encode() + b'\n')
+        chunks = []
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+        return b''.join(chunks).decode()
+    finally:
+        sock.close()
+
+
+class HAProxy(object):
+    """A foreground haproxy on a rendered config; ``stop()`` kills it (it is also a context manager)."""
+
+    def __init__(self, cfg_path, admin_socket):
+        self.cfg_path = str(cfg_path)
+        self.admin_socket = str(admin_socket)
+        self.proc = None
+
+    def check_config(self):
+        return subprocess.run([HAPROXY, '-c', '-f', self.cfg_path], capture_output=True, text=True, check=False)
+
+    def start(self):
+        self.proc = subprocess.Popen([HAPROXY, '-db', '-f', self.cfg_path], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError('haproxy exited: %s' % self.proc.stderr.read().decode())
+            try:
+                admin_command(self.admin_socket, 'show info')
+                return self
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError('haproxy admin socket %s did not come up' % self.admin_socket)
+
+    def stop(self):
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc.stderr.close()
+            self.proc = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.admin_socket)
+
+    def restart(self):
+        self.stop()
+        return self.start()
+
+    def command(self, cmd):
+        return admin_command(self.admin_socket, cmd)
+
+    def stat(self, pxname, svname):
+        lines = self.command('show stat').splitlines()
+        header = lines[0][2:].split(',')
+        for line in lines[1:]:
+            fields = line.split(',')
+            if fields[:2] == [pxname, svname]:
+                return dict(zip(header, fields))
+        return None
+
+    def wait_status(self, color, prefix, timeout=10.0):
+        """Wait until HAProxy's check status of ``color``'s server starts with ``prefix``."""
+        deadline = time.monotonic() + timeout
+        status = None
+        while time.monotonic() < deadline:
+            status = self.stat('be_%s' % color, color)['status']
+            if status.startswith(prefix):
+                return status
+            time.sleep(0.05)
+        raise AssertionError('server %s stayed %r, wanted %s' % (color, status, prefix))
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *args):
+        self.stop()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, status, body, headers=None):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        backend = self.server.backend
+        backend.record(self)
+        if self.path == '/v2/health/ready':
+            if backend.healthy:
+                self._send(200, {'ready': True, 'color': backend.color})
+            else:
+                self._send(503, {'ready': False, 'error': 'model not loaded'})
+        elif self.path == '/slow':
+            backend.slow_started.set()
+            backend.slow_release.wait(30)
+            time.sleep(backend.slow_extra)
+            backend.slow_done.set()
+            self._send(200, {'color': backend.color, 'slow': True})
+        else:
+            self._send(200, {'color': backend.color, 'path': self.path})
+
+    def do_POST(self):
+        backend = self.server.backend
+        backend.record(self)
+        length = int(self.headers.get('Content-Length') or 0)
+        self.rfile.read(length)
+        self._send(200, {'model_name': 'm', 'outputs': [{'name': 'color', 'shape': [1], 'datatype': 'BYTES',
+                                                        'data': [backend.color]}]})
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+
+class Backend(object):
+    """A color's runtime stand-in: GET /v2/health/ready (200 or 503), GET /slow (held until released),
+    GET anything else and POST infer answer 200 with the color. ``port`` is bound at construction."""
+
+    def __init__(self, color, healthy=True, port=0, lie_color=None):
+        self.color = color
+        self.healthy = healthy
+        self.requests = []
+        self.slow_started = threading.Event()
+        self.slow_release = threading.Event()
+        self.slow_release.set()
+        self.slow_extra = 0.0
+        self.slow_done = threading.Event()
+        self.lie_color = lie_color
+        self.server = _Server(('127.0.0.1', port), _Handler)
+        self.server.backend = self
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={'poll_interval': 0.05}, daemon=True)
+
+    def record(self, handler):
+        self.requests.append((handler.command, handler.path))
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.slow_release.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+class LiarServer(Backend):
+    """Answers every request with ``X-Sovereign-Color: <color>`` (a frontend that does not switch)."""
+
+    def __init__(self, color):
+        super(LiarServer, self).__init__(color)
+
+        class Liar(_Handler):
+            def do_GET(self):
+                self._send(200, {'liar': True}, {'X-Sovereign-Color': color})
+
+        self.server.RequestHandlerClass = Liar
+
+
+def warnings(result):
+    """Warning texts of a module result (ansible-core 2.19 returns structured warning summaries)."""
+    texts = []
+    for warning in result.get('warnings') or []:
+        if isinstance(warning, dict):
+            warning = (warning.get('event') or {}).get('msg') or warning.get('msg') or str(warning)
+        texts.append(warning)
+    return texts
+
+
+def run_module(main, args, capsys, check_mode=False, diff=False):
+    """Run ``main()`` with ``args``; returns the module's JSON result (``failed`` set on failure)."""
+    from ansible.module_utils.testing import patch_module_args
+    args = dict(args)
+    args['_ansible_check_mode'] = check_mode
+    args['_ansible_diff'] = diff
+    capsys.readouterr()
+    with patch_module_args(args):
+        with pytest.raises(SystemExit):
+            main()
+    out = capsys.readouterr().out
+    return json.loads(out)
