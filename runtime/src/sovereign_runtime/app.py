@@ -1,0 +1,211 @@
+"""The raw ASGI application: routing, body limits, JSON errors. No framework on the hot path.
+
+Every answer is JSON (``/metrics`` excepted); every client mistake is a 4xx ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from . import __version__
+from .engine import READY, RETRY_AFTER, Engine
+from .protocol import dumps, error_body
+
+perf_counter = time.perf_counter
+JSON = (b"content-type", b"application/json")
+METRICS_TYPE = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+GET_ONLY = [(b"allow", b"GET, HEAD")]
+POST_ONLY = [(b"allow", b"POST")]
+_LIVE = dumps({"live": True})
+_SERVER = dumps({"name": "sovereign-runtime", "version": __version__, "extensions": ["model_repository_none"]})
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class App:
+    """``on_startup`` / ``on_shutdown`` run on ASGI lifespan events (the server loads the model there)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        on_startup: Callable[[], Awaitable[None]] | None = None,
+        on_shutdown: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.metrics = engine.metrics
+        self.max_body = engine.cfg.max_body_bytes
+        self.on_startup = on_startup
+        self.on_shutdown = on_shutdown
+        self._exact = {
+            "/v2/health/live": self._live,
+            "/v2/health/ready": self._ready,
+            "/v2": self._server_meta,
+            "/v2/": self._server_meta,
+            "/metrics": self._metrics,
+        }
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Callable, send: Callable) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                if self.on_startup:
+                    await self.on_startup()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self.on_shutdown:
+                    await self.on_shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: dict, receive: Callable, send: Callable) -> None:
+        path = scope["path"]
+        method = scope["method"]
+        handler = self._exact.get(path)
+        if handler is not None:
+            if method != "GET" and method != "HEAD":
+                await self._reply(send, "other", 405, error_body(f"{method} not allowed on {path}"), GET_ONLY)
+                return
+            await handler(send, method)
+            return
+        if not path.startswith("/v2/models/"):
+            await self._reply(send, "other", 404, error_body(f"unknown path {path[:200]!r}"))
+            return
+        parts = path[11:].split("/")
+        name = parts[0]
+        rest = parts[1:]
+        if len(rest) >= 2 and rest[0] == "versions":
+            version = rest[1]
+            rest = rest[2:]
+        else:
+            version = None
+        action = rest[0] if len(rest) == 1 else ("" if not rest else None)
+        if action is None or action not in ("", "ready", "infer"):
+            await self._reply(send, "other", 404, error_body(f"unknown path {path[:200]!r}"))
+            return
+        endpoint = "infer" if action == "infer" else ("model_ready" if action else "metadata")
+        allowed = method == "POST" if action == "infer" else method in ("GET", "HEAD")
+        if not allowed:
+            headers = POST_ONLY if action == "infer" else GET_ONLY
+            await self._reply(send, endpoint, 405, error_body(f"{method} not allowed on {path[:200]}"), headers)
+            return
+        model = self.engine.model
+        problem = self._model_problem(name, version)
+        if problem:
+            await self._reply(send, endpoint, problem[0], error_body(problem[1]), problem[2])
+            return
+        if action == "infer":
+            await self._infer(scope, receive, send)
+        elif action == "ready":
+            ready = self.engine.state == READY
+            body = dumps({"name": name, "ready": ready, **({} if ready else {"reason": self.engine.reason})})
+            await self._reply(send, endpoint, 200 if ready else 503, body, None, method)
+        else:
+            assert model is not None
+            await self._reply(send, endpoint, 200, dumps(self.engine.metadata()), None, method)
+
+    def _model_problem(self, name: str, version: str | None) -> tuple[int, str, Any] | None:
+        model = self.engine.model
+        if model is None:
+            wanted = self.engine.cfg.model_name
+            if wanted and name != wanted:
+                return 404, f"unknown model {name[:200]!r}; this server serves {wanted!r}", None
+            return 503, f"model not loaded yet: {self.engine.reason}", RETRY_AFTER
+        if name != model.name:
+            return 404, f"unknown model {name[:200]!r}; this server serves {model.name!r}", None
+        if version is not None and version != model.version:
+            return 404, f"unknown version {version[:100]!r} of {model.name!r}; serving version {model.version!r}", None
+        return None
+
+    async def _infer(self, scope: dict, receive: Callable, send: Callable) -> None:
+        engine = self.engine
+        t0 = perf_counter()
+        engine.in_flight += 1
+        try:
+            try:
+                body = await self._read_body(scope, receive)
+            except BodyTooLarge:
+                await self._reply(send, "infer", 413, error_body(f"request body larger than {self.max_body} bytes"))
+                return
+            if body is None:  # client went away
+                return
+            status, payload, headers = await engine.infer(body, t0)
+            await self._reply(send, "infer", status, payload, headers)
+            self.metrics.request_latency.observe(perf_counter() - t0)
+        finally:
+            engine.in_flight -= 1
+
+    async def _read_body(self, scope: dict, receive: Callable) -> bytes | None:
+        limit = self.max_body
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                try:
+                    if int(value) > limit:
+                        raise BodyTooLarge
+                except ValueError:
+                    pass  # the HTTP parser has already refused malformed lengths
+                break
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        body = message.get("body", b"")
+        if not message.get("more_body", False):
+            if len(body) > limit:
+                raise BodyTooLarge
+            return body
+        chunks = [body]
+        size = len(body)
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _reply(
+        self,
+        send: Callable,
+        endpoint: str,
+        status: int,
+        body: bytes,
+        headers: list | None = None,
+        method: str = "GET",
+        content_type: tuple[bytes, bytes] = JSON,
+    ) -> None:
+        self.metrics.count(endpoint, status)
+        head = [content_type, (b"content-length", str(len(body)).encode())]
+        if headers:
+            head.extend(headers)
+        await send({"type": "http.response.start", "status": status, "headers": head})
+        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+
+    async def _live(self, send: Callable, method: str) -> None:
+        await self._reply(send, "live", 200, _LIVE, None, method)
+
+    async def _ready(self, send: Callable, method: str) -> None:
+        engine = self.engine
+        if engine.state == READY:
+            await self._reply(send, "ready", 200, b'{"ready":true}', None, method)
+        else:
+            body = dumps({"ready": False, "state": engine.state, "reason": engine.reason})
+            await self._reply(send, "ready", 503, body, None, method)
+
+    async def _server_meta(self, send: Callable, method: str) -> None:
+        await self._reply(send, "server_metadata", 200, _SERVER, None, method)
+
+    async def _metrics(self, send: Callable, method: str) -> None:
+        await self._reply(send, "metrics", 200, self.metrics.render(), None, method, METRICS_TYPE)

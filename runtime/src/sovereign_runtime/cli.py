@@ -1,0 +1,47 @@
+"""``sovereign-runtime serve`` and ``sovereign-runtime check``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Sequence
+
+from . import config, logs
+
+
+def _torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+    with contextlib.suppress(RuntimeError):  # already set (embedded use)
+        torch.set_num_interop_threads(1)  # the server never uses inter-op parallelism
+
+
+def check(cfg: config.Settings) -> int:
+    """Load, warm up and golden-check, print one JSON document on stdout; exit 0 only if it passed."""
+    from .engine import Engine
+    from .model import ModelLoadError
+
+    engine = Engine(cfg)
+    try:
+        report = engine.prepare()
+    except ModelLoadError as exc:
+        report = {"ok": False, "error": str(exc)}
+    print(json.dumps(report, default=str))
+    return 0 if report.get("ok") else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    command, cfg = config.parse(argv)
+    logs.setup(cfg.log_level)
+    _torch_threads(cfg.torch_threads)
+    if command == "check":
+        return check(cfg)
+    from .server import serve
+
+    return serve(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""Open Inference Protocol v2 (KServe / Triton) JSON: datatypes, request decoding and validation, response encoding.
+
+Everything a client sends is checked here, before it reaches the model; every problem becomes a
+:class:`RequestError` carrying a 4xx status and a message that names the offending field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from math import prod
+from typing import Any
+
+import torch
+
+# OIP datatype name -> torch dtype. BYTES (strings) is not supported by a tensor model.
+OIP_TO_TORCH: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "UINT8": torch.uint8,
+    "INT8": torch.int8,
+    "INT16": torch.int16,
+    "INT32": torch.int32,
+    "INT64": torch.int64,
+    "FP16": torch.float16,
+    "BF16": torch.bfloat16,
+    "FP32": torch.float32,
+    "FP64": torch.float64,
+}
+for _name in ("uint16", "uint32", "uint64"):  # torch >= 2.3 has them (limited op support)
+    if hasattr(torch, _name):
+        OIP_TO_TORCH[_name.upper()] = getattr(torch, _name)
+TORCH_TO_OIP: dict[torch.dtype, str] = {v: k for k, v in OIP_TO_TORCH.items()}
+
+# numpy / MLflow signature dtype names -> OIP.
+NUMPY_TO_OIP = {
+    "bool": "BOOL",
+    "uint8": "UINT8",
+    "uint16": "UINT16",
+    "uint32": "UINT32",
+    "uint64": "UINT64",
+    "int8": "INT8",
+    "int16": "INT16",
+    "int32": "INT32",
+    "int64": "INT64",
+    "float16": "FP16",
+    "bfloat16": "BF16",
+    "float32": "FP32",
+    "float64": "FP64",
+    "str": "BYTES",
+    "object": "BYTES",
+}
+
+_INT_KINDS = {"UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64"}
+
+
+class RequestError(Exception):
+    """A client error: answered with ``status`` and ``{"error": message}``, never a 500."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input or output. ``shape`` uses -1 for a free dimension; ``None`` means unknown."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...] | None
+
+    def metadata(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape) if self.shape else [-1]}
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def error_body(message: str, **extra: Any) -> bytes:
+    return dumps({"error": message, **extra})
+
+
+@dataclass(slots=True)
+class DecodedRequest:
+    id: str | None
+    tensors: list[torch.Tensor]  # in model input order
+    rows: int  # size of the batch dimension (1 when the model has no batch dimension)
+    outputs: list[str] | None  # output names asked for, None = all
+
+
+class Decoder:
+    """Validates OIP infer requests against a model's input specs and turns them into tensors."""
+
+    def __init__(
+        self,
+        inputs: list[TensorSpec],
+        outputs: list[TensorSpec] | None,
+        batch_dim: bool,
+    ) -> None:
+        self.inputs = inputs
+        self.index = {spec.name: i for i, spec in enumerate(inputs)}
+        self.output_names = {spec.name for spec in outputs} if outputs else None
+        self.batch_dim = batch_dim
+
+    def decode(self, body: bytes) -> DecodedRequest:
+        try:
+            req = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise RequestError(f"request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise RequestError("request body is not valid JSON: nested too deeply") from None
+        if type(req) is not dict:
+            raise RequestError("request body must be a JSON object with an 'inputs' list")
+        items = req.get("inputs")
+        if type(items) is not list or not items:
+            raise RequestError("'inputs' must be a non-empty list of tensors")
+        req_id = req.get("id")
+        if req_id is not None and type(req_id) is not str:
+            raise RequestError("'id' must be a string")
+        specs = self.inputs
+        if len(items) != len(specs):
+            expected = ", ".join(repr(s.name) for s in specs)
+            raise RequestError(f"model expects {len(specs)} input(s) ({expected}), request has {len(items)}")
+        tensors: list[torch.Tensor | None] = [None] * len(specs)
+        rows = -1
+        for item in items:
+            idx, tensor = self._tensor(item)
+            if tensors[idx] is not None:
+                raise RequestError(f"input {specs[idx].name!r} given more than once")
+            tensors[idx] = tensor
+            if self.batch_dim:
+                n = tensor.shape[0]
+                if rows == -1:
+                    rows = n
+                elif n != rows:
+                    raise RequestError(f"inputs disagree on the batch dimension ({rows} vs {n})")
+        if self.batch_dim:
+            if rows < 1:
+                raise RequestError("the batch dimension (shape[0]) must be at least 1")
+        else:
+            rows = 1
+        outputs = req.get("outputs")
+        if outputs is not None:
+            outputs = self._outputs(outputs)
+        return DecodedRequest(req_id, tensors, rows, outputs)  # type: ignore[arg-type]
+
+    def _tensor(self, item: Any) -> tuple[int, torch.Tensor]:
+        if type(item) is not dict:
+            raise RequestError("each input must be an object with name, shape, datatype and data")
+        name = item.get("name")
+        if type(name) is not str:
+            raise RequestError("input 'name' must be a string")
+        idx = self.index.get(name)
+        if idx is None:
+            known = ", ".join(repr(n) for n in self.index)
+            raise RequestError(f"unknown input {name!r}; the model takes {known}")
+        spec = self.inputs[idx]
+        datatype = item.get("datatype")
+        if datatype != spec.datatype:
+            if datatype not in OIP_TO_TORCH:
+                what = "unsupported" if datatype == "BYTES" else "unknown"
+                raise RequestError(f"input {name!r}: {what} datatype {datatype!r}")
+            if spec.datatype:  # "" = the model did not say: any numeric datatype
+                raise RequestError(f"input {name!r}: datatype {datatype} does not match the model's {spec.datatype}")
+        shape = item.get("shape")
+        if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
+            raise RequestError(f"input {name!r}: 'shape' must be a list of non-negative integers")
+        want = spec.shape
+        if want is not None:
+            if len(shape) != len(want):
+                raise RequestError(f"input {name!r}: shape {shape} has rank {len(shape)}, the model wants {list(want)}")
+            for got, exp in zip(shape, want, strict=True):
+                if exp != -1 and got != exp:
+                    raise RequestError(f"input {name!r}: shape {shape} does not match the model's {list(want)}")
+        elif self.batch_dim and not shape:
+            raise RequestError(f"input {name!r}: shape must have a batch dimension")
+        data = item.get("data")
+        if type(data) is not list:
+            raise RequestError(f"input {name!r}: 'data' must be a list")
+        count = prod(shape)
+        dtype = OIP_TO_TORCH[datatype]
+        try:
+            if datatype in _INT_KINDS or datatype == "BOOL":
+                tensor = _exact_tensor(data, datatype, dtype)
+            else:
+                tensor = torch.tensor(data, dtype=dtype)
+        except RequestError as exc:
+            raise RequestError(f"input {name!r}: {exc.message}") from None
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            raise RequestError(f"input {name!r}: 'data' must be a (flat or nested) list of {datatype} values") from None
+        if tensor.numel() != count:
+            raise RequestError(f"input {name!r}: data has {tensor.numel()} element(s), shape {shape} needs {count}")
+        return idx, tensor.reshape(shape)
+
+    def _outputs(self, outputs: Any) -> list[str]:
+        if type(outputs) is not list:
+            raise RequestError("'outputs' must be a list of {\"name\": ...} objects")
+        names = []
+        for out in outputs:
+            name = out.get("name") if type(out) is dict else None
+            if type(name) is not str:
+                raise RequestError("each requested output must be an object with a string 'name'")
+            if self.output_names is not None and name not in self.output_names:
+                raise RequestError(f"unknown output {name!r}; the model has {sorted(self.output_names)}")
+            names.append(name)
+        return names
+
+
+def _exact_tensor(data: list, datatype: str, dtype: torch.dtype) -> torch.Tensor:
+    """Integer and boolean tensors: refuse floats (no silent truncation) and out-of-range values."""
+    tensor = torch.tensor(data)
+    if datatype == "BOOL":
+        if tensor.numel() and tensor.dtype is not torch.bool:
+            raise RequestError("BOOL data must be true/false")
+        return tensor.to(torch.bool)
+    if tensor.numel() == 0:
+        return tensor.to(dtype)
+    if tensor.dtype is not torch.int64:
+        raise RequestError(f"{datatype} data must be integers")
+    info = torch.iinfo(dtype)
+    if tensor.min().item() < info.min or tensor.max().item() > info.max:
+        raise RequestError(f"{datatype} data out of range [{info.min}, {info.max}]")
+    return tensor.to(dtype)
+
+
+def encode_outputs(
+    specs: list[TensorSpec], tensors: list[torch.Tensor], wanted: list[str] | None
+) -> list[dict[str, Any]]:
+    out = []
+    for spec, tensor in zip(specs, tensors, strict=False):
+        if wanted is not None and spec.name not in wanted:
+            continue
+        out.append(
+            {
+                "name": spec.name,
+                "datatype": TORCH_TO_OIP.get(tensor.dtype, spec.datatype),
+                "shape": list(tensor.shape),
+                "data": tensor.reshape(-1).tolist(),
+            }
+        )
+    return out
+
+
+def tensor_from_json(item: dict[str, Any]) -> tuple[str, torch.Tensor]:
+    """An OIP tensor object (as in a golden file) to (name, tensor), with the same checks as requests."""
+    if type(item) is not dict or type(item.get("name")) is not str:
+        raise RequestError("each tensor must be an object with a string 'name'")
+    dec = Decoder([TensorSpec(item["name"], "", None)], None, batch_dim=False)
+    _, tensor = dec._tensor(item)
+    return item["name"], tensor
