@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: sovereign.mlops maintainers
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
@@ -22,6 +21,7 @@ The naming contract shared with ``roles/traffic_switch/templates/haproxy.cfg.j2`
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import io
@@ -32,7 +32,7 @@ import tempfile
 
 def backend_name(color):
     """Backend that serves ``color`` (contract with haproxy.cfg.j2)."""
-    return 'be_%s' % color
+    return f"be_{color}"
 
 
 def server_name(color):
@@ -44,7 +44,7 @@ class HAProxyError(Exception):
     """A runtime-API operation failed; ``str(exc)`` names the problem and the fix."""
 
 
-class AdminSocket(object):
+class AdminSocket:
     """Talks to HAProxy's admin socket, one command per connection (non-interactive mode)."""
 
     def __init__(self, path, timeout=5.0):
@@ -53,24 +53,28 @@ class AdminSocket(object):
 
     def _connect_error(self, exc):
         path = self.path
-        if isinstance(exc, FileNotFoundError) or getattr(exc, 'errno', None) == errno.ENOENT:
+        if isinstance(exc, FileNotFoundError) or getattr(exc, "errno", None) == errno.ENOENT:
             return HAProxyError(
-                "HAProxy admin socket %s does not exist: HAProxy is not running on this host, or its config has no "
-                "'stats socket %s mode 660 level admin' line. Start HAProxy (systemctl start haproxy) or set "
-                "admin_socket to the path in haproxy.cfg." % (path, path))
-        if isinstance(exc, PermissionError) or getattr(exc, 'errno', None) in (errno.EACCES, errno.EPERM):
+                f"HAProxy admin socket {path} does not exist: HAProxy is not running on this host, or its config "
+                f"has no 'stats socket {path} mode 660 level admin' line. Start HAProxy (systemctl start haproxy) "
+                "or set admin_socket to the path in haproxy.cfg."
+            )
+        if isinstance(exc, PermissionError) or getattr(exc, "errno", None) in (errno.EACCES, errno.EPERM):
             return HAProxyError(
-                "permission denied on HAProxy admin socket %s: run the task with become: true, or as a member of the "
-                "socket's group (the socket is 'mode 660')." % path)
-        if isinstance(exc, ConnectionRefusedError) or getattr(exc, 'errno', None) == errno.ECONNREFUSED:
+                f"permission denied on HAProxy admin socket {path}: run the task with become: true, or as a member "
+                "of the socket's group (the socket is 'mode 660')."
+            )
+        if isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == errno.ECONNREFUSED:
             return HAProxyError(
-                "nothing listens on HAProxy admin socket %s (a stale socket file): HAProxy is not running. "
-                "Start it (systemctl start haproxy) and retry." % path)
+                f"nothing listens on HAProxy admin socket {path} (a stale socket file): HAProxy is not running. "
+                "Start it (systemctl start haproxy) and retry."
+            )
         if isinstance(exc, socket.timeout):
             return HAProxyError(
-                "HAProxy admin socket %s did not answer within %ss: HAProxy is overloaded or stuck; check "
-                "'systemctl status haproxy'." % (path, self.timeout))
-        return HAProxyError("cannot talk to HAProxy admin socket %s: %s" % (path, exc))
+                f"HAProxy admin socket {path} did not answer within {self.timeout}s: HAProxy is overloaded or "
+                "stuck; check 'systemctl status haproxy'."
+            )
+        return HAProxyError(f"cannot talk to HAProxy admin socket {path}: {exc}")
 
     def command(self, cmd):
         """Send one command, return HAProxy's answer as text (trailing blank line stripped)."""
@@ -80,46 +84,49 @@ class AdminSocket(object):
         try:
             try:
                 sock.connect(self.path)
-                sock.sendall(cmd.encode('utf-8') + b'\n')
+                sock.sendall(cmd.encode("utf-8") + b"\n")
                 while True:
                     data = sock.recv(65536)
                     if not data:
                         break
                     chunks.append(data)
-            except (OSError, socket.timeout) as exc:
+            except (TimeoutError, OSError) as exc:
                 raise self._connect_error(exc) from None
         finally:
             sock.close()
-        answer = b''.join(chunks).decode('utf-8', 'replace')
+        answer = b"".join(chunks).decode("utf-8", "replace")
         stripped = answer.strip()
-        if stripped.startswith('Permission denied'):
+        if stripped.startswith("Permission denied"):
+            verb = " ".join(cmd.split(" ")[0:2])
             raise HAProxyError(
-                "HAProxy refused '%s' on %s: the socket is not at 'level admin'. Use "
-                "'stats socket %s mode 660 level admin' in haproxy.cfg." % (' '.join(cmd.split(' ')[0:2]), self.path, self.path))
-        if stripped.startswith('Unknown command'):
-            raise HAProxyError("HAProxy does not know the command '%s' (answer: %s)" % (cmd, stripped.splitlines()[0]))
-        return answer.rstrip('\n') + ('\n' if answer.strip() else '')
+                f"HAProxy refused '{verb}' on {self.path}: the socket is not at 'level admin'. Use "
+                f"'stats socket {self.path} mode 660 level admin' in haproxy.cfg."
+            )
+        if stripped.startswith("Unknown command"):
+            raise HAProxyError(f"HAProxy does not know the command '{cmd}' (answer: {stripped.splitlines()[0]})")
+        return answer.rstrip("\n") + ("\n" if answer.strip() else "")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # show map
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def parse_map_list(text):
     """Parse ``show map`` (no argument) into a list of ``{'id': int, 'file': str}``."""
     maps = []
     for line in text.splitlines():
         line = line.strip()
-        if not line or line.startswith('#'):
+        if not line or line.startswith("#"):
             continue
         parts = line.split(None, 2)
-        if len(parts) < 2 or not parts[1].startswith('(') or not parts[1].endswith(')'):
+        if len(parts) < 2 or not parts[1].startswith("(") or not parts[1].endswith(")"):
             continue
         try:
             map_id = int(parts[0])
         except ValueError:
             continue
-        maps.append({'id': map_id, 'file': parts[1][1:-1]})
+        maps.append({"id": map_id, "file": parts[1][1:-1]})
     return maps
 
 
@@ -133,20 +140,21 @@ def parse_show_map(text):
         if not line.strip():
             continue
         parts = line.strip().split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith('0x'):
-            raise HAProxyError("unexpected 'show map' line from HAProxy: %r" % line)
-        entries.append((parts[1], parts[2] if len(parts) > 2 else ''))
+        if len(parts) < 2 or not parts[0].startswith("0x"):
+            raise HAProxyError(f"unexpected 'show map' line from HAProxy: {line!r}")
+        entries.append((parts[1], parts[2] if len(parts) > 2 else ""))
     return entries
 
 
 def show_map(sock, map_file):
     """Entries of the runtime map loaded from ``map_file``; fails clearly if HAProxy has no such map."""
-    answer = sock.command('show map %s' % map_file)
-    if answer.strip().startswith('Unknown map identifier'):
-        loaded = [m['file'] for m in parse_map_list(sock.command('show map'))]
+    answer = sock.command(f"show map {map_file}")
+    if answer.strip().startswith("Unknown map identifier"):
+        loaded = [m["file"] for m in parse_map_list(sock.command("show map"))]
         raise HAProxyError(
-            "HAProxy has no map loaded from %s (loaded maps: %s). map_file must be the exact path used in "
-            "haproxy.cfg's map() converter." % (map_file, ', '.join(loaded) or 'none'))
+            "HAProxy has no map loaded from {} (loaded maps: {}). map_file must be the exact path used in "
+            "haproxy.cfg's map() converter.".format(map_file, ", ".join(loaded) or "none")
+        )
     return parse_show_map(answer)
 
 
@@ -158,48 +166,49 @@ def get_map_value(sock, map_file, key):
 
 def set_map_value(sock, map_file, key, value):
     """Set ``key`` to ``value`` in the runtime map (``set map``, falling back to ``add map`` when absent)."""
-    answer = sock.command('set map %s %s %s' % (map_file, key, value)).strip()
-    if answer.startswith('entry not found'):
-        answer = sock.command('add map %s %s %s' % (map_file, key, value)).strip()
+    answer = sock.command(f"set map {map_file} {key} {value}").strip()
+    if answer.startswith("entry not found"):
+        answer = sock.command(f"add map {map_file} {key} {value}").strip()
     if answer:
-        raise HAProxyError("HAProxy refused to set %s=%s in map %s: %s" % (key, value, map_file, answer))
+        raise HAProxyError(f"HAProxy refused to set {key}={value} in map {map_file}: {answer}")
 
 
 def del_map_key(sock, map_file, key):
     """Remove ``key`` from the runtime map (no error when absent)."""
-    answer = sock.command('del map %s %s' % (map_file, key)).strip()
-    if answer and not answer.startswith('entry not found') and not answer.startswith('Key not found'):
-        raise HAProxyError("HAProxy refused to delete %s from map %s: %s" % (key, map_file, answer))
+    answer = sock.command(f"del map {map_file} {key}").strip()
+    if answer and not answer.startswith("entry not found") and not answer.startswith("Key not found"):
+        raise HAProxyError(f"HAProxy refused to delete {key} from map {map_file}: {answer}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # show stat
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def parse_show_stat(text):
     """Parse ``show stat`` CSV into a list of dicts keyed by the header fields (``pxname``, ``svname``, ...)."""
     lines = [line for line in text.splitlines() if line.strip()]
-    if not lines or not lines[0].startswith('# '):
-        raise HAProxyError("unexpected 'show stat' answer from HAProxy: %r" % text[:200])
+    if not lines or not lines[0].startswith("# "):
+        raise HAProxyError(f"unexpected 'show stat' answer from HAProxy: {text[:200]!r}")
     header = lines[0][2:]
-    reader = csv.DictReader(io.StringIO('\n'.join([header] + lines[1:])))
+    reader = csv.DictReader(io.StringIO("\n".join([header, *lines[1:]])))
     rows = []
     for row in reader:
-        rows.append(dict((k, v) for k, v in row.items() if k and k != '-'))
+        rows.append(dict((k, v) for k, v in row.items() if k and k != "-"))
     return rows
 
 
 def find_stat(rows, pxname, svname):
     """The ``show stat`` row of ``pxname``/``svname`` (svname may be FRONTEND or BACKEND), or None."""
     for row in rows:
-        if row.get('pxname') == pxname and row.get('svname') == svname:
+        if row.get("pxname") == pxname and row.get("svname") == svname:
             return row
     return None
 
 
 def stat_int(row, field):
     """Integer value of a ``show stat`` field (empty means 0)."""
-    value = (row or {}).get(field) or '0'
+    value = (row or {}).get(field) or "0"
     try:
         return int(value)
     except ValueError:
@@ -208,49 +217,51 @@ def stat_int(row, field):
 
 # A server takes traffic in these states ("UP 1/2" = up, one failed check towards fall). "no check" means
 # checks are disabled: HAProxy treats the server as up.
-_USABLE_STATUS = ('UP', 'no check')
+_USABLE_STATUS = ("UP", "no check")
 
 
 def server_is_usable(status):
     """True when HAProxy would send traffic to a server whose ``show stat`` status is ``status``."""
-    status = (status or '').strip()
-    return any(status == s or status.startswith(s + ' ') for s in _USABLE_STATUS)
+    status = (status or "").strip()
+    return any(status == s or status.startswith(s + " ") for s in _USABLE_STATUS)
 
 
 def server_status(sock, color):
     """``show stat`` status of the server that serves ``color`` (``UP``, ``DOWN``, ``MAINT``, ...)."""
-    rows = parse_show_stat(sock.command('show stat'))
+    rows = parse_show_stat(sock.command("show stat"))
     row = find_stat(rows, backend_name(color), server_name(color))
     if row is None:
         raise HAProxyError(
-            "HAProxy has no server %s/%s: haproxy.cfg was not rendered from the traffic_switch role's "
-            "haproxy.cfg.j2 (backend be_<color> with one server named <color>), or the color is not configured."
-            % (backend_name(color), server_name(color)))
-    return row.get('status', '')
+            f"HAProxy has no server {backend_name(color)}/{server_name(color)}: haproxy.cfg was not rendered from "
+            "the traffic_switch role's haproxy.cfg.j2 (backend be_<color> with one server named <color>), or the "
+            "color is not configured."
+        )
+    return row.get("status", "")
 
 
 def backend_sessions(sock, color):
     """Current sessions plus queued requests on the backend of ``color`` (0 = drained)."""
-    rows = parse_show_stat(sock.command('show stat'))
-    row = find_stat(rows, backend_name(color), 'BACKEND')
+    rows = parse_show_stat(sock.command("show stat"))
+    row = find_stat(rows, backend_name(color), "BACKEND")
     if row is None:
-        raise HAProxyError("HAProxy has no backend %s." % backend_name(color))
-    return stat_int(row, 'scur') + stat_int(row, 'qcur')
+        raise HAProxyError(f"HAProxy has no backend {backend_name(color)}.")
+    return stat_int(row, "scur") + stat_int(row, "qcur")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # map file on disk
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def parse_map_text(text):
     """``(key, value)`` pairs of a map file's text, skipping blank lines and ``#`` comments."""
     entries = []
-    for line in (text or '').splitlines():
+    for line in (text or "").splitlines():
         stripped = line.strip()
-        if not stripped or stripped.startswith('#'):
+        if not stripped or stripped.startswith("#"):
             continue
         parts = stripped.split(None, 1)
-        entries.append((parts[0], parts[1].strip() if len(parts) > 1 else ''))
+        entries.append((parts[0], parts[1].strip() if len(parts) > 1 else ""))
     return entries
 
 
@@ -265,23 +276,23 @@ def render_map_text(text, key, value):
     comments and other keys kept; appended when absent."""
     out = []
     done = False
-    for line in (text or '').splitlines():
+    for line in (text or "").splitlines():
         stripped = line.strip()
-        if stripped and not stripped.startswith('#') and stripped.split(None, 1)[0] == key:
+        if stripped and not stripped.startswith("#") and stripped.split(None, 1)[0] == key:
             if not done:
-                out.append('%s %s' % (key, value))
+                out.append(f"{key} {value}")
                 done = True
             continue
         out.append(line)
     if not done:
-        out.append('%s %s' % (key, value))
-    return '\n'.join(out) + '\n'
+        out.append(f"{key} {value}")
+    return "\n".join(out) + "\n"
 
 
 def read_text(path):
     """File content, or None when the file does not exist."""
     try:
-        with open(path, 'r', encoding='utf-8') as handle:
+        with open(path, encoding="utf-8") as handle:
             return handle.read()
     except FileNotFoundError:
         return None
@@ -299,27 +310,23 @@ def write_file_atomic(path, content, mode=0o644):
         current = os.stat(path)
     except FileNotFoundError:
         current = None
-    fd, tmp_path = tempfile.mkstemp(prefix='.%s.' % os.path.basename(path), suffix='.tmp', dir=directory)
+    fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as handle:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(content)
             handle.flush()
             os.fsync(handle.fileno())
         if current is not None:
             os.chmod(tmp_path, current.st_mode & 0o7777)
-            if hasattr(os, 'chown') and (current.st_uid, current.st_gid) != (os.getuid(), os.getgid()):
-                try:
+            if hasattr(os, "chown") and (current.st_uid, current.st_gid) != (os.getuid(), os.getgid()):
+                with contextlib.suppress(PermissionError):
                     os.chown(tmp_path, current.st_uid, current.st_gid)
-                except PermissionError:
-                    pass
         else:
             os.chmod(tmp_path, mode)
         os.replace(tmp_path, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp_path)
-        except OSError:
-            pass
         raise
     dir_fd = os.open(directory, os.O_RDONLY)
     try:

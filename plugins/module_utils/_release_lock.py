@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: sovereign.mlops maintainers
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
@@ -29,20 +28,23 @@ class LockTimeout(Exception):
         self.path = path
         self.timeout = timeout
         self.holder = holder
-        super(LockTimeout, self).__init__(
-            "could not take the lock %s within %ss: it is held by %s. Another release operation is running on "
-            "this host; wait for it, or raise lock_timeout." % (path, timeout, holder or 'an unknown process'))
+        super().__init__(
+            "could not take the lock {} within {}s: it is held by {}. Another release operation is running on "
+            "this host; wait for it, or raise lock_timeout.".format(path, timeout, holder or "an unknown process")
+        )
 
 
 def utc_now_iso():
     """Current UTC time, ISO 8601 with a Z suffix and second precision."""
-    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat().replace('+00:00', 'Z')
+    # datetime.timezone.utc rather than datetime.UTC: targets may run Python < 3.11.
+    now = datetime.datetime.now(datetime.timezone.utc)  # noqa: UP017
+    return now.replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-class HostLock(object):
+class HostLock:
     """``with HostLock(path, timeout, purpose):`` — exclusive, waits up to ``timeout`` seconds."""
 
-    def __init__(self, path, timeout=60.0, purpose='', poll=0.1):
+    def __init__(self, path, timeout=60.0, purpose="", poll=0.1):
         self.path = path
         self.timeout = float(timeout)
         self.purpose = purpose
@@ -51,10 +53,10 @@ class HostLock(object):
 
     def _read_holder(self):
         try:
-            with open(self.path, 'r', encoding='utf-8') as handle:
+            with open(self.path, encoding="utf-8") as handle:
                 return handle.read().strip()
         except OSError:
-            return ''
+            return ""
 
     def acquire(self):
         directory = os.path.dirname(os.path.abspath(self.path))
@@ -69,15 +71,15 @@ class HostLock(object):
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     os.close(fd)
-                    raise LockTimeout(self.path, self.timeout, self._read_holder())
+                    raise LockTimeout(self.path, self.timeout, self._read_holder()) from None
                 time.sleep(self.poll)
         self._fd = fd
-        holder = 'pid %d on %s since %s' % (os.getpid(), socket.gethostname(), utc_now_iso())
+        holder = f"pid {os.getpid()} on {socket.gethostname()} since {utc_now_iso()}"
         if self.purpose:
-            holder += ' (%s)' % self.purpose
+            holder += f" ({self.purpose})"
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, (holder + '\n').encode('utf-8'))
+        os.write(fd, (holder + "\n").encode("utf-8"))
         os.fsync(fd)
         return self
 

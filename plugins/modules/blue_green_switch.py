@@ -1,5 +1,4 @@
 #!/usr/bin/python
-# -*- coding: utf-8 -*-
 # Copyright: sovereign.mlops maintainers
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
@@ -201,12 +200,12 @@ target_status:
   sample: UP
 """
 
+import contextlib
 import os
 import time
 import traceback
 
 from ansible.module_utils.basic import AnsibleModule
-
 from ansible_collections.sovereign.mlops.plugins.module_utils._haproxy import (
     AdminSocket,
     HAProxyError,
@@ -218,8 +217,8 @@ from ansible_collections.sovereign.mlops.plugins.module_utils._haproxy import (
     read_text,
     render_map_text,
     server_is_usable,
-    server_status,
     server_name,
+    server_status,
     set_map_value,
     write_file_atomic,
 )
@@ -236,10 +235,10 @@ from ansible_collections.sovereign.mlops.plugins.module_utils._release_lock impo
     utc_now_iso,
 )
 
-COLORS = ('blue', 'green')
+COLORS = ("blue", "green")
 
 
-class NullLock(object):
+class NullLock:
     def __enter__(self):
         return self
 
@@ -247,55 +246,65 @@ class NullLock(object):
         return False
 
 
-class Switch(object):
+class Switch:
     def __init__(self, module):
         self.module = module
         p = module.params
         self.p = p
-        self.color = p['color']
-        self.sock = AdminSocket(p['admin_socket'], timeout=p['socket_timeout'])
-        self.colors = self._colors(p['colors'])
-        self.result = dict(changed=False, color=self.color, previous_color=None, file_color=None,
-                           drain_seconds=0.0, drained=True, switched_at=None, confirmed_requests=0,
-                           target_status=None)
+        self.color = p["color"]
+        self.sock = AdminSocket(p["admin_socket"], timeout=p["socket_timeout"])
+        self.colors = self._colors(p["colors"])
+        self.result = dict(
+            changed=False,
+            color=self.color,
+            previous_color=None,
+            file_color=None,
+            drain_seconds=0.0,
+            drained=True,
+            switched_at=None,
+            confirmed_requests=0,
+            target_status=None,
+        )
 
     def _colors(self, colors):
         out = {}
         for name, spec in (colors or {}).items():
             if name not in COLORS:
-                self.module.fail_json(msg="colors: unknown color '%s' (choices: blue, green)" % name)
-            if not isinstance(spec, dict) or 'port' not in spec:
-                self.module.fail_json(msg="colors.%s must be a mapping with a port, e.g. {port: 8002}" % name)
+                self.module.fail_json(msg=f"colors: unknown color '{name}' (choices: blue, green)")
+            if not isinstance(spec, dict) or "port" not in spec:
+                self.module.fail_json(msg=f"colors.{name} must be a mapping with a port, e.g. {{port: 8002}}")
             try:
-                port = int(spec['port'])
+                port = int(spec["port"])
             except (TypeError, ValueError):
-                self.module.fail_json(msg="colors.%s.port must be an integer, got %r" % (name, spec['port']))
+                self.module.fail_json(msg="colors.{}.port must be an integer, got {!r}".format(name, spec["port"]))
             if not 0 < port < 65536:
-                self.module.fail_json(msg="colors.%s.port %d is out of range" % (name, port))
-            out[name] = dict(host=str(spec.get('host') or '127.0.0.1'), port=port)
+                self.module.fail_json(msg=f"colors.{name}.port {port} is out of range")
+            out[name] = dict(host=str(spec.get("host") or "127.0.0.1"), port=port)
         if self.color not in out:
-            self.module.fail_json(msg="colors has no entry for '%s': give its port, e.g. colors: {%s: {port: 8002}}"
-                                  % (self.color, self.color))
+            self.module.fail_json(
+                msg=f"colors has no entry for '{self.color}': give its port, "
+                f"e.g. colors: {{{self.color}: {{port: 8002}}}}"
+            )
         return out
 
     # -- checks ------------------------------------------------------------------------------------------------
 
     def direct_health_url(self, color):
         spec = self.colors[color]
-        host = spec['host']
-        if ':' in host and not host.startswith('['):
-            host = '[%s]' % host
-        return 'http://%s:%d%s' % (host, spec['port'], self.p['health_path'])
+        host = spec["host"]
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return "http://{}:{}{}".format(host, spec["port"], self.p["health_path"])
 
     def check_direct_health(self):
         """Error text when the target is not ready on its own port, else None."""
         url = self.direct_health_url(self.color)
         try:
-            status, dummy, body = http_get(url, timeout=self.p['health_timeout'])
+            status, _dummy, body = http_get(url, timeout=self.p["health_timeout"])
         except TRANSPORT_ERRORS as exc:
-            return '%s is unreachable (%s)' % (url, describe_transport_error(exc))
+            return f"{url} is unreachable ({describe_transport_error(exc)})"
         if status != 200:
-            return '%s answered %d: %s' % (url, status, excerpt(body) or '(empty body)')
+            return "{} answered {}: {}".format(url, status, excerpt(body) or "(empty body)")
         return None
 
     def haproxy_target_status(self):
@@ -305,38 +314,38 @@ class Switch(object):
 
     def set_runtime(self, value):
         if value is None:
-            del_map_key(self.sock, self.p['map_file'], self.p['map_key'])
+            del_map_key(self.sock, self.p["map_file"], self.p["map_key"])
         else:
-            set_map_value(self.sock, self.p['map_file'], self.p['map_key'], value)
+            set_map_value(self.sock, self.p["map_file"], self.p["map_key"], value)
 
     def restore_file(self, text):
         if text is None:
-            try:
-                os.unlink(self.p['map_file'])
-            except FileNotFoundError:
-                pass
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.p["map_file"])
         else:
-            write_file_atomic(self.p['map_file'], text)
+            write_file_atomic(self.p["map_file"], text)
 
     def fail(self, msg):
-        self.result.pop('diff', None)
+        self.result.pop("diff", None)
         self.module.fail_json(msg=msg, **self.result)
 
     def confirm(self):
         """Count consecutive frontend answers from the target; returns (count, last observation)."""
-        wanted = self.p['confirm_requests']
-        url = self.p['frontend_url'].rstrip('/') + (self.p['confirm_path'] or self.p['health_path'])
-        deadline = time.monotonic() + self.p['confirm_timeout']
+        wanted = self.p["confirm_requests"]
+        url = self.p["frontend_url"].rstrip("/") + (self.p["confirm_path"] or self.p["health_path"])
+        deadline = time.monotonic() + self.p["confirm_timeout"]
         streak = 0
-        last = 'no request sent'
+        last = "no request sent"
         while streak < wanted:
             try:
-                status, headers, dummy = http_get(url, timeout=self.p['health_timeout'])
-                answered_by = headers.get('x-sovereign-color')
-                last = '%s answered %d from color %s' % (url, status, answered_by or '(no X-Sovereign-Color header)')
+                status, headers, _dummy = http_get(url, timeout=self.p["health_timeout"])
+                answered_by = headers.get("x-sovereign-color")
+                last = "{} answered {} from color {}".format(
+                    url, status, answered_by or "(no X-Sovereign-Color header)"
+                )
                 ok = status == 200 and answered_by == self.color
             except TRANSPORT_ERRORS as exc:
-                last = '%s is unreachable (%s)' % (url, describe_transport_error(exc))
+                last = f"{url} is unreachable ({describe_transport_error(exc)})"
                 ok = False
             if ok:
                 streak += 1
@@ -348,13 +357,13 @@ class Switch(object):
         return streak, last
 
     def drain(self, old):
-        deadline = time.monotonic() + self.p['drain_timeout']
+        deadline = time.monotonic() + self.p["drain_timeout"]
         start = time.monotonic()
         while True:
             try:
                 sessions = backend_sessions(self.sock, old)
             except HAProxyError as exc:
-                self.module.warn('could not watch %s drain: %s' % (old, exc))
+                self.module.warn(f"could not watch {old} drain: {exc}")
                 return False, time.monotonic() - start, -1
             if sessions == 0:
                 return True, time.monotonic() - start, 0
@@ -367,143 +376,172 @@ class Switch(object):
     def run(self):
         module = self.module
         p = self.p
-        map_file = p['map_file']
-        key = p['map_key']
+        map_file = p["map_file"]
+        key = p["map_key"]
 
         runtime_color = get_map_value(self.sock, map_file, key)
         file_text = read_text(map_file)
         file_color = map_text_value(file_text, key) if file_text is not None else None
-        self.result['previous_color'] = runtime_color
-        self.result['file_color'] = file_color
+        self.result["previous_color"] = runtime_color
+        self.result["file_color"] = file_color
         if runtime_color != file_color:
-            module.warn("HAProxy routes to %s (runtime map) but %s says %s: converging both to %s."
-                        % (runtime_color or '(no entry)', map_file,
-                           file_color or ('(no entry)' if file_text is not None else '(missing file)'), self.color))
+            module.warn(
+                "HAProxy routes to {} (runtime map) but {} says {}: converging both to {}.".format(
+                    runtime_color or "(no entry)",
+                    map_file,
+                    file_color or ("(no entry)" if file_text is not None else "(missing file)"),
+                    self.color,
+                )
+            )
 
         new_text = render_map_text(file_text, key, self.color)
         file_changes = file_text != new_text
         runtime_changes = runtime_color != self.color
-        self.result['diff'] = dict(before=file_text or '', after=new_text,
-                                   before_header=map_file, after_header=map_file)
+        self.result["diff"] = dict(
+            before=file_text or "", after=new_text, before_header=map_file, after_header=map_file
+        )
 
         # Health is a hard gate for a switch. When the color already takes traffic there is nothing to gate,
         # but an unhealthy live color is worth a warning.
         problem = self.check_direct_health()
         status = self.haproxy_target_status()
-        self.result['target_status'] = status
+        self.result["target_status"] = status
         if runtime_changes:
             if problem:
-                self.fail("refusing to switch to %s: its direct health check failed: %s. Nothing was changed; "
-                          "fix the %s runtime and retry." % (self.color, problem, self.color))
+                self.fail(
+                    f"refusing to switch to {self.color}: its direct health check failed: {problem}. Nothing was "
+                    f"changed; fix the {self.color} runtime and retry."
+                )
             if not server_is_usable(status):
-                self.fail("refusing to switch to %s: HAProxy reports server %s/%s as '%s' (its own check on %s "
-                          "fails or the server is disabled). Nothing was changed; see 'show stat' on %s."
-                          % (self.color, backend_name(self.color), server_name(self.color), status,
-                             p['health_path'], p['admin_socket']))
+                self.fail(
+                    "refusing to switch to {}: HAProxy reports server {}/{} as '{}' (its own check on {} "
+                    "fails or the server is disabled). Nothing was changed; see 'show stat' on {}.".format(
+                        self.color,
+                        backend_name(self.color),
+                        server_name(self.color),
+                        status,
+                        p["health_path"],
+                        p["admin_socket"],
+                    )
+                )
         else:
             if problem:
-                module.warn('%s is already live but its direct health check failed: %s' % (self.color, problem))
+                module.warn(f"{self.color} is already live but its direct health check failed: {problem}")
             elif not server_is_usable(status):
-                module.warn("%s is already live but HAProxy reports its server as '%s'" % (self.color, status))
+                module.warn(f"{self.color} is already live but HAProxy reports its server as '{status}'")
 
         if not runtime_changes and not file_changes:
-            self.result.pop('diff')
+            self.result.pop("diff")
             module.exit_json(**self.result)
 
-        self.result['changed'] = True
+        self.result["changed"] = True
         if module.check_mode:
             module.exit_json(**self.result)
 
         if runtime_changes:
             self.set_runtime(self.color)
-            self.result['switched_at'] = utc_now_iso()
+            self.result["switched_at"] = utc_now_iso()
         try:
             if file_changes:
                 write_file_atomic(map_file, new_text)
         except OSError as exc:
-            note = 'nothing was flipped'
+            note = "nothing was flipped"
             if runtime_changes:
                 self.set_runtime(runtime_color)
-                self.result['switched_at'] = None
-                note = 'HAProxy was flipped back to %s' % (runtime_color or '(no entry)')
-            self.result['changed'] = False
-            self.fail("could not write %s (%s); %s. Check that its directory exists and is writable."
-                      % (map_file, exc, note))
+                self.result["switched_at"] = None
+                note = "HAProxy was flipped back to %s" % (runtime_color or "(no entry)")
+            self.result["changed"] = False
+            self.fail(f"could not write {map_file} ({exc}); {note}. Check that its directory exists and is writable.")
 
         if not runtime_changes:
             module.exit_json(**self.result)
 
-        if p['confirm_requests'] > 0:
+        if p["confirm_requests"] > 0:
             count, last = self.confirm()
-            self.result['confirmed_requests'] = count
-            if count < p['confirm_requests']:
+            self.result["confirmed_requests"] = count
+            if count < p["confirm_requests"]:
                 try:
                     self.set_runtime(runtime_color)
-                    rollback_note = 'flipped HAProxy back to %s' % (runtime_color or '(no entry)')
-                    self.result['changed'] = False
-                    self.result['color'] = runtime_color
-                    self.result['switched_at'] = None
+                    rollback_note = "flipped HAProxy back to %s" % (runtime_color or "(no entry)")
+                    self.result["changed"] = False
+                    self.result["color"] = runtime_color
+                    self.result["switched_at"] = None
                 except HAProxyError as exc:
-                    rollback_note = 'and COULD NOT flip HAProxy back to %s (%s)' % (runtime_color, exc)
+                    rollback_note = f"and COULD NOT flip HAProxy back to {runtime_color} ({exc})"
                 try:
                     if file_changes:
                         self.restore_file(file_text)
-                        rollback_note += '; restored %s' % map_file
+                        rollback_note += f"; restored {map_file}"
                 except OSError as exc:
-                    rollback_note += '; could not restore %s (%s)' % (map_file, exc)
-                self.fail("switch to %s not confirmed: %d of %d consecutive requests through %s were answered by %s "
-                          "within %ss (last: %s); %s. Check frontend_url and that haproxy.cfg routes by the map "
-                          "entry." % (self.color, count, p['confirm_requests'], p['frontend_url'], self.color,
-                                      p['confirm_timeout'], last, rollback_note))
+                    rollback_note += f"; could not restore {map_file} ({exc})"
+                self.fail(
+                    "switch to {} not confirmed: {} of {} consecutive requests through {} were answered by {} "
+                    "within {}s (last: {}); {}. Check frontend_url and that haproxy.cfg routes by the map "
+                    "entry.".format(
+                        self.color,
+                        count,
+                        p["confirm_requests"],
+                        p["frontend_url"],
+                        self.color,
+                        p["confirm_timeout"],
+                        last,
+                        rollback_note,
+                    )
+                )
 
         if runtime_color in self.colors and runtime_color != self.color:
             drained, seconds, left = self.drain(runtime_color)
-            self.result['drained'] = drained
-            self.result['drain_seconds'] = round(seconds, 3)
+            self.result["drained"] = drained
+            self.result["drain_seconds"] = round(seconds, 3)
             if not drained and left >= 0:
-                module.warn('%s still had %d session(s) after drain_timeout=%ss; they continue on %s, which keeps '
-                            'running as a warm standby.' % (runtime_color, left, p['drain_timeout'], runtime_color))
+                module.warn(
+                    "{} still had {} session(s) after drain_timeout={}s; they continue on {}, which keeps "
+                    "running as a warm standby.".format(runtime_color, left, p["drain_timeout"], runtime_color)
+                )
         module.exit_json(**self.result)
 
 
 def main():
     module = AnsibleModule(
         argument_spec=dict(
-            color=dict(type='str', required=True, choices=list(COLORS)),
-            admin_socket=dict(type='path', default='/run/haproxy/admin.sock'),
-            map_file=dict(type='path', default='/etc/haproxy/sovereign/live.map'),
-            map_key=dict(type='str', default='live', no_log=False),
-            colors=dict(type='dict', default=dict(blue=dict(port=8001), green=dict(port=8002))),
-            health_path=dict(type='str', default='/v2/health/ready'),
-            health_timeout=dict(type='float', default=5.0),
-            frontend_url=dict(type='str', default='http://127.0.0.1:8000'),
-            confirm_path=dict(type='str'),
-            confirm_requests=dict(type='int', default=3),
-            confirm_timeout=dict(type='float', default=10.0),
-            drain_timeout=dict(type='float', default=30.0),
-            lock_path=dict(type='path', default='/run/sovereign/blue_green_switch.lock'),
-            lock_timeout=dict(type='float', default=60.0),
-            socket_timeout=dict(type='float', default=5.0),
+            color=dict(type="str", required=True, choices=list(COLORS)),
+            admin_socket=dict(type="path", default="/run/haproxy/admin.sock"),
+            map_file=dict(type="path", default="/etc/haproxy/sovereign/live.map"),
+            map_key=dict(type="str", default="live", no_log=False),
+            colors=dict(type="dict", default=dict(blue=dict(port=8001), green=dict(port=8002))),
+            health_path=dict(type="str", default="/v2/health/ready"),
+            health_timeout=dict(type="float", default=5.0),
+            frontend_url=dict(type="str", default="http://127.0.0.1:8000"),
+            confirm_path=dict(type="str"),
+            confirm_requests=dict(type="int", default=3),
+            confirm_timeout=dict(type="float", default=10.0),
+            drain_timeout=dict(type="float", default=30.0),
+            lock_path=dict(type="path", default="/run/sovereign/blue_green_switch.lock"),
+            lock_timeout=dict(type="float", default=60.0),
+            socket_timeout=dict(type="float", default=5.0),
         ),
         supports_check_mode=True,
     )
     p = module.params
-    for name in ('health_timeout', 'confirm_timeout', 'drain_timeout', 'lock_timeout', 'socket_timeout'):
+    for name in ("health_timeout", "confirm_timeout", "drain_timeout", "lock_timeout", "socket_timeout"):
         if p[name] < 0:
-            module.fail_json(msg='%s must be >= 0, got %s' % (name, p[name]))
-    if p['confirm_requests'] < 0:
-        module.fail_json(msg='confirm_requests must be >= 0, got %s' % p['confirm_requests'])
-    for name in ('health_path', 'confirm_path'):
-        if p[name] is not None and not p[name].startswith('/'):
-            module.fail_json(msg="%s must start with '/', got %r" % (name, p[name]))
-    if any(c.isspace() for c in p['map_key']) or not p['map_key']:
-        module.fail_json(msg='map_key must be one word without spaces, got %r' % p['map_key'])
-    if not p['frontend_url'].startswith(('http://', 'https://')):
-        module.fail_json(msg="frontend_url must be an http:// or https:// URL, got %r" % p['frontend_url'])
+            module.fail_json(msg=f"{name} must be >= 0, got {p[name]}")
+    if p["confirm_requests"] < 0:
+        module.fail_json(msg="confirm_requests must be >= 0, got {}".format(p["confirm_requests"]))
+    for name in ("health_path", "confirm_path"):
+        if p[name] is not None and not p[name].startswith("/"):
+            module.fail_json(msg=f"{name} must start with '/', got {p[name]!r}")
+    if any(c.isspace() for c in p["map_key"]) or not p["map_key"]:
+        module.fail_json(msg="map_key must be one word without spaces, got {!r}".format(p["map_key"]))
+    if not p["frontend_url"].startswith(("http://", "https://")):
+        module.fail_json(msg="frontend_url must be an http:// or https:// URL, got {!r}".format(p["frontend_url"]))
 
     switch = Switch(module)
-    lock = NullLock() if module.check_mode else HostLock(
-        p['lock_path'], timeout=p['lock_timeout'], purpose='blue_green_switch to %s' % p['color'])
+    lock = (
+        NullLock()
+        if module.check_mode
+        else HostLock(p["lock_path"], timeout=p["lock_timeout"], purpose="blue_green_switch to {}".format(p["color"]))
+    )
     try:
         with lock:
             switch.run()
@@ -514,8 +552,8 @@ def main():
     except URLError as exc:
         module.fail_json(msg=str(exc))
     except OSError as exc:
-        module.fail_json(msg='%s: %s' % (exc.__class__.__name__, exc), exception=traceback.format_exc())
+        module.fail_json(msg=f"{exc.__class__.__name__}: {exc}", exception=traceback.format_exc())
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main()

@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: sovereign.mlops maintainers
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
@@ -16,7 +15,6 @@ import tempfile
 import threading
 
 import pytest
-
 from ansible_collections.sovereign.mlops.plugins.modules import blue_green_switch
 from ansible_collections.sovereign.mlops.tests.unit.plugins.modules.release_fixtures.harness import (
     Backend,
@@ -33,23 +31,22 @@ from ansible_collections.sovereign.mlops.tests.unit.plugins.modules.release_fixt
 pytestmark = needs_haproxy
 
 
-class Env(object):
+class Env:
     """haproxy + blue and green backends on loopback high ports, in a short temp dir."""
 
-    def __init__(self, live='blue', file_live=None, blue_healthy=True, green_healthy=True, haproxy_green_port=None):
-        self.dir = tempfile.mkdtemp(prefix='bgs-', dir='/tmp')
-        self.blue = Backend('blue', healthy=blue_healthy).start()
-        self.green = Backend('green', healthy=green_healthy).start()
+    def __init__(self, live="blue", file_live=None, blue_healthy=True, green_healthy=True, haproxy_green_port=None):
+        self.dir = tempfile.mkdtemp(prefix="bgs-", dir="/tmp")
+        self.blue = Backend("blue", healthy=blue_healthy).start()
+        self.green = Backend("green", healthy=green_healthy).start()
         self.frontend_port = free_port()
-        self.map_file = os.path.join(self.dir, 'live.map')
-        self.lock_path = os.path.join(self.dir, 'lock', 'switch.lock')
-        colors = {'blue': {'port': self.blue.port},
-                  'green': {'port': haproxy_green_port or self.green.port}}
+        self.map_file = os.path.join(self.dir, "live.map")
+        self.lock_path = os.path.join(self.dir, "lock", "switch.lock")
+        colors = {"blue": {"port": self.blue.port}, "green": {"port": haproxy_green_port or self.green.port}}
         values = template_vars(pathlib.Path(self.dir), self.frontend_port, free_port(), colors)
-        self.cfg = os.path.join(self.dir, 'haproxy.cfg')
-        with open(self.cfg, 'w') as handle:
+        self.cfg = os.path.join(self.dir, "haproxy.cfg")
+        with open(self.cfg, "w") as handle:
             handle.write(render_haproxy_cfg(values))
-        self.admin_socket = values['traffic_switch_admin_socket']
+        self.admin_socket = values["traffic_switch_admin_socket"]
         self.write_map(live)
         self.haproxy = HAProxy(self.cfg, self.admin_socket)
         self.haproxy.start()
@@ -57,32 +54,39 @@ class Env(object):
             self.write_map(file_live)  # the file says something else than the running HAProxy
 
     def write_map(self, color):
-        with open(self.map_file, 'w') as handle:
-            handle.write('# live color\nlive %s\n' % color)
+        with open(self.map_file, "w") as handle:
+            handle.write(f"# live color\nlive {color}\n")
 
     def args(self, color, **extra):
-        args = dict(color=color, admin_socket=self.admin_socket, map_file=self.map_file,
-                    colors={'blue': {'port': self.blue.port}, 'green': {'port': self.green.port}},
-                    frontend_url='http://127.0.0.1:%d' % self.frontend_port, drain_timeout=10,
-                    confirm_timeout=3, lock_path=self.lock_path, lock_timeout=5)
+        args = dict(
+            color=color,
+            admin_socket=self.admin_socket,
+            map_file=self.map_file,
+            colors={"blue": {"port": self.blue.port}, "green": {"port": self.green.port}},
+            frontend_url=f"http://127.0.0.1:{self.frontend_port}",
+            drain_timeout=10,
+            confirm_timeout=3,
+            lock_path=self.lock_path,
+            lock_timeout=5,
+        )
         args.update(extra)
         return args
 
     def runtime_color(self):
-        out = self.haproxy.command('show map %s' % self.map_file).split()
+        out = self.haproxy.command(f"show map {self.map_file}").split()
         return out[2] if len(out) >= 3 else None
 
     def file_text(self):
         with open(self.map_file) as handle:
             return handle.read()
 
-    def frontend_get(self, path='/'):
-        conn = http.client.HTTPConnection('127.0.0.1', self.frontend_port, timeout=10)
+    def frontend_get(self, path="/"):
+        conn = http.client.HTTPConnection("127.0.0.1", self.frontend_port, timeout=10)
         try:
-            conn.request('GET', path)
+            conn.request("GET", path)
             resp = conn.getresponse()
             resp.read()
-            return resp.status, resp.getheader('X-Sovereign-Color')
+            return resp.status, resp.getheader("X-Sovereign-Color")
         finally:
             conn.close()
 
@@ -108,131 +112,277 @@ def make_env():
 
 
 def _disable_green(env):
-    env.haproxy.command('disable server be_green/green')
-    env.haproxy.wait_status('green', 'MAINT')
+    env.haproxy.command("disable server be_green/green")
+    env.haproxy.wait_status("green", "MAINT")
 
 
 def _wait_up(env):
-    env.haproxy.wait_status('blue', 'UP')
-    env.haproxy.wait_status('green', 'UP')
+    env.haproxy.wait_status("blue", "UP")
+    env.haproxy.wait_status("green", "UP")
 
 
 def _wait_green_down(env):
-    env.haproxy.wait_status('blue', 'UP')
-    env.haproxy.wait_status('green', 'DOWN')
+    env.haproxy.wait_status("blue", "UP")
+    env.haproxy.wait_status("green", "DOWN")
 
 
 # id, env kwargs, prepare(env), target, module extras, check_mode, diff,
 # expected: failed, changed, msg substring, runtime color after, file color after, extra result checks
 CASES = [
-    dict(id='switch-blue-to-green', target='green', prepare=_wait_up,
-         failed=False, changed=True, runtime='green', file='green',
-         result=dict(previous_color='blue', color='green', confirmed_requests=3, drained=True, target_status='UP')),
-    dict(id='switch-green-to-blue', env=dict(live='green'), target='blue', prepare=_wait_up,
-         failed=False, changed=True, runtime='blue', file='blue', result=dict(previous_color='green')),
-    dict(id='already-live', target='blue', prepare=_wait_up,
-         failed=False, changed=False, runtime='blue', file='blue',
-         result=dict(previous_color='blue', switched_at=None, confirmed_requests=0)),
-    dict(id='already-live-file-disagrees', env=dict(live='green', file_live='blue'), target='green', prepare=_wait_up,
-         failed=False, changed=True, runtime='green', file='green', warning='converging both to green',
-         result=dict(previous_color='green', file_color='blue', switched_at=None)),
-    dict(id='runtime-disagrees-converges', env=dict(live='blue', file_live='green'), target='green',
-         prepare=_wait_up, failed=False, changed=True, runtime='green', file='green', warning='routes to blue',
-         result=dict(previous_color='blue', file_color='green')),
-    dict(id='target-unhealthy-refused', env=dict(green_healthy=False), target='green',
-         failed=True, changed=False, msg='refusing to switch to green: its direct health check failed',
-         runtime='blue', file='blue'),
-    dict(id='target-unhealthy-refused-check-mode', env=dict(green_healthy=False), target='green', check_mode=True,
-         failed=True, msg='answered 503', runtime='blue', file='blue'),
-    dict(id='target-down-per-haproxy', env=dict(haproxy_green_port='closed'), target='green', prepare=_wait_green_down,
-         failed=True, changed=False, msg="HAProxy reports server be_green/green as 'DOWN", runtime='blue', file='blue'),
-    dict(id='target-maint-per-haproxy', target='green', prepare=_disable_green,
-         failed=True, changed=False, msg="as 'MAINT'", runtime='blue', file='blue'),
-    dict(id='check-mode-would-change', target='green', prepare=_wait_up, check_mode=True,
-         failed=False, changed=True, runtime='blue', file='blue', result=dict(previous_color='blue', switched_at=None)),
-    dict(id='check-mode-already-live', target='blue', prepare=_wait_up, check_mode=True,
-         failed=False, changed=False, runtime='blue', file='blue'),
-    dict(id='diff', target='green', prepare=_wait_up, show_diff=True,
-         failed=False, changed=True, runtime='green', file='green',
-         diff={'before': '# live color\nlive blue\n', 'after': '# live color\nlive green\n'}),
-    dict(id='diff-check-mode', target='green', prepare=_wait_up, show_diff=True, check_mode=True,
-         failed=False, changed=True, runtime='blue', file='blue',
-         diff={'before': '# live color\nlive blue\n', 'after': '# live color\nlive green\n'}),
-    dict(id='missing-socket', target='green', extra=dict(admin_socket='/tmp/bgs-no-such-dir/admin.sock'),
-         failed=True, msg='HAProxy admin socket /tmp/bgs-no-such-dir/admin.sock does not exist', runtime='blue',
-         file='blue'),
-    dict(id='wrong-map-file', target='green', extra=dict(map_file='/etc/haproxy/other.map'),
-         failed=True, msg='HAProxy has no map loaded from /etc/haproxy/other.map', runtime='blue', file='blue'),
-    dict(id='unknown-color-in-colors', target='green', extra=dict(colors={'green': {'port': 1}, 'red': {'port': 2}}),
-         failed=True, msg="colors: unknown color 'red'", runtime='blue', file='blue'),
-    dict(id='confirmation-fails-flips-back', target='green', prepare=_wait_up, liar='blue',
-         extra=dict(confirm_timeout=0.5), failed=True, changed=False,
-         msg='switch to green not confirmed: 0 of 3', runtime='blue', file='blue'),
+    dict(
+        id="switch-blue-to-green",
+        target="green",
+        prepare=_wait_up,
+        failed=False,
+        changed=True,
+        runtime="green",
+        file="green",
+        result=dict(previous_color="blue", color="green", confirmed_requests=3, drained=True, target_status="UP"),
+    ),
+    dict(
+        id="switch-green-to-blue",
+        env=dict(live="green"),
+        target="blue",
+        prepare=_wait_up,
+        failed=False,
+        changed=True,
+        runtime="blue",
+        file="blue",
+        result=dict(previous_color="green"),
+    ),
+    dict(
+        id="already-live",
+        target="blue",
+        prepare=_wait_up,
+        failed=False,
+        changed=False,
+        runtime="blue",
+        file="blue",
+        result=dict(previous_color="blue", switched_at=None, confirmed_requests=0),
+    ),
+    dict(
+        id="already-live-file-disagrees",
+        env=dict(live="green", file_live="blue"),
+        target="green",
+        prepare=_wait_up,
+        failed=False,
+        changed=True,
+        runtime="green",
+        file="green",
+        warning="converging both to green",
+        result=dict(previous_color="green", file_color="blue", switched_at=None),
+    ),
+    dict(
+        id="runtime-disagrees-converges",
+        env=dict(live="blue", file_live="green"),
+        target="green",
+        prepare=_wait_up,
+        failed=False,
+        changed=True,
+        runtime="green",
+        file="green",
+        warning="routes to blue",
+        result=dict(previous_color="blue", file_color="green"),
+    ),
+    dict(
+        id="target-unhealthy-refused",
+        env=dict(green_healthy=False),
+        target="green",
+        failed=True,
+        changed=False,
+        msg="refusing to switch to green: its direct health check failed",
+        runtime="blue",
+        file="blue",
+    ),
+    dict(
+        id="target-unhealthy-refused-check-mode",
+        env=dict(green_healthy=False),
+        target="green",
+        check_mode=True,
+        failed=True,
+        msg="answered 503",
+        runtime="blue",
+        file="blue",
+    ),
+    dict(
+        id="target-down-per-haproxy",
+        env=dict(haproxy_green_port="closed"),
+        target="green",
+        prepare=_wait_green_down,
+        failed=True,
+        changed=False,
+        msg="HAProxy reports server be_green/green as 'DOWN",
+        runtime="blue",
+        file="blue",
+    ),
+    dict(
+        id="target-maint-per-haproxy",
+        target="green",
+        prepare=_disable_green,
+        failed=True,
+        changed=False,
+        msg="as 'MAINT'",
+        runtime="blue",
+        file="blue",
+    ),
+    dict(
+        id="check-mode-would-change",
+        target="green",
+        prepare=_wait_up,
+        check_mode=True,
+        failed=False,
+        changed=True,
+        runtime="blue",
+        file="blue",
+        result=dict(previous_color="blue", switched_at=None),
+    ),
+    dict(
+        id="check-mode-already-live",
+        target="blue",
+        prepare=_wait_up,
+        check_mode=True,
+        failed=False,
+        changed=False,
+        runtime="blue",
+        file="blue",
+    ),
+    dict(
+        id="diff",
+        target="green",
+        prepare=_wait_up,
+        show_diff=True,
+        failed=False,
+        changed=True,
+        runtime="green",
+        file="green",
+        diff={"before": "# live color\nlive blue\n", "after": "# live color\nlive green\n"},
+    ),
+    dict(
+        id="diff-check-mode",
+        target="green",
+        prepare=_wait_up,
+        show_diff=True,
+        check_mode=True,
+        failed=False,
+        changed=True,
+        runtime="blue",
+        file="blue",
+        diff={"before": "# live color\nlive blue\n", "after": "# live color\nlive green\n"},
+    ),
+    dict(
+        id="missing-socket",
+        target="green",
+        extra=dict(admin_socket="/tmp/bgs-no-such-dir/admin.sock"),
+        failed=True,
+        msg="HAProxy admin socket /tmp/bgs-no-such-dir/admin.sock does not exist",
+        runtime="blue",
+        file="blue",
+    ),
+    dict(
+        id="wrong-map-file",
+        target="green",
+        extra=dict(map_file="/etc/haproxy/other.map"),
+        failed=True,
+        msg="HAProxy has no map loaded from /etc/haproxy/other.map",
+        runtime="blue",
+        file="blue",
+    ),
+    dict(
+        id="unknown-color-in-colors",
+        target="green",
+        extra=dict(colors={"green": {"port": 1}, "red": {"port": 2}}),
+        failed=True,
+        msg="colors: unknown color 'red'",
+        runtime="blue",
+        file="blue",
+    ),
+    dict(
+        id="confirmation-fails-flips-back",
+        target="green",
+        prepare=_wait_up,
+        liar="blue",
+        extra=dict(confirm_timeout=0.5),
+        failed=True,
+        changed=False,
+        msg="switch to green not confirmed: 0 of 3",
+        runtime="blue",
+        file="blue",
+    ),
 ]
 
 
-@pytest.mark.parametrize('case', CASES, ids=[c['id'] for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
 def test_switch(case, make_env, capsys):
-    env_kwargs = dict(case.get('env', {}))
+    env_kwargs = dict(case.get("env", {}))
     closed = None
-    if env_kwargs.get('haproxy_green_port') == 'closed':
+    if env_kwargs.get("haproxy_green_port") == "closed":
         closed = free_port()
-        env_kwargs['haproxy_green_port'] = closed
+        env_kwargs["haproxy_green_port"] = closed
     env = make_env(**env_kwargs)
-    if case.get('prepare'):
-        case['prepare'](env)
-    extra = dict(case.get('extra', {}))
+    if case.get("prepare"):
+        case["prepare"](env)
+    extra = dict(case.get("extra", {}))
     liar = None
-    if case.get('liar'):
-        liar = LiarServer(case['liar']).start()
-        extra['frontend_url'] = 'http://127.0.0.1:%d' % liar.port
+    if case.get("liar"):
+        liar = LiarServer(case["liar"]).start()
+        extra["frontend_url"] = f"http://127.0.0.1:{liar.port}"
     try:
-        result = run_module(blue_green_switch.main, env.args(case['target'], **extra), capsys,
-                            check_mode=case.get('check_mode', False), diff=case.get('show_diff', False))
+        result = run_module(
+            blue_green_switch.main,
+            env.args(case["target"], **extra),
+            capsys,
+            check_mode=case.get("check_mode", False),
+            diff=case.get("show_diff", False),
+        )
     finally:
         if liar:
             liar.stop()
 
-    assert bool(result.get('failed')) is case['failed'], result
-    if 'changed' in case:
-        assert result['changed'] is case['changed'], result
-    if 'msg' in case:
-        assert case['msg'] in result['msg'], result['msg']
-    if 'warning' in case:
-        assert any(case['warning'] in w for w in warnings(result)), warnings(result)
-    for key, value in case.get('result', {}).items():
+    assert bool(result.get("failed")) is case["failed"], result
+    if "changed" in case:
+        assert result["changed"] is case["changed"], result
+    if "msg" in case:
+        assert case["msg"] in result["msg"], result["msg"]
+    if "warning" in case:
+        assert any(case["warning"] in w for w in warnings(result)), warnings(result)
+    for key, value in case.get("result", {}).items():
         assert result[key] == value, (key, result)
-    if 'diff' in case:
-        assert result['diff']['before'] == case['diff']['before']
-        assert result['diff']['after'] == case['diff']['after']
-        assert result['diff']['before_header'] == env.map_file
-    if not case['failed'] and case['changed'] and not case.get('check_mode') and case['runtime'] != \
-            result['previous_color']:
-        assert result['switched_at'].endswith('Z')
+    if "diff" in case:
+        assert result["diff"]["before"] == case["diff"]["before"]
+        assert result["diff"]["after"] == case["diff"]["after"]
+        assert result["diff"]["before_header"] == env.map_file
+    if (
+        not case["failed"]
+        and case["changed"]
+        and not case.get("check_mode")
+        and case["runtime"] != result["previous_color"]
+    ):
+        assert result["switched_at"].endswith("Z")
     # The state of the world afterwards: the running HAProxy and the file.
-    assert env.runtime_color() == case['runtime']
-    assert env.file_text().strip().splitlines()[-1] == 'live %s' % case['file']
+    assert env.runtime_color() == case["runtime"]
+    assert env.file_text().strip().splitlines()[-1] == "live {}".format(case["file"])
     # New requests through the frontend go to the runtime color.
-    assert env.frontend_get('/') == (200, case['runtime'])
+    assert env.frontend_get("/") == (200, case["runtime"])
     # No temp file is left next to the map.
     assert sorted(os.listdir(env.dir)) == sorted(
-        n for n in ['admin.sock', 'haproxy.cfg', 'live.map', 'lock'] if os.path.exists(os.path.join(env.dir, n)))
+        n for n in ["admin.sock", "haproxy.cfg", "live.map", "lock"] if os.path.exists(os.path.join(env.dir, n))
+    )
 
 
 def test_switch_persists_across_restart(make_env, capsys):
     env = make_env()
     _wait_up(env)
     inode_before = os.stat(env.map_file).st_ino
-    result = run_module(blue_green_switch.main, env.args('green'), capsys)
-    assert result['changed'] and not result.get('failed')
+    result = run_module(blue_green_switch.main, env.args("green"), capsys)
+    assert result["changed"] and not result.get("failed")
     # Written by rename: a new inode, never a torn file.
     assert os.stat(env.map_file).st_ino != inode_before
     env.haproxy.restart()
-    assert env.runtime_color() == 'green'
+    assert env.runtime_color() == "green"
     _wait_up(env)
-    assert env.frontend_get('/')[1] == 'green'
-    again = run_module(blue_green_switch.main, env.args('green'), capsys)
-    assert again['changed'] is False
+    assert env.frontend_get("/")[1] == "green"
+    again = run_module(blue_green_switch.main, env.args("green"), capsys)
+    assert again["changed"] is False
 
 
 def test_drain_waits_for_in_flight_request(make_env, capsys):
@@ -243,7 +393,7 @@ def test_drain_waits_for_in_flight_request(make_env, capsys):
     outcome = {}
 
     def slow_client():
-        outcome['answer'] = env.frontend_get('/slow')
+        outcome["answer"] = env.frontend_get("/slow")
 
     client = threading.Thread(target=slow_client)
     client.start()
@@ -254,7 +404,7 @@ def test_drain_waits_for_in_flight_request(make_env, capsys):
 
     def release_when_flipped():
         while not stop.is_set():
-            if env.runtime_color() == 'green':
+            if env.runtime_color() == "green":
                 env.blue.slow_release.set()
                 return
             stop.wait(0.02)
@@ -262,7 +412,7 @@ def test_drain_waits_for_in_flight_request(make_env, capsys):
     releaser = threading.Thread(target=release_when_flipped)
     releaser.start()
     try:
-        result = run_module(blue_green_switch.main, env.args('green', drain_timeout=20), capsys)
+        result = run_module(blue_green_switch.main, env.args("green", drain_timeout=20), capsys)
         # The module returned only after blue had answered the slow request (ordering, not timing).
         answered_before_return = env.blue.slow_done.is_set()
     finally:
@@ -270,62 +420,62 @@ def test_drain_waits_for_in_flight_request(make_env, capsys):
         env.blue.slow_release.set()
         releaser.join(5)
         client.join(10)
-    assert answered_before_return, 'module returned before blue drained'
-    assert outcome['answer'] == (200, 'blue')
-    assert result['changed'] is True and result['drained'] is True
-    assert result['drain_seconds'] > 0
-    assert env.frontend_get('/')[1] == 'green'
+    assert answered_before_return, "module returned before blue drained"
+    assert outcome["answer"] == (200, "blue")
+    assert result["changed"] is True and result["drained"] is True
+    assert result["drain_seconds"] > 0
+    assert env.frontend_get("/")[1] == "green"
 
 
 def test_drain_timeout_warns_not_fails(make_env, capsys):
     env = make_env()
     _wait_up(env)
     env.blue.slow_release.clear()
-    client = threading.Thread(target=env.frontend_get, args=('/slow',))
+    client = threading.Thread(target=env.frontend_get, args=("/slow",))
     client.start()
     assert env.blue.slow_started.wait(10)
     try:
-        result = run_module(blue_green_switch.main, env.args('green', drain_timeout=0.3), capsys)
+        result = run_module(blue_green_switch.main, env.args("green", drain_timeout=0.3), capsys)
     finally:
         env.blue.slow_release.set()
         client.join(10)
-    assert not result.get('failed') and result['changed'] is True
-    assert result['drained'] is False
-    assert any('still had 1 session' in w for w in warnings(result)), warnings(result)
-    assert env.runtime_color() == 'green'
+    assert not result.get("failed") and result["changed"] is True
+    assert result["drained"] is False
+    assert any("still had 1 session" in w for w in warnings(result)), warnings(result)
+    assert env.runtime_color() == "green"
 
 
 def test_keep_alive_client_follows_switch(make_env, capsys):
     env = make_env()
     _wait_up(env)
-    conn = http.client.HTTPConnection('127.0.0.1', env.frontend_port, timeout=10)
+    conn = http.client.HTTPConnection("127.0.0.1", env.frontend_port, timeout=10)
     try:
-        conn.request('GET', '/one')
+        conn.request("GET", "/one")
         resp = conn.getresponse()
         resp.read()
-        assert resp.getheader('X-Sovereign-Color') == 'blue'
+        assert resp.getheader("X-Sovereign-Color") == "blue"
         sock = conn.sock
         assert sock is not None  # the connection is kept alive
-        result = run_module(blue_green_switch.main, env.args('green'), capsys)
-        assert result['changed'] is True
-        conn.request('GET', '/two')
+        result = run_module(blue_green_switch.main, env.args("green"), capsys)
+        assert result["changed"] is True
+        conn.request("GET", "/two")
         resp = conn.getresponse()
         resp.read()
-        assert conn.sock is sock, 'the client had to reconnect'
-        assert resp.getheader('X-Sovereign-Color') == 'green'
+        assert conn.sock is sock, "the client had to reconnect"
+        assert resp.getheader("X-Sovereign-Color") == "green"
     finally:
         conn.close()
-    assert ('GET', '/two') in env.green.requests and ('GET', '/two') not in env.blue.requests
+    assert ("GET", "/two") in env.green.requests and ("GET", "/two") not in env.blue.requests
 
 
-_HOLDER = r'''
+_HOLDER = r"""
 import sys
 sys.path.insert(0, sys.argv[2])
 from ansible_collections.sovereign.mlops.plugins.module_utils._release_lock import HostLock
 with HostLock(sys.argv[1], timeout=5, purpose='test holder'):
     print('locked', flush=True)
     sys.stdin.read()
-'''
+"""
 
 
 def test_lock_held_by_other_process(make_env, capsys):
@@ -335,32 +485,36 @@ def test_lock_held_by_other_process(make_env, capsys):
     # The directory that holds ansible_collections/ (this module's file is .../ansible_collections/sovereign/
     # mlops/plugins/modules/blue_green_switch.py).
     collections_root = str(pathlib.Path(blue_green_switch.__file__).parents[5])
-    holder = subprocess.Popen([sys.executable, '-c', _HOLDER, env.lock_path, collections_root],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, env.lock_path, collections_root],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
-        assert holder.stdout.readline().strip() == 'locked'
-        result = run_module(blue_green_switch.main, env.args('green', lock_timeout=0.5), capsys)
+        assert holder.stdout.readline().strip() == "locked"
+        result = run_module(blue_green_switch.main, env.args("green", lock_timeout=0.5), capsys)
     finally:
         holder.stdin.close()
         holder.wait(10)
         holder.stdout.close()
-    assert result['failed'] is True
-    assert 'could not take the lock %s within 0.5s' % env.lock_path in result['msg']
-    assert 'pid %d' % holder.pid in result['msg'] and 'test holder' in result['msg']
-    assert env.runtime_color() == 'blue'
+    assert result["failed"] is True
+    assert f"could not take the lock {env.lock_path} within 0.5s" in result["msg"]
+    assert f"pid {holder.pid}" in result["msg"] and "test holder" in result["msg"]
+    assert env.runtime_color() == "blue"
     # Once the holder is gone the switch goes through.
-    result = run_module(blue_green_switch.main, env.args('green', lock_timeout=0.5), capsys)
-    assert result['changed'] is True
+    result = run_module(blue_green_switch.main, env.args("green", lock_timeout=0.5), capsys)
+    assert result["changed"] is True
 
 
 def test_haproxy_not_running(make_env, capsys):
     env = make_env()
     env.haproxy.stop()
-    open(env.admin_socket, 'w').close()  # a leftover file, nobody listening
+    open(env.admin_socket, "w").close()  # a leftover file, nobody listening
     try:
-        result = run_module(blue_green_switch.main, env.args('green'), capsys)
+        result = run_module(blue_green_switch.main, env.args("green"), capsys)
     finally:
         os.unlink(env.admin_socket)
-    assert result['failed'] is True
-    assert env.admin_socket in result['msg']
-    assert 'HAProxy is not running' in result['msg'] or 'nobody' in result['msg']
+    assert result["failed"] is True
+    assert env.admin_socket in result["msg"]
+    assert "HAProxy is not running" in result["msg"] or "nobody" in result["msg"]

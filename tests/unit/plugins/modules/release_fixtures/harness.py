@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: sovereign.mlops maintainers
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
@@ -25,15 +24,17 @@ import time
 
 import pytest
 
-TEMPLATE_DIR = pathlib.Path(__file__).resolve().parents[5] / 'roles' / 'traffic_switch' / 'templates'
-HAPROXY = shutil.which('haproxy') or '/usr/sbin/haproxy'
+TEMPLATE_DIR = pathlib.Path(__file__).resolve().parents[5] / "roles" / "traffic_switch" / "templates"
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 
-needs_haproxy = pytest.mark.skipif(not os.path.exists(HAPROXY), reason='haproxy is not installed (apt-get install haproxy)')
+needs_haproxy = pytest.mark.skipif(
+    not os.path.exists(HAPROXY), reason="haproxy is not installed (apt-get install haproxy)"
+)
 
 
 def free_port():
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(('127.0.0.1', 0))
+        sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
@@ -45,21 +46,22 @@ def template_vars(tmp, frontend_port, stats_port, colors, **overrides):
         traffic_switch_user=None,
         traffic_switch_group=None,
         traffic_switch_maxconn=256,
-        traffic_switch_admin_socket=str(tmp / 'admin.sock'),
-        traffic_switch_admin_socket_mode='660',
-        traffic_switch_frontend_bind='127.0.0.1',
+        traffic_switch_admin_socket=str(tmp / "admin.sock"),
+        traffic_switch_admin_socket_mode="660",
+        traffic_switch_frontend_bind="127.0.0.1",
         traffic_switch_frontend_port=frontend_port,
-        traffic_switch_stats_bind='127.0.0.1:%d' % stats_port,
-        traffic_switch_map_file=str(tmp / 'live.map'),
-        traffic_switch_map_key='live',
-        traffic_switch_default_color='blue',
+        traffic_switch_stats_bind=f"127.0.0.1:{stats_port}",
+        traffic_switch_map_file=str(tmp / "live.map"),
+        traffic_switch_map_key="live",
+        traffic_switch_default_color="blue",
         traffic_switch_colors=colors,
-        traffic_switch_health_path='/v2/health/ready',
-        traffic_switch_check_interval='100ms',
+        traffic_switch_health_path="/v2/health/ready",
+        traffic_switch_check_interval="100ms",
         traffic_switch_check_fall=1,
         traffic_switch_check_rise=1,
-        traffic_switch_timeouts=dict(connect='2s', client='30s', server='30s', http_request='5s',
-                                     http_keep_alive='10s', queue='5s', check='1s'),
+        traffic_switch_timeouts=dict(
+            connect="2s", client="30s", server="30s", http_request="5s", http_keep_alive="10s", queue="5s", check="1s"
+        ),
     )
     values.update(overrides)
     return values
@@ -68,9 +70,14 @@ def template_vars(tmp, frontend_port, stats_port, colors, **overrides):
 def render_haproxy_cfg(values):
     """Render the role's template the way Ansible's template module does (trim_blocks), strictly."""
     import jinja2
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), undefined=jinja2.StrictUndefined,
-                             trim_blocks=True, keep_trailing_newline=True)
-    return env.get_template('haproxy.cfg.j2').render(**values)
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        keep_trailing_newline=True,
+    )
+    return env.get_template("haproxy.cfg.j2").render(**values)
 
 
 def admin_command(path, cmd, timeout=5.0):
@@ -78,19 +85,19 @@ def admin_command(path, cmd, timeout=5.0):
     sock.settimeout(timeout)
     try:
         sock.connect(path)
-        sock.sendall(cmd.encode() + b'\n')
+        sock.sendall(cmd.encode() + b"\n")
         chunks = []
         while True:
             data = sock.recv(65536)
             if not data:
                 break
             chunks.append(data)
-        return b''.join(chunks).decode()
+        return b"".join(chunks).decode()
     finally:
         sock.close()
 
 
-class HAProxy(object):
+class HAProxy:
     """A foreground haproxy on a rendered config; ``stop()`` kills it (it is also a context manager)."""
 
     def __init__(self, cfg_path, admin_socket):
@@ -99,21 +106,22 @@ class HAProxy(object):
         self.proc = None
 
     def check_config(self):
-        return subprocess.run([HAPROXY, '-c', '-f', self.cfg_path], capture_output=True, text=True, check=False)
+        return subprocess.run([HAPROXY, "-c", "-f", self.cfg_path], capture_output=True, text=True, check=False)
 
     def start(self):
-        self.proc = subprocess.Popen([HAPROXY, '-db', '-f', self.cfg_path], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [HAPROXY, "-db", "-f", self.cfg_path], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError('haproxy exited: %s' % self.proc.stderr.read().decode())
+                raise RuntimeError(f"haproxy exited: {self.proc.stderr.read().decode()}")
             try:
-                admin_command(self.admin_socket, 'show info')
+                admin_command(self.admin_socket, "show info")
                 return self
             except OSError:
                 time.sleep(0.02)
-        raise RuntimeError('haproxy admin socket %s did not come up' % self.admin_socket)
+        raise RuntimeError(f"haproxy admin socket {self.admin_socket} did not come up")
 
     def stop(self):
         if self.proc is not None:
@@ -132,12 +140,12 @@ class HAProxy(object):
         return admin_command(self.admin_socket, cmd)
 
     def stat(self, pxname, svname):
-        lines = self.command('show stat').splitlines()
-        header = lines[0][2:].split(',')
+        lines = self.command("show stat").splitlines()
+        header = lines[0][2:].split(",")
         for line in lines[1:]:
-            fields = line.split(',')
+            fields = line.split(",")
             if fields[:2] == [pxname, svname]:
-                return dict(zip(header, fields))
+                return dict(zip(header, fields, strict=False))
         return None
 
     def wait_status(self, color, prefix, timeout=10.0):
@@ -145,11 +153,11 @@ class HAProxy(object):
         deadline = time.monotonic() + timeout
         status = None
         while time.monotonic() < deadline:
-            status = self.stat('be_%s' % color, color)['status']
+            status = self.stat(f"be_{color}", color)["status"]
             if status.startswith(prefix):
                 return status
             time.sleep(0.05)
-        raise AssertionError('server %s stayed %r, wanted %s' % (color, status, prefix))
+        raise AssertionError(f"server {color} stayed {status!r}, wanted {prefix}")
 
     def __enter__(self):
         return self.start()
@@ -159,7 +167,9 @@ class HAProxy(object):
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = 'HTTP/1.1'
+    protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes: without TCP_NODELAY, Nagle + delayed ACK add ~40 ms each.
+    disable_nagle_algorithm = True
 
     def log_message(self, *args):
         pass
@@ -167,8 +177,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _send(self, status, body, headers=None):
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.send_response(status)
-        self.send_header('Content-Type', 'application/json')
-        self.send_header('Content-Length', str(len(data)))
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         self.end_headers()
@@ -177,35 +187,48 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         backend = self.server.backend
         backend.record(self)
-        if self.path == '/v2/health/ready':
+        if self.path == "/v2/health/ready":
             if backend.healthy:
-                self._send(200, {'ready': True, 'color': backend.color})
+                self._send(200, {"ready": True, "color": backend.color})
             else:
-                self._send(503, {'ready': False, 'error': 'model not loaded'})
-        elif self.path == '/slow':
+                self._send(503, {"ready": False, "error": "model not loaded"})
+        elif self.path == "/slow":
             backend.slow_started.set()
             backend.slow_release.wait(30)
             time.sleep(backend.slow_extra)
             backend.slow_done.set()
-            self._send(200, {'color': backend.color, 'slow': True})
+            self._send(200, {"color": backend.color, "slow": True})
         else:
-            self._send(200, {'color': backend.color, 'path': self.path})
+            self._send(200, {"color": backend.color, "path": self.path})
 
     def do_POST(self):
         backend = self.server.backend
         backend.record(self)
-        length = int(self.headers.get('Content-Length') or 0)
+        length = int(self.headers.get("Content-Length") or 0)
         self.rfile.read(length)
-        self._send(200, {'model_name': 'm', 'outputs': [{'name': 'color', 'shape': [1], 'datatype': 'BYTES',
-                                                        'data': [backend.color]}]})
+        self._send(
+            200,
+            {
+                "model_name": "m",
+                "outputs": [{"name": "color", "shape": [1], "datatype": "BYTES", "data": [backend.color]}],
+            },
+        )
 
 
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
+    def handle_error(self, request, client_address):
+        # HAProxy resets idle keep-alive connections when it is killed: not an error of the code under test.
+        import sys
 
-class Backend(object):
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
+
+class Backend:
     """A color's runtime stand-in: GET /v2/health/ready (200 or 503), GET /slow (held until released),
     GET anything else and POST infer answer 200 with the color. ``port`` is bound at construction."""
 
@@ -219,10 +242,10 @@ class Backend(object):
         self.slow_extra = 0.0
         self.slow_done = threading.Event()
         self.lie_color = lie_color
-        self.server = _Server(('127.0.0.1', port), _Handler)
+        self.server = _Server(("127.0.0.1", port), _Handler)
         self.server.backend = self
         self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={'poll_interval': 0.05}, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def record(self, handler):
         self.requests.append((handler.command, handler.path))
@@ -242,11 +265,11 @@ class LiarServer(Backend):
     """Answers every request with ``X-Sovereign-Color: <color>`` (a frontend that does not switch)."""
 
     def __init__(self, color):
-        super(LiarServer, self).__init__(color)
+        super().__init__(color)
 
         class Liar(_Handler):
             def do_GET(self):
-                self._send(200, {'liar': True}, {'X-Sovereign-Color': color})
+                self._send(200, {"liar": True}, {"X-Sovereign-Color": color})
 
         self.server.RequestHandlerClass = Liar
 
@@ -254,9 +277,9 @@ class LiarServer(Backend):
 def warnings(result):
     """Warning texts of a module result (ansible-core 2.19 returns structured warning summaries)."""
     texts = []
-    for warning in result.get('warnings') or []:
+    for warning in result.get("warnings") or []:
         if isinstance(warning, dict):
-            warning = (warning.get('event') or {}).get('msg') or warning.get('msg') or str(warning)
+            warning = (warning.get("event") or {}).get("msg") or warning.get("msg") or str(warning)
         texts.append(warning)
     return texts
 
@@ -264,12 +287,109 @@ def warnings(result):
 def run_module(main, args, capsys, check_mode=False, diff=False):
     """Run ``main()`` with ``args``; returns the module's JSON result (``failed`` set on failure)."""
     from ansible.module_utils.testing import patch_module_args
+
     args = dict(args)
-    args['_ansible_check_mode'] = check_mode
-    args['_ansible_diff'] = diff
+    args["_ansible_check_mode"] = check_mode
+    args["_ansible_diff"] = diff
     capsys.readouterr()
-    with patch_module_args(args):
-        with pytest.raises(SystemExit):
-            main()
+    with patch_module_args(args), pytest.raises(SystemExit):
+        main()
     out = capsys.readouterr().out
     return json.loads(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A tiny Open Inference Protocol server (model "double": y = 2 * x)
+# ---------------------------------------------------------------------------------------------------------------
+
+GOLDEN = {
+    "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]}],
+    "outputs": [{"name": "y", "shape": [1, 4], "datatype": "FP32", "data": [2.0, 4.0, 6.0, 8.0]}],
+}
+
+
+class _OIPHandler(_Handler):
+    def do_GET(self):
+        server = self.server.oip
+        server.record(self)
+        if self.path == "/v2/health/ready":
+            if server.mode == "not_ready":
+                self._send(503, {"error": "weights not loaded"})
+            else:
+                self._send(200, {"ready": True})
+        elif self.path == f"/v2/models/{server.model}":
+            meta = {
+                "name": server.model,
+                "versions": ["7"],
+                "platform": "test",
+                "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+                "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}],
+            }
+            if server.mode == "metadata_json_string":
+                meta["parameters"] = {"golden": json.dumps(server.golden)}
+            elif server.mode != "no_golden_metadata":
+                meta["parameters"] = {"golden": server.golden}
+            self._send(200, meta)
+        else:
+            self._send(404, {"error": f"no route {self.path}"})
+
+    def do_POST(self):
+        server = self.server.oip
+        server.record(self)
+        length = int(self.headers.get("Content-Length") or 0)
+        request = json.loads(self.rfile.read(length) or b"{}")
+        if self.path != f"/v2/models/{server.model}/infer":
+            self._send(404, {"error": "unknown model"})
+            return
+        mode = server.mode
+        if mode == "slow":
+            time.sleep(server.slow_seconds)
+        if mode == "wrong_status":
+            self._send(500, {"error": "CUDA error: out of memory"})
+            return
+        x = request["inputs"][0]
+        y = [2.0 * v for v in x["data"]]
+        if mode == "golden_mismatch":
+            y[3] = 0.12
+        output = {"name": "y", "shape": list(x["shape"]), "datatype": "FP32", "data": y}
+        if mode == "nested_data":
+            output["data"] = [y]
+        if mode == "bad_schema":
+            output["data"] = y[:3]
+        response = {
+            "model_name": server.model if mode != "wrong_model" else "other",
+            "model_version": "7",
+            "outputs": [output],
+        }
+        headers = {"Connection": "close"} if mode == "close_each" else None
+        self._send(200, response, headers)
+        if mode == "close_each":
+            self.close_connection = True
+
+
+class OIPServer(Backend):
+    """OIP v2 server for model ``double`` with a switchable ``mode`` (correct, wrong_status, bad_schema,
+    golden_mismatch, slow, not_ready, wrong_model, nested_data, close_each, no_golden_metadata,
+    metadata_json_string). ``connections`` counts the TCP connections clients opened."""
+
+    def __init__(self, mode="correct", model="double", golden=None, slow_seconds=0.08):
+        super().__init__("oip")
+        self.mode = mode
+        self.model = model
+        self.golden = golden or GOLDEN
+        self.slow_seconds = slow_seconds
+        self.peers = set()
+        self.server.RequestHandlerClass = _OIPHandler
+        self.server.oip = self
+
+    def record(self, handler):
+        super().record(handler)
+        self.peers.add(handler.client_address)
+
+    @property
+    def connections(self):
+        return len(self.peers)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"

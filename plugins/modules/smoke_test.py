@@ -1,0 +1,518 @@
+#!/usr/bin/python
+# Copyright: sovereign.mlops maintainers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: smoke_test
+short_description: Smoke-test an Open Inference Protocol (v2) model endpoint
+version_added: 0.1.0
+author: sovereign.mlops maintainers
+description:
+  - Sends O(requests) inference requests (C(POST {url}/v2/models/{model_name}/infer)) to one runtime, usually a
+    color's own port (not the traffic switch), and checks, in this order
+    C(ready) (optional), C(golden_source), C(status), C(schema), C(golden), C(model_version) (optional),
+    C(latency_p50), C(latency_p95), C(latency_p99).
+  - Every response must be HTTP 200 and a well-formed OIP v2 inference response (C(model_name), C(outputs) with
+    C(name), C(shape), C(datatype), C(data), and as many data elements as the shape's product).
+  - Outputs are compared with the golden outputs elementwise, C(|got - expected| <= atol + rtol * |expected|).
+    The golden example (inputs and expected outputs) is given in O(golden) or, when O(golden) is omitted, read
+    from the model's metadata, C(GET {url}/v2/models/{model_name}), key C(parameters.golden) (a mapping or a JSON
+    string with the same layout).
+  - Latency is the time from sending a request to reading its whole response, on one keep-alive connection
+    (reopened when the server closes it). O(warmup) requests are sent first and left out of the figures.
+    Percentiles use the nearest-rank method, so with 20 requests p99 is the slowest one.
+  - On failure, RV(ignore:msg) names the first check (in the order above) that failed.
+  - The module only reads. It never changes anything (C(changed) is always false) and runs in check mode too.
+  - Runs only on Python 3 (as do all modules of this collection).
+options:
+  url:
+    description:
+      - Base URL of the runtime, for example C(http://127.0.0.1:8002) for green's own port.
+    type: str
+    required: true
+  model_name:
+    description:
+      - Name of the model, as in the OIP paths.
+    type: str
+    required: true
+  requests:
+    description:
+      - How many measured inference requests to send.
+    type: int
+    default: 20
+  warmup:
+    description:
+      - How many inference requests to send first and leave out of the latency figures (their answers are still
+        checked).
+    type: int
+    default: 2
+  timeout:
+    description:
+      - Seconds allowed for each request.
+    type: float
+    default: 5
+  golden:
+    description:
+      - The golden example, C({inputs, outputs, rtol, atol}).
+      - C(inputs) is a list of OIP input tensors (C(name), C(shape), C(datatype), C(data)), sent in every request.
+      - C(outputs) is a list of expected OIP output tensors (at least C(name) and C(data); C(shape) and C(datatype)
+        are compared when given). Without C(outputs) the golden check is skipped (schema and latency only).
+      - C(rtol) and C(atol) are optional tolerances (see O(rtol) and O(atol)).
+      - When omitted, it is read from the model metadata's C(parameters.golden).
+    type: dict
+  rtol:
+    description:
+      - Relative tolerance of the golden comparison. Defaults to the golden example's own C(rtol), else V(1e-4).
+    type: float
+  atol:
+    description:
+      - Absolute tolerance of the golden comparison. Defaults to the golden example's own C(atol), else V(1e-6).
+    type: float
+  max_p99_ms:
+    description:
+      - Largest acceptable 99th percentile latency, in milliseconds.
+    type: float
+    default: 50
+  max_p95_ms:
+    description:
+      - Largest acceptable 95th percentile latency, in milliseconds (not checked when omitted).
+    type: float
+  max_p50_ms:
+    description:
+      - Largest acceptable median latency, in milliseconds (not checked when omitted).
+    type: float
+  expect_model_version:
+    description:
+      - When set, every response's C(model_version) must equal it.
+    type: str
+  check_ready:
+    description:
+      - Check C(GET {url}/v2/health/ready) answers 200 before sending inference requests.
+    type: bool
+    default: true
+  headers:
+    description:
+      - Extra HTTP headers sent with every request (for example an authorization header).
+    type: dict
+    default: {}
+attributes:
+  check_mode:
+    support: full
+    details:
+      - The module only sends read-only requests, so it runs normally in check mode and reports the same result.
+  diff_mode:
+    support: none
+notes:
+  - The inference requests are real requests to the runtime; inference must be free of side effects (OIP
+    inference is).
+seealso:
+  - module: sovereign.mlops.blue_green_switch
+"""
+
+EXAMPLES = r"""
+- name: Smoke-test green on its own port, golden example from the model metadata
+  sovereign.mlops.smoke_test:
+    url: http://127.0.0.1:8002
+    model_name: iris
+    requests: 50
+    max_p99_ms: 50
+    expect_model_version: "7"
+
+- name: Golden example given inline
+  sovereign.mlops.smoke_test:
+    url: http://127.0.0.1:8002
+    model_name: adder
+    golden:
+      inputs:
+        - {name: x, shape: [1, 2], datatype: FP32, data: [1.0, 2.0]}
+      outputs:
+        - {name: y, shape: [1], datatype: FP32, data: [3.0]}
+    rtol: 1.0e-5
+  register: smoke
+
+- name: Show the figures
+  ansible.builtin.debug:
+    msg: "p50 {{ smoke.p50_ms }} ms, p99 {{ smoke.p99_ms }} ms over {{ smoke.requests }} requests"
+"""
+
+RETURN = r"""
+url:
+  description: The runtime that was tested.
+  returned: always
+  type: str
+  sample: http://127.0.0.1:8002
+requests:
+  description: Measured inference requests sent (warm-up excluded).
+  returned: always
+  type: int
+  sample: 20
+failures:
+  description: Measured or warm-up requests that failed (transport error, status, schema, golden or version).
+  returned: always
+  type: int
+  sample: 0
+p50_ms:
+  description: Median latency of the successful measured requests, in milliseconds (null when none succeeded).
+  returned: always
+  type: float
+  sample: 3.2
+p95_ms:
+  description: 95th percentile latency (nearest rank), in milliseconds.
+  returned: always
+  type: float
+  sample: 4.8
+p99_ms:
+  description: 99th percentile latency (nearest rank), in milliseconds.
+  returned: always
+  type: float
+  sample: 5.1
+max_ms:
+  description: Slowest successful measured request, in milliseconds.
+  returned: always
+  type: float
+  sample: 5.1
+model_version:
+  description: The C(model_version) the responses reported (null when they carry none).
+  returned: always
+  type: str
+  sample: "7"
+golden_source:
+  description: Where the golden example came from, C(inline), C(metadata), or null when none was found.
+  returned: always
+  type: str
+  sample: metadata
+checks:
+  description: Every check, in order, with whether it passed and a detail (skipped checks have C(passed=null)).
+  returned: always
+  type: list
+  elements: dict
+  sample:
+    - {name: status, passed: true, detail: "22 of 22 responses were 200"}
+    - {name: latency_p99, passed: true, detail: "p99 5.1 ms <= 50 ms"}
+"""
+
+import json
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.sovereign.mlops.plugins.module_utils._oip import (
+    TRANSPORT_ERRORS,
+    HTTPClient,
+    URLError,
+    check_golden,
+    check_infer_response,
+    compare_outputs,
+    describe_transport_error,
+    excerpt,
+    golden_from_metadata,
+    percentile,
+)
+
+DEFAULT_RTOL = 1e-4
+DEFAULT_ATOL = 1e-6
+# Stop sending after this many consecutive transport failures (the runtime is gone).
+MAX_CONSECUTIVE_TRANSPORT_FAILURES = 3
+
+
+class Checks:
+    """Ordered list of checks; the first failed one names the module's failure."""
+
+    def __init__(self):
+        self.items = []
+
+    def add(self, name, passed, detail):
+        self.items.append(dict(name=name, passed=passed, detail=detail))
+        return passed
+
+    def first_failure(self):
+        for item in self.items:
+            if item["passed"] is False:
+                return item
+        return None
+
+
+class SmokeTest:
+    def __init__(self, module):
+        self.module = module
+        self.p = module.params
+        self.url = self.p["url"].rstrip("/")
+        self.model = self.p["model_name"]
+        self.client = HTTPClient(self.url, timeout=self.p["timeout"], headers=self.p["headers"])
+        self.checks = Checks()
+        self.result = dict(
+            changed=False,
+            url=self.url,
+            model_name=self.model,
+            requests=0,
+            failures=0,
+            p50_ms=None,
+            p95_ms=None,
+            p99_ms=None,
+            max_ms=None,
+            model_version=None,
+            golden_source=None,
+        )
+
+    def finish(self):
+        self.client.close()
+        self.result["checks"] = self.checks.items
+        failed = self.checks.first_failure()
+        if failed:
+            self.module.fail_json(
+                msg="smoke test of {} (model {}) failed: {}: {}".format(
+                    self.url, self.model, failed["name"], failed["detail"]
+                ),
+                **self.result,
+            )
+        self.module.exit_json(
+            msg="smoke test of {} (model {}) passed {} checks".format(
+                self.url, self.model, sum(1 for c in self.checks.items if c["passed"])
+            ),
+            **self.result,
+        )
+
+    def get_json(self, path):
+        """``(status, parsed JSON or None, raw body)``; raises a TRANSPORT_ERRORS member."""
+        status, _dummy, body, _dummy2 = self.client.request("GET", path)
+        try:
+            return status, json.loads(body.decode("utf-8")), body
+        except ValueError:
+            return status, None, body
+
+    def check_ready(self):
+        path = "/v2/health/ready"
+        try:
+            status, _dummy, body = self.get_json(path)
+        except TRANSPORT_ERRORS as exc:
+            return self.checks.add("ready", False, f"{self.url}{path} is unreachable ({describe_transport_error(exc)})")
+        if status != 200:
+            return self.checks.add(
+                "ready", False, "{}{} answered {}: {}".format(self.url, path, status, excerpt(body) or "(empty body)")
+            )
+        return self.checks.add("ready", True, f"{self.url}{path} answered 200")
+
+    def load_golden(self):
+        if self.p["golden"] is not None:
+            golden = self.p["golden"]
+            error = check_golden(golden, "golden")
+            if error:
+                self.module.fail_json(msg=f"invalid golden option: {error}", **self.result)
+            self.result["golden_source"] = "inline"
+            self.checks.add("golden_source", True, "golden example given inline")
+            return golden
+        path = f"/v2/models/{self.model}"
+        try:
+            status, meta, body = self.get_json(path)
+        except TRANSPORT_ERRORS as exc:
+            self.checks.add(
+                "golden_source",
+                False,
+                f"model metadata {self.url}{path} is unreachable ({describe_transport_error(exc)})",
+            )
+            return None
+        if status != 200:
+            self.checks.add(
+                "golden_source",
+                False,
+                "model metadata {}{} answered {}: {}".format(self.url, path, status, excerpt(body) or "(empty body)"),
+            )
+            return None
+        golden = golden_from_metadata(meta)
+        if golden is None:
+            self.checks.add(
+                "golden_source",
+                False,
+                f"no golden option given and the model metadata {self.url}{path} has no "
+                "parameters.golden; pass golden: {inputs: [...], outputs: [...]}",
+            )
+            return None
+        error = check_golden(golden, "parameters.golden")
+        if error:
+            self.checks.add("golden_source", False, f"model metadata {self.url}{path}: {error}")
+            return None
+        self.result["golden_source"] = "metadata"
+        self.checks.add("golden_source", True, f"golden example read from {self.url}{path} parameters.golden")
+        return golden
+
+    def run(self):
+        p = self.p
+        if p["check_ready"] and not self.check_ready():
+            return self.finish()
+        golden = self.load_golden()
+        if golden is None:
+            return self.finish()
+
+        rtol = p["rtol"] if p["rtol"] is not None else golden.get("rtol", DEFAULT_RTOL)
+        atol = p["atol"] if p["atol"] is not None else golden.get("atol", DEFAULT_ATOL)
+        expected_outputs = golden.get("outputs")
+        body = json.dumps({"inputs": golden["inputs"]}).encode("utf-8")
+        path = f"/v2/models/{self.model}/infer"
+
+        first = dict(status=None, schema=None, golden=None, version=None)
+        latencies = []
+        versions = set()
+        failures = 0
+        sent = 0
+        status_ok = 0
+        consecutive_transport = 0
+        aborted = None
+        total = p["warmup"] + p["requests"]
+        for index in range(total):
+            measured = index >= p["warmup"]
+            label = "request {}{}".format(index + 1, "" if measured else " (warm-up)")
+            sent += 1
+            try:
+                status, _headers, raw, elapsed = self.client.request("POST", path, body=body)
+            except TRANSPORT_ERRORS as exc:
+                failures += 1
+                consecutive_transport += 1
+                if first["status"] is None:
+                    first["status"] = f"{label} to {self.url}{path} failed: {describe_transport_error(exc)}"
+                if consecutive_transport >= MAX_CONSECUTIVE_TRANSPORT_FAILURES:
+                    aborted = index + 1
+                    break
+                continue
+            consecutive_transport = 0
+            if status != 200:
+                failures += 1
+                if first["status"] is None:
+                    first["status"] = "{} answered {}: {}".format(label, status, excerpt(raw) or "(empty body)")
+                continue
+            status_ok += 1
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except ValueError:
+                obj = None
+                error = "body is not JSON: %s" % (excerpt(raw) or "(empty)")
+            else:
+                error = check_infer_response(obj, self.model)
+            if error:
+                failures += 1
+                if first["schema"] is None:
+                    first["schema"] = f"{label}: {error}"
+                continue
+            ok = True
+            if expected_outputs is not None:
+                mismatch = compare_outputs(obj["outputs"], expected_outputs, rtol, atol)
+                if mismatch:
+                    ok = False
+                    if first["golden"] is None:
+                        first["golden"] = f"{label}: {mismatch}"
+            version = obj.get("model_version")
+            versions.add(version)
+            if p["expect_model_version"] is not None and str(version) != p["expect_model_version"]:
+                ok = False
+                if first["version"] is None:
+                    first["version"] = "{}: model_version is {}, expected {}".format(
+                        label, "missing" if version is None else repr(version), p["expect_model_version"]
+                    )
+            if not ok:
+                failures += 1
+                continue
+            if measured:
+                latencies.append(elapsed * 1000.0)
+
+        measured_sent = max(0, sent - p["warmup"])
+        self.result["requests"] = measured_sent
+        self.result["failures"] = failures
+        known = sorted(str(v) for v in versions if v is not None)
+        self.result["model_version"] = known[0] if len(known) == 1 else (", ".join(known) if known else None)
+
+        # status
+        if first["status"]:
+            detail = first["status"]
+            if aborted:
+                detail += f" (stopped after {MAX_CONSECUTIVE_TRANSPORT_FAILURES} consecutive transport failures)"
+            self.checks.add("status", False, detail)
+        else:
+            self.checks.add("status", True, f"{status_ok} of {sent} responses were 200")
+        # schema
+        if first["schema"]:
+            self.checks.add("schema", False, first["schema"])
+        elif status_ok:
+            self.checks.add("schema", True, "every response is a well-formed OIP v2 inference response")
+        else:
+            self.checks.add("schema", None, "no response to check")
+        # golden
+        if expected_outputs is None:
+            self.checks.add("golden", None, "skipped: the golden example has no outputs")
+        elif first["golden"]:
+            self.checks.add("golden", False, first["golden"])
+        elif status_ok and not first["schema"]:
+            self.checks.add("golden", True, f"{len(expected_outputs)} output(s) within rtol {rtol:g}, atol {atol:g}")
+        else:
+            self.checks.add("golden", None, "no well-formed response to compare")
+        # model version
+        if p["expect_model_version"] is not None:
+            if first["version"]:
+                self.checks.add("model_version", False, first["version"])
+            elif status_ok and not first["schema"]:
+                self.checks.add("model_version", True, "model_version is {}".format(p["expect_model_version"]))
+            else:
+                self.checks.add("model_version", None, "no well-formed response to check")
+        # latency
+        if latencies:
+            figures = dict(p50=percentile(latencies, 50), p95=percentile(latencies, 95), p99=percentile(latencies, 99))
+            for name in ("p50", "p95", "p99"):
+                self.result[f"{name}_ms"] = round(figures[name], 3)
+            self.result["max_ms"] = round(max(latencies), 3)
+            for name in ("p50", "p95", "p99"):
+                limit = p[f"max_{name}_ms"]
+                if limit is None:
+                    continue
+                value = figures[name]
+                self.checks.add(
+                    f"latency_{name}",
+                    value <= limit,
+                    "{} {:.1f} ms {} {:g} ms over {} requests".format(
+                        name, value, "<=" if value <= limit else ">", limit, len(latencies)
+                    ),
+                )
+        else:
+            self.checks.add("latency_p99", None, "no successful measured request to time")
+        return self.finish()
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            url=dict(type="str", required=True),
+            model_name=dict(type="str", required=True),
+            requests=dict(type="int", default=20),
+            warmup=dict(type="int", default=2),
+            timeout=dict(type="float", default=5.0),
+            golden=dict(type="dict"),
+            rtol=dict(type="float"),
+            atol=dict(type="float"),
+            max_p99_ms=dict(type="float", default=50.0),
+            max_p95_ms=dict(type="float"),
+            max_p50_ms=dict(type="float"),
+            expect_model_version=dict(type="str"),
+            check_ready=dict(type="bool", default=True),
+            headers=dict(type="dict", default={}),
+        ),
+        supports_check_mode=True,
+    )
+    p = module.params
+    if p["requests"] < 1:
+        module.fail_json(msg="requests must be >= 1, got {}".format(p["requests"]))
+    if p["warmup"] < 0:
+        module.fail_json(msg="warmup must be >= 0, got {}".format(p["warmup"]))
+    if p["timeout"] <= 0:
+        module.fail_json(msg="timeout must be > 0, got {}".format(p["timeout"]))
+    for name in ("rtol", "atol", "max_p99_ms", "max_p95_ms", "max_p50_ms"):
+        if p[name] is not None and p[name] < 0:
+            module.fail_json(msg=f"{name} must be >= 0, got {p[name]}")
+    if "/" in p["model_name"] or not p["model_name"].strip():
+        module.fail_json(msg="model_name must be a model name without '/', got {!r}".format(p["model_name"]))
+    try:
+        smoke = SmokeTest(module)
+    except URLError as exc:
+        module.fail_json(msg=f"url: {exc}", changed=False)
+    smoke.run()
+
+
+if __name__ == "__main__":
+    main()
