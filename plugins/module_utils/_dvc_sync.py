@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: sovereign.mlops maintainers
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
@@ -56,8 +55,8 @@ def file_md5(path, hash_name='md5'):
         with open(path, 'rb') as fobj:
             return fobj_md5(fobj, name=hash_name)
     if hash_name != 'md5':
-        raise SyncError('unsupported DVC hash %r (only md5 and md5-dos2unix are)' % hash_name)
-    digest = hashlib.md5()  # noqa: S324 - DVC's content address, not a security hash
+        raise SyncError(f'unsupported DVC hash {hash_name!r} (only md5 and md5-dos2unix are)')
+    digest = hashlib.md5()  # DVC's content address, not a security hash
     with open(path, 'rb') as fobj:
         for chunk in iter(lambda: fobj.read(CHUNK), b''):
             digest.update(chunk)
@@ -68,13 +67,13 @@ def dir_md5(files):
     """DVC's ``.dir`` hash of a tree given as ``{relpath: md5}`` (same JSON as dvc_data's Tree.as_bytes)."""
     entries = sorted(({'md5': md5, 'relpath': rel} for rel, md5 in files.items()), key=lambda e: e['relpath'])
     data = json.dumps(entries, sort_keys=True).encode('utf-8')
-    return hashlib.md5(data).hexdigest() + '.dir'  # noqa: S324
+    return hashlib.md5(data).hexdigest() + '.dir'
 
 
 # -- the names beside dest ---------------------------------------------------------------------------------------
 
 
-class Layout(object):
+class Layout:
     """The paths :mod:`dvc_sync` owns beside ``dest``."""
 
     def __init__(self, dest):
@@ -82,19 +81,20 @@ class Layout(object):
         self.parent, self.name = os.path.split(self.dest)
         if not self.name:
             raise SyncError('dest must not be the root directory')
-        self.manifest = self.sibling('.%s.dvc-sync.json' % self.name)
-        self.lock = self.sibling('.%s.dvc-sync.lock' % self.name)
-        self._version_re = re.compile(r'^\.%s\.([0-9a-f]{12})-([0-9a-f]{8})$' % re.escape(self.name))
-        self._temp_re = re.compile(r'^\.%s\.(tmp|lnk|trash)-([0-9a-f]{8})$' % re.escape(self.name))
+        self.manifest = self.sibling(f'.{self.name}.dvc-sync.json')
+        self.lock = self.sibling(f'.{self.name}.dvc-sync.lock')
+        quoted = re.escape(self.name)
+        self._version_re = re.compile(rf'^\.{quoted}\.([0-9a-f]{{12}})-([0-9a-f]{{8}})$')
+        self._temp_re = re.compile(rf'^\.{quoted}\.(tmp|lnk|trash)-([0-9a-f]{{8}})$')
 
     def sibling(self, name):
         return os.path.join(self.parent, name)
 
     def temp(self, kind):
-        return self.sibling('.%s.%s-%s' % (self.name, kind, secrets.token_hex(4)))
+        return self.sibling(f'.{self.name}.{kind}-{secrets.token_hex(4)}')
 
     def version_name(self, md5):
-        return '.%s.%s-%s' % (self.name, (md5 or '0' * 12)[:12], secrets.token_hex(4))
+        return f'.{self.name}.{(md5 or "0" * 12)[:12]}-{secrets.token_hex(4)}'
 
     def is_version(self, name):
         return bool(self._version_re.match(name))
@@ -112,7 +112,7 @@ class Layout(object):
         """'missing', 'link' (a symlink to a directory), 'dir', 'file' or 'other' for dest itself."""
         try:
             st = os.lstat(self.dest)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return 'missing'
         if stat.S_ISLNK(st.st_mode):
             return 'link' if os.path.isdir(self.dest) else 'other'
@@ -146,11 +146,11 @@ def check_writable_parent(layout):
     """Error text when nothing can be created beside dest (checked without changing anything), else None."""
     base = nearest_existing(layout.parent)
     if not os.path.isdir(base):
-        return ('dest %s is not writable: %s is not a directory, so %s cannot be created; choose a dest under a '
-                'directory' % (layout.dest, base, layout.parent))
+        return (f'dest {layout.dest} is not writable: {base} is not a directory, so {layout.parent} cannot be '
+                'created; choose a dest under a directory')
     if not os.access(base, os.W_OK | os.X_OK):
-        return ('dest %s is not writable: no write permission on %s (the module needs to create files beside dest);'
-                ' run with become or fix the permissions' % (layout.dest, base))
+        return (f'dest {layout.dest} is not writable: no write permission on {base} (the module creates files '
+                'beside dest); run with become or fix the permissions')
     return None
 
 
@@ -181,7 +181,7 @@ def save_manifest(layout, data):
 
 
 def write_file_atomic(path, data):
-    tmp = '%s.tmp-%s' % (path, secrets.token_hex(4))
+    tmp = f'{path}.tmp-{secrets.token_hex(4)}'
     try:
         with open(tmp, 'wb') as fobj:
             fobj.write(data)
@@ -193,7 +193,7 @@ def write_file_atomic(path, data):
             os.unlink(tmp)
 
 
-class HashCache(object):
+class HashCache:
     """md5 of local files, reusing the manifest's md5 when the file's stat says it was not touched since.
 
     The key is (size, mtime_ns, ctime_ns, inode, device), never a timestamp alone: ctime cannot be set back by
@@ -394,8 +394,8 @@ def build_version(staging, current_root, tracked, plan, attrs, fetch, jobs):
         fetch(rel, dst)
         got = file_md5(dst, item['hash'])
         if got != item['md5']:
-            raise SyncError('downloaded %s has md5 %s but DVC records %s: the remote holds corrupt data; '
-                            're-push it (dvc push) from a good copy' % (rel, got, item['md5']))
+            raise SyncError(f"downloaded {rel} has md5 {got} but DVC records {item['md5']}: the remote holds "
+                            'corrupt data; re-push it (dvc push) from a good copy')
         set_attrs(dst, attrs.get('uid'), attrs.get('gid'),
                   file_mode(item, attrs, stat.S_IMODE(os.lstat(dst).st_mode)))
         return os.lstat(dst).st_size
@@ -407,7 +407,7 @@ def build_version(staging, current_root, tracked, plan, attrs, fetch, jobs):
                 total += size
 
     dir_mode, uid, gid = attrs.get('directory_mode'), attrs.get('uid'), attrs.get('gid')
-    for dirpath, dirnames, dummy in os.walk(staging):
+    for dirpath, dirnames, _files in os.walk(staging):
         for name in dirnames:
             set_attrs(os.path.join(dirpath, name), uid, gid, dir_mode)
     set_attrs(staging, uid, gid, dir_mode if dir_mode is not None else 0o755)
@@ -416,7 +416,7 @@ def build_version(staging, current_root, tracked, plan, attrs, fetch, jobs):
 
 def fsync_tree(root):
     """Flush a finished version to disk before it becomes visible (a crash must not expose empty files)."""
-    for dirpath, dummy, filenames in os.walk(root):
+    for dirpath, _dirs, filenames in os.walk(root):
         for name in filenames:
             path = os.path.join(dirpath, name)
             if os.path.islink(path):
@@ -441,7 +441,7 @@ _renameat2 = None
 
 
 def _load_renameat2():
-    global _renameat2  # noqa: PLW0603
+    global _renameat2
     if _renameat2 is None:
         libc = ctypes.CDLL(ctypes.util.find_library('c') or None, use_errno=True)
         func = getattr(libc, 'renameat2', None)
@@ -486,8 +486,8 @@ def swap_in(layout, version_name, exchange_func=None):
             os.rename(tmp_link, layout.dest)
             return None, None
         if state != 'dir':
-            raise SyncError('dest %s exists and is not a directory (%s): remove it or choose another dest'
-                            % (layout.dest, state))
+            raise SyncError(f'dest {layout.dest} exists and is not a directory ({state}): remove it or choose '
+                            'another dest')
         aside = layout.sibling(layout.version_name(None))
         try:
             (exchange_func or exchange)(tmp_link, layout.dest)
@@ -496,9 +496,10 @@ def swap_in(layout, version_name, exchange_func=None):
                 raise
             os.rename(layout.dest, aside)
             os.rename(tmp_link, layout.dest)
-            return aside, ('renameat2(RENAME_EXCHANGE) is not available here (%s): the existing directory %s was '
+            return aside, (f'renameat2(RENAME_EXCHANGE) is not available here ({exc.strerror}): the existing '
+                           f'directory {layout.dest} was '
                            'moved aside before the new version took its place, so it was briefly missing; later '
-                           'syncs swap a symlink and are atomic' % (exc.strerror, layout.dest))
+                           'syncs swap a symlink and are atomic')
         os.rename(tmp_link, aside)  # tmp_link now names the old directory
         return aside, None
     finally:
@@ -537,7 +538,7 @@ def prune(layout, current, history, keep):
     return [current, *previous]
 
 
-class DestLock(object):
+class DestLock:
     """flock on the lock file beside dest for the duration of a sync (created, parent made if missing)."""
 
     def __init__(self, layout, timeout):
@@ -556,8 +557,8 @@ class DestLock(object):
                 if time.monotonic() >= deadline:
                     os.close(self.fd)
                     self.fd = None
-                    raise SyncError('another dvc_sync of %s has held %s for %ss; wait for it or raise lock_timeout'
-                                    % (self.layout.dest, self.layout.lock, self.timeout)) from None
+                    raise SyncError(f'another dvc_sync of {self.layout.dest} has held {self.layout.lock} for '
+                                    f'{self.timeout}s; wait for it or raise lock_timeout') from None
                 time.sleep(0.1)
 
     def __exit__(self, *args):

@@ -1,0 +1,769 @@
+#!/usr/bin/python
+# Copyright: sovereign.mlops maintainers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: dvc_sync
+short_description: Make a host path equal to a DVC-tracked dataset at a git revision
+version_added: 0.1.0
+author: sovereign.mlops maintainers
+description:
+  - Makes O(dest) on the target host hold exactly what a DVC-tracked O(path) of the DVC repository O(repo) holds
+    at the git revision O(rev), downloading from the DVC remote with DVC's own Python API
+    (C(dvc.api.DVCFileSystem)).
+  - Idempotent by content, never by timestamps. Files are compared by DVC's md5 against the md5 of the files in
+    O(dest). A manifest kept beside O(dest) (C(.<name>.dvc-sync.json)) caches each file's md5 with its size,
+    mtime, ctime, inode and device, so unchanged files are not read again on every run; a file whose stat
+    differs in any of these, or that may have changed in the same clock tick as the manifest was written, is
+    hashed again. Only files whose content differs are downloaded.
+  - Atomic. When O(path) is a directory, each version is built complete in a directory beside O(dest)
+    (C(.<name>.<md5>-<random>), same filesystem; unchanged files are hardlinked from the live version, not
+    copied, and the live version is never modified), every downloaded file is checked against DVC's md5, and
+    O(dest) is a symlink to the live version, replaced by renaming a new symlink over it. A reader that resolves
+    O(dest) once (C(realpath), or opens it as a directory) sees one whole version, never a mix; see
+    docs/adr/0301-dvc-sync-atomic-swap.md. When O(dest) is a real directory at the first sync, it is exchanged
+    with the symlink by C(renameat2(RENAME_EXCHANGE)) (Linux 3.15+), also atomic.
+  - When O(path) is a single file, O(dest) is the file (or, when O(dest) is an existing directory, the file of
+    the same name inside it), replaced by renaming a verified temporary file over it.
+  - A failure (unknown O(rev), O(path) not tracked, unknown remote, data missing on the remote, O(dest) not
+    writable) changes nothing in O(dest).
+  - Runs only on Python 3 (as do all modules of this collection).
+options:
+  repo:
+    description:
+      - The DVC repository, as a git URL (C(https://...), C(ssh://...), C(git@host:org/repo.git), C(file://...)) or
+        a local path of a checkout on the target host.
+      - A URL is cloned by DVC into a temporary directory for the run (shallow when O(rev) is a branch or tag),
+        with the target host's git credentials.
+    type: str
+    required: true
+  rev:
+    description:
+      - Git revision to sync, a branch, tag or commit sha.
+      - Default is the repository's default branch for a URL and C(HEAD) for a local checkout (never its
+        uncommitted workspace, so what is synced is always a commit).
+    type: str
+  path:
+    description:
+      - The DVC-tracked path in the repository, relative to its root, a directory or a single file (a DVC
+        output, or a path inside a tracked directory).
+    type: str
+    required: true
+  dest:
+    description:
+      - The host path to make equal to O(path). Its parent directories are created when missing.
+      - For a directory, O(dest) becomes a symlink to the live version directory beside it.
+    type: path
+    required: true
+  remote:
+    description:
+      - Name of the DVC remote to download from, instead of the repository's default remote (C(core.remote)).
+      - With O(remote_config), a name the repository does not define yet is defined for this run.
+    type: str
+  remote_config:
+    description:
+      - Options of the remote for this run, merged over the repository's configuration of O(remote) (or of the
+        default remote), for example C(url), or credentials options of the remote's type.
+    type: dict
+  delete:
+    description:
+      - Whether files in O(dest) that are not in the tracked version are removed.
+      - With V(false) they are carried over into each new version (unless a tracked file needs their place).
+    type: bool
+    default: true
+  keep_versions:
+    description:
+      - How many previous version directories stay beside O(dest) after a swap, so a reader that resolved
+        O(dest) just before the swap can finish reading its version. Unchanged files are hardlinks, so a kept
+        version costs only the space of the files that changed.
+      - V(0) removes the previous version right after the swap.
+    type: int
+    default: 1
+  jobs:
+    description:
+      - How many files are downloaded in parallel.
+    type: int
+    default: 4
+  owner:
+    description:
+      - User (name or uid) that owns the synced files and directories. Default is the user the module runs as.
+    type: str
+  group:
+    description:
+      - Group (name or gid) of the synced files and directories.
+    type: str
+  mode:
+    description:
+      - Permissions of the synced files, as an octal string like V('0644') (symbolic modes are not supported).
+      - Files DVC records as executable also get C(x) where they have C(r). Default is the umask's default.
+    type: raw
+  directory_mode:
+    description:
+      - Permissions of the synced directories (including the version directory), as an octal string like
+        V('0755'). Default is V('0755') for the version directory and the umask's default below it.
+    type: raw
+  lock_timeout:
+    description:
+      - Seconds to wait for another sync of the same O(dest) (a C(flock) on C(.<name>.dvc-sync.lock)) to finish.
+    type: float
+    default: 300
+attributes:
+  check_mode:
+    support: full
+    details:
+      - In check mode the module lists the tracked version, compares it with O(dest) and reports what would be
+        added, updated and removed and how many bytes would be downloaded (sizes of files DVC does not list are
+        asked from the remote, so data missing on the remote is reported as an error, as a real run would). It
+        writes nothing, on O(dest) or beside it, and takes no lock.
+  diff_mode:
+    support: full
+    details:
+      - The diff shows the data version and, for each file added, updated or removed, its path and md5 before and
+        after; unchanged files are counted, not listed.
+requirements:
+  - dvc >= 3.0 (with the extras for the remote's type, for example C(dvc[s3]) or C(dvc[ssh])) in the Python
+    interpreter that runs the module on the target host
+  - git on the target host when O(repo) is a URL
+notes:
+  - The module runs on the target host, with the interpreter that has C(dvc) installed, so point
+    C(ansible_python_interpreter) at it, for example a venv C(/opt/sovereign/dvc/bin/python).
+  - Remote credentials are those DVC finds on the target host (the repository's config, O(remote_config),
+    environment variables, C(~/.aws), SSH keys, ...).
+  - Readers that need a whole dataset must resolve O(dest) once and read below the result
+    (C(os.path.realpath(dest)), C(cd dest && ...) with C(pwd -P), or a directory file descriptor); every
+    separate lookup through the symlink may see a newer version after a swap.
+  - O(mode), O(owner) and O(group) changes never modify the live version either; files whose attributes differ
+    are copied into the new version.
+seealso:
+  - name: DVC Python API, DVCFileSystem
+    description: The API this module uses to list and download the tracked data.
+    link: https://dvc.org/doc/api-reference/dvcfilesystem
+"""
+
+EXAMPLES = r"""
+- name: Sync the training set of the pinned data release
+  sovereign.mlops.dvc_sync:
+    repo: https://git.example.internal/ml/datasets.git
+    rev: v2.3.0
+    path: data/train
+    dest: /srv/datasets/train
+    owner: sovereign
+    group: sovereign
+  vars:
+    ansible_python_interpreter: /opt/sovereign/dvc/bin/python
+  register: train_data
+
+- name: Record the data version for the ledger
+  ansible.builtin.debug:
+    msg: "{{ train_data.data_version.rev }} {{ train_data.data_version.md5 }}"
+
+- name: What would change? (nothing is written)
+  sovereign.mlops.dvc_sync:
+    repo: /srv/checkouts/datasets
+    rev: main
+    path: data/train
+    dest: /srv/datasets/train
+  check_mode: true
+  diff: true
+
+- name: One model file from a second remote, keeping files others put in dest
+  sovereign.mlops.dvc_sync:
+    repo: git@git.example.internal:ml/models.git
+    path: models/encoder.pt
+    dest: /srv/models/encoder.pt
+    remote: backup
+    remote_config:
+      url: /mnt/nfs/dvc-backup
+    mode: '0444'
+"""
+
+RETURN = r"""
+added:
+  description: Paths (relative to O(dest)) that were not in O(dest) and are now (or would be, in check mode).
+  returned: success
+  type: list
+  elements: str
+  sample: [images/0003.png]
+updated:
+  description: Paths whose content differed and was replaced.
+  returned: success
+  type: list
+  elements: str
+  sample: [labels.csv]
+removed:
+  description: Paths removed because they are not in the tracked version (O(delete)), or stand where the tracked
+    version needs another file or directory.
+  returned: success
+  type: list
+  elements: str
+  sample: [images/0002.png]
+attributes_changed:
+  description: Paths with the right content whose owner, group or mode were corrected.
+  returned: success
+  type: list
+  elements: str
+  sample: []
+bytes_transferred:
+  description: Bytes downloaded (in check mode, that would be downloaded).
+  returned: success
+  type: int
+  sample: 1048576
+data_version:
+  description: What O(dest) holds now (or would hold, in check mode).
+  returned: success
+  type: dict
+  contains:
+    repo:
+      description: O(repo) as given.
+      type: str
+    rev:
+      description: O(rev) resolved to a commit sha.
+      type: str
+      sample: 9fceb02d0ae598e95dc970b74767f19372d61af8
+    requested_rev:
+      description: O(rev) as given (V(null) for the default).
+      type: str
+    path:
+      description: O(path) as given.
+      type: str
+    md5:
+      description: DVC's md5 of O(path), the C(.dir) hash for a directory (computed the way DVC does for a
+        directory inside a tracked directory), the file's md5 for a file.
+      type: str
+      sample: 072c6be4adb0d0d8cc0f0f29dca20b80.dir
+    nfiles:
+      description: Number of files.
+      type: int
+    type:
+      description: V(directory) or V(file).
+      type: str
+files_hashed:
+  description: How many files in O(dest) were read to compute their md5 (the others' md5 came from the manifest).
+  returned: success
+  type: int
+  sample: 0
+dest:
+  description: The real path of the data, the live version directory O(dest) links to for a directory, the file
+    for a file. In check mode, the current one.
+  returned: success
+  type: str
+  sample: /srv/datasets/.train.072c6be4adb0-5f3a91c2
+link:
+  description: O(dest) as an absolute path (for a directory, the symlink readers use).
+  returned: success
+  type: str
+  sample: /srv/datasets/train
+"""
+
+import contextlib
+import grp
+import os
+import pwd
+import shutil
+import stat
+import sys
+import traceback
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible_collections.sovereign.mlops.plugins.module_utils._dvc_sync import (
+    DestLock,
+    HashCache,
+    Layout,
+    SyncError,
+    attrs_ok,
+    build_version,
+    check_writable_parent,
+    dir_md5,
+    file_md5,
+    file_mode,
+    fsync_dir,
+    fsync_tree,
+    load_manifest,
+    manifest_files,
+    plan_tree,
+    prune,
+    save_manifest,
+    scan_tree,
+    set_attrs,
+    swap_in,
+)
+
+DVC_IMPORT_ERROR = None
+try:
+    import dvc.api
+    import dvc.config
+    import dvc.exceptions
+    import dvc.scm
+    from dvc_data.index import DataIndexDirError
+except ImportError:
+    DVC_IMPORT_ERROR = traceback.format_exc()
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """DVC may print; the module's stdout must carry only its JSON result."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+def hash_name_of(dvc_info):
+    entry = dvc_info.get('entry')
+    return entry.hash_info.name if entry is not None and entry.hash_info else 'md5'
+
+
+class Source:
+    """The tracked version: what DVC says O(path) holds at O(rev), and how to download one file of it."""
+
+    def __init__(self, module):
+        p = module.params
+        self.module = module
+        self.repo = p['repo']
+        self.path = p['path'].strip('/')
+        self.requested_rev = p['rev']
+        self.remote = p['remote']
+        rev = p['rev']
+        if rev is None and os.path.isdir(self.repo):
+            rev = 'HEAD'  # a local checkout's default would be its workspace; a sync is always of a commit
+        kwargs = dict(rev=rev)
+        if self.remote:
+            kwargs['remote'] = self.remote
+        if p['remote_config']:
+            kwargs['remote_config'] = p['remote_config']
+        self.fs = dvc.api.DVCFileSystem(self.repo, **kwargs)
+        self.sha = None
+        self.kind = None
+        self.md5 = None
+        self.tracked = {}
+
+    def describe_remote(self):
+        try:
+            config = self.fs.repo.config
+            name = self.remote or config['core'].get('remote')
+            if not name:
+                return 'the repository cache (the repository has no default remote and no remote was given)'
+            url = (config['remote'].get(name) or {}).get('url')
+            return f"remote '{name}' ({url})"
+        except Exception:  # only for a message
+            return f"remote '{self.remote or 'default'}'"
+
+    def load(self):
+        """List the tracked files with their md5; raises SyncError with a message for the user."""
+        fs = self.fs
+        self.sha = fs.repo.get_rev()
+        at = f"{self.repo} at {self.requested_rev or 'the default revision'}"
+        try:
+            info = fs.info(self.path)
+        except FileNotFoundError:
+            raise SyncError(f"path '{self.path}' does not exist in {at}; give a path relative to the repository "
+                            'root') from None
+        dvc_info = info.get('dvc_info') or {}
+        if not dvc_info.get('isout'):
+            hint = ''
+            if info.get('type') == 'directory':
+                outs = [name for name, i in fs.find(self.path, detail=True).items() if i.get('dvc_info')]
+                if outs:
+                    hint = f' (it is a git directory that holds DVC outputs such as {outs[0]}: sync each one)'
+            raise SyncError(f"path '{self.path}' is not tracked by DVC in {at}{hint}; give a path that has a .dvc "
+                            'file or is an output of dvc.yaml, or a path inside one')
+        if info['type'] != 'directory':
+            self.kind = 'file'
+            self.md5 = dvc_info['md5']
+            self.tracked[''] = dict(md5=self.md5, hash=hash_name_of(dvc_info), size=dvc_info.get('size'),
+                                    isexec=dvc_info.get('isexec'))
+            return
+        self.kind = 'directory'
+        try:
+            found = fs.find(self.path, detail=True)
+        except DataIndexDirError:
+            raise SyncError(f"the listing of directory '{self.path}' (DVC object {dvc_info.get('md5')}) is neither "
+                            f'in the DVC cache nor on {self.describe_remote()}: push it with dvc push, or choose '
+                            'the remote that has it') from None
+        prefix = self.path + '/'
+        for name, finfo in found.items():
+            fdvc = finfo.get('dvc_info') or {}
+            if fdvc.get('isout'):
+                self.tracked[name[len(prefix):]] = dict(md5=fdvc['md5'], hash=hash_name_of(fdvc),
+                                                        size=fdvc.get('size'), isexec=fdvc.get('isexec'))
+        self.md5 = dvc_info.get('md5') or dir_md5({rel: item['md5'] for rel, item in self.tracked.items()})
+
+    def rpath(self, rel):
+        return f'{self.path}/{rel}' if rel else self.path
+
+    def missing(self, rel):
+        return SyncError(f"{self.describe_remote()} has no data for '{self.rpath(rel)}' (md5 "
+                         f"{self.tracked[rel]['md5']}); push it with dvc push, or choose the remote that has it")
+
+    def fetch(self, rel, local_path):
+        try:
+            self.fs.get_file(self.rpath(rel), local_path)
+        except FileNotFoundError:
+            raise self.missing(rel) from None
+
+    def sizes(self, rels):
+        """Bytes of these tracked files, from DVC's listing or asked from the remote (check mode's byte count)."""
+        total, odbs = 0, {}
+        for rel in rels:
+            item = self.tracked[rel]
+            if item.get('size') is not None:
+                total += item['size']
+                continue
+            try:
+                odb = odbs.get(item['hash'])
+                if odb is None:
+                    odb = odbs[item['hash']] = self.fs.repo.cloud.get_remote_odb(self.remote, hash_name=item['hash'])
+                total += odb.fs.size(odb.oid_to_path(item['md5'])) or 0
+            except FileNotFoundError:
+                size = self._size_in_cache(item)
+                if size is None:
+                    raise self.missing(rel) from None
+                total += size
+            except Exception as exc:  # cloud-versioned remotes and the like: a lower bound then
+                self.module.warn(f'could not get the size of {self.rpath(rel)} from the remote ({exc}); '
+                                 'bytes_transferred counts only the known sizes')
+        return total
+
+    def _size_in_cache(self, item):
+        try:
+            return os.path.getsize(self.fs.repo.cache.local.oid_to_path(item['md5']))
+        except Exception:  # no local cache (a URL repo) or not in it
+            return None
+
+    def close(self):
+        from dvc.repo.open_repo import clean_repos
+
+        try:
+            self.fs.close()
+        finally:
+            clean_repos()  # the temporary clones DVC made for a URL repo
+
+
+def parse_mode(module, name):
+    value = module.params[name]
+    if value is None:
+        return None
+    if isinstance(value, int):
+        mode = value
+    else:
+        try:
+            mode = int(str(value), 8)
+        except ValueError:
+            module.fail_json(msg=f"{name} must be an octal string like '0644', got {value!r} (symbolic modes are "
+                             'not supported)')
+    if not 0 <= mode <= 0o7777:
+        module.fail_json(msg=f'{name} {oct(mode)} is out of range')
+    return mode
+
+
+def resolve_ids(module):
+    uid = gid = None
+    owner, group = module.params['owner'], module.params['group']
+    if owner is not None:
+        try:
+            uid = int(owner) if owner.isdigit() else pwd.getpwnam(owner).pw_uid
+        except KeyError:
+            module.fail_json(msg=f"owner '{owner}' does not exist on this host; create the user first")
+    if group is not None:
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            module.fail_json(msg=f"group '{group}' does not exist on this host; create the group first")
+    return uid, gid
+
+
+def current_umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def wanted_attrs(module):
+    uid, gid = resolve_ids(module)
+    return dict(uid=uid, gid=gid, mode=parse_mode(module, 'mode'), directory_mode=parse_mode(module, 'directory_mode'),
+                umask=current_umask())
+
+
+class Sync:
+    def __init__(self, module, source, attrs):
+        p = module.params
+        self.module = module
+        self.source = source
+        self.attrs = attrs
+        self.delete = p['delete']
+        self.jobs = p['jobs']
+        self.keep = p['keep_versions']
+        self.old_manifest = {}
+        self.result = dict(changed=False, added=[], updated=[], removed=[], attributes_changed=[],
+                           bytes_transferred=0, files_hashed=0)
+
+    def data_version(self):
+        s = self.source
+        return dict(repo=s.repo, rev=s.sha, requested_rev=s.requested_rev, path=s.path, md5=s.md5,
+                    nfiles=len(s.tracked), type=s.kind)
+
+    def finish(self, plan, before_files, real_dest, link, cache, root=None):
+        r = self.result
+        r.update(added=plan['added'], updated=plan['updated'], removed=plan['removed'],
+                 attributes_changed=plan['attributes'], changed=plan['changed'], data_version=self.data_version(),
+                 dest=real_dest, link=link)
+        if self.module._diff:
+            r['diff'] = self.diff(plan, before_files, cache, root)
+        r['files_hashed'] = len(cache.hashed)
+        return r
+
+    def diff(self, plan, before_files, cache, root):
+        s, dest = self.source, self.module.params['dest']
+        old = self.old_manifest
+        before = [f'# {dest}']
+        if old.get('rev') or old.get('md5'):
+            before.append(f"# data version: {old.get('rev')} {old.get('md5')}")
+        after = [f'# {dest}', f'# data version: {s.sha} {s.md5}']
+        for rel in sorted(set(plan['updated']) | set(plan['removed']) | set(plan['attributes'])):
+            have = before_files.get(rel, {})
+            md5 = have.get('md5')
+            if md5 is None and have.get('kind') == 'file' and root:  # an untracked file: hashed for the diff only
+                md5 = cache.md5(rel, os.path.join(root, rel), have['st'], 'md5')
+            before.append(f"{rel or os.path.basename(dest)} {md5 or '(' + have.get('kind', '-') + ')'}")
+        for rel in sorted(set(plan['added']) | set(plan['updated']) | set(plan['attributes'])):
+            after.append(f"{rel or os.path.basename(dest)} {s.tracked[rel]['md5']}")
+        note = f"# {len(plan['link'])} unchanged file(s) not listed"
+        return dict(before='\n'.join([*before, note]) + '\n', after='\n'.join([*after, note]) + '\n')
+
+    # -- directories ---------------------------------------------------------------------------------------------
+
+    def run_directory(self):
+        module = self.module
+        layout = Layout(module.params['dest'])
+        if layout.state() in ('file', 'other'):
+            raise SyncError(f'dest {layout.dest} exists and is not a directory or a symlink to one: remove it or '
+                            'choose another dest')
+        error = check_writable_parent(layout)
+        if error:
+            raise SyncError(error)
+        if module.check_mode:
+            self.old_manifest = load_manifest(layout)
+            return self._plan_directory(layout)[0]
+
+        os.makedirs(layout.parent, exist_ok=True)
+        with DestLock(layout, module.params['lock_timeout']):
+            self.old_manifest = load_manifest(layout)
+            result, plan, current_root, cache = self._plan_directory(layout)
+            current = layout.current_version()
+            history = [v for v in self.old_manifest.get('history', []) if isinstance(v, str)]
+            if not plan['changed']:
+                if cache.hashed and current:
+                    self._save(layout, current_root, current, history)  # refreshes the md5 cache; not a change
+                return result
+            version = self._build(layout, current_root, plan)
+            aside, warning = swap_in(layout, version)
+            if warning:
+                module.warn(warning)
+            if aside:
+                history = [os.path.basename(aside), *history]
+            elif current:
+                history = [current, *(v for v in history if v != current)]
+            history = prune(layout, version, history, self.keep)
+            self._save(layout, layout.sibling(version), version, history)
+            result['dest'] = layout.sibling(version)
+            return result
+
+    def _plan_directory(self, layout):
+        state = layout.state()
+        current_root = os.path.realpath(layout.dest) if state in ('dir', 'link') else None
+        current = layout.current_version()
+        cache = HashCache()
+        if current and self.old_manifest.get('version') == current:
+            cache = HashCache(self.old_manifest.get('files'), self.old_manifest.get('_written_ns'))
+        local = scan_tree(current_root, self.source.tracked, cache)
+        plan = plan_tree(self.source.tracked, local, self.delete, self.attrs)
+        if self.module.check_mode:
+            self.result['bytes_transferred'] = self.source.sizes(plan['fetch'])
+        result = self.finish(plan, local, current_root or layout.dest, layout.dest, cache, current_root)
+        return result, plan, current_root, cache
+
+    def _build(self, layout, current_root, plan):
+        """The new version, complete and flushed, under its final name beside dest (not yet live)."""
+        source = self.source
+        staging = layout.temp('tmp')
+        os.mkdir(staging, 0o700)
+        try:
+            self.result['bytes_transferred'] = build_version(staging, current_root, source.tracked, plan,
+                                                             self.attrs, source.fetch, self.jobs)
+            fsync_tree(staging)
+            version = layout.version_name(source.md5)
+            os.rename(staging, layout.sibling(version))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return version
+
+    def _save(self, layout, root, version, history):
+        s = self.source
+        save_manifest(layout, dict(repo=s.repo, rev=s.sha, path=s.path, md5=s.md5, version=version,
+                                   history=history, files=manifest_files(root, s.tracked)))
+
+    # -- single files --------------------------------------------------------------------------------------------
+
+    def run_file(self):
+        module, source = self.module, self.source
+        dest = os.path.abspath(module.params['dest'])
+        if os.path.isdir(dest):
+            dest = os.path.join(dest, os.path.basename(source.path))
+        if os.path.isdir(dest):
+            raise SyncError(f'dest {dest} is a directory but path {source.path} is a file: remove it or choose '
+                            'another dest')
+        layout = Layout(dest)
+        error = check_writable_parent(layout)
+        if error:
+            raise SyncError(error)
+        if module.check_mode:
+            self.old_manifest = load_manifest(layout)
+            plan, local, cache = self._plan_file(dest)
+            self.result['bytes_transferred'] = source.sizes(plan['fetch'])
+            return self.finish(plan, local, dest, dest, cache)
+
+        os.makedirs(layout.parent, exist_ok=True)
+        with DestLock(layout, module.params['lock_timeout']):
+            self.old_manifest = load_manifest(layout)
+            plan, local, cache = self._plan_file(dest)
+            result = self.finish(plan, local, dest, dest, cache)
+            item = source.tracked['']
+            if plan['fetch']:
+                self.result['bytes_transferred'] = self._replace_file(layout, item)
+            elif plan['copy']:  # right content, other owner/mode: one chmod/chown is atomic enough
+                st = os.lstat(dest)
+                set_attrs(dest, self.attrs['uid'], self.attrs['gid'], file_mode(item, self.attrs,
+                                                                                stat.S_IMODE(st.st_mode)))
+            if plan['changed'] or cache.hashed:
+                files = manifest_files(layout.parent, {layout.name: item})
+                save_manifest(layout, dict(repo=source.repo, rev=source.sha, path=source.path, md5=source.md5,
+                                           version='file', history=[], files={'': files[layout.name]}))
+            return result
+
+    def _plan_file(self, dest):
+        item = self.source.tracked['']
+        cache = HashCache()
+        if self.old_manifest.get('version') == 'file':
+            cache = HashCache(self.old_manifest.get('files'), self.old_manifest.get('_written_ns'))
+        local = {}
+        try:
+            st = os.lstat(dest)
+        except FileNotFoundError:
+            st = None
+        if st is not None and stat.S_ISREG(st.st_mode):
+            local[''] = dict(kind='file', st=st, md5=cache.md5('', dest, st, item['hash']))
+        elif st is not None:
+            local[''] = dict(kind='other', st=st)
+        plan = plan_tree(self.source.tracked, local, True, self.attrs)
+        if plan['copy'] and attrs_ok(local['']['st'], item, self.attrs):
+            plan['copy'] = []
+        return plan, local, cache
+
+    def _replace_file(self, layout, item):
+        """Download to a temporary file beside dest, verify it, then rename it over dest (atomic)."""
+        source = self.source
+        tmp = layout.temp('tmp')
+        try:
+            source.fetch('', tmp)
+            got = file_md5(tmp, item['hash'])
+            if got != item['md5']:
+                raise SyncError(f"downloaded {source.path} has md5 {got} but DVC records {item['md5']}: the remote "
+                                'holds corrupt data; re-push it from a good copy')
+            set_attrs(tmp, self.attrs['uid'], self.attrs['gid'],
+                      file_mode(item, self.attrs, stat.S_IMODE(os.lstat(tmp).st_mode)))
+            with open(tmp, 'rb') as fobj:
+                os.fsync(fobj.fileno())
+            size = os.path.getsize(tmp)
+            os.rename(tmp, layout.dest)
+            fsync_dir(layout.parent)
+            return size
+        finally:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+
+
+def describe_error(exc, p):
+    """A message for the errors DVC and the filesystem raise, naming the fix."""
+    at = f"{p['repo']} at rev '{p['rev'] or 'default'}'"
+    if isinstance(exc, dvc.scm.RevError):
+        return (f"unknown git revision '{p['rev']}' in {p['repo']}: give a branch, tag or commit sha that exists "
+                f'there ({exc})')
+    if isinstance(exc, dvc.scm.CloneError):
+        return (f"cannot clone {p['repo']}: check the URL and the git credentials of the target host, or give the "
+                f'path of a local checkout ({exc})')
+    if isinstance(exc, dvc.exceptions.NotDvcRepoError):
+        return f"{p['repo']} is not a DVC repository (no .dvc directory): {exc}"
+    if isinstance(exc, dvc.config.RemoteNotFoundError):
+        return (f"DVC remote '{p['remote']}' is not defined in {at}: use a remote name from its .dvc/config, or "
+                f'define it for this run with remote_config: {{url: ...}} ({exc})')
+    if isinstance(exc, dvc.config.NoRemoteError):
+        return (f'{at} has no default DVC remote: give remote (and remote_config with its url if the repository '
+                f'does not define it) ({exc})')
+    if isinstance(exc, dvc.config.ConfigError):
+        return f'invalid DVC remote configuration (remote, remote_config) for {at}: {exc}'
+    if isinstance(exc, PermissionError):
+        return f"dest {p['dest']} is not writable: {exc}; run with become or fix the permissions"
+    if isinstance(exc, (NotADirectoryError, FileExistsError)):
+        return f"dest {p['dest']} cannot be created: {exc}; choose a dest under a directory"
+    if isinstance(exc, dvc.exceptions.DvcException):
+        return f'DVC failed for {at}: {exc}'
+    return f'dvc_sync failed for {at}: {type(exc).__name__}: {exc}'
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            repo=dict(type='str', required=True),
+            rev=dict(type='str'),
+            path=dict(type='str', required=True),
+            dest=dict(type='path', required=True),
+            remote=dict(type='str'),
+            remote_config=dict(type='dict'),
+            delete=dict(type='bool', default=True),
+            keep_versions=dict(type='int', default=1),
+            jobs=dict(type='int', default=4),
+            owner=dict(type='str'),
+            group=dict(type='str'),
+            mode=dict(type='raw'),
+            directory_mode=dict(type='raw'),
+            lock_timeout=dict(type='float', default=300),
+        ),
+        supports_check_mode=True,
+    )
+    if DVC_IMPORT_ERROR:
+        module.fail_json(msg=missing_required_lib('dvc', reason='to read DVC repositories; install it in the Python '
+                                                  'that ansible_python_interpreter points at'),
+                         exception=DVC_IMPORT_ERROR)
+    p = module.params
+    if p['jobs'] < 1:
+        module.fail_json(msg=f"jobs must be at least 1, got {p['jobs']}")
+    if p['keep_versions'] < 0:
+        module.fail_json(msg=f"keep_versions must be 0 or more, got {p['keep_versions']}")
+    if not p['path'].strip('/'):
+        module.fail_json(msg='path must name a DVC-tracked directory or file inside the repository, not its root')
+
+    attrs = wanted_attrs(module)
+
+    source = result = failure = None
+    with stdout_to_stderr():  # one redirect for the whole run: DVC works in threads, redirects do not nest there
+        try:
+            source = Source(module)
+            source.load()
+            sync = Sync(module, source, attrs)
+            result = sync.run_directory() if source.kind == 'directory' else sync.run_file()
+        except SyncError as exc:
+            failure = dict(msg=str(exc))
+        except Exception as exc:
+            failure = dict(msg=describe_error(exc, p), exception=traceback.format_exc())
+        finally:
+            if source is not None:
+                source.close()
+    if failure:
+        module.fail_json(**failure)
+    module.exit_json(**result)
+
+
+if __name__ == '__main__':
+    main()
