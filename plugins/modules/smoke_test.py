@@ -328,6 +328,14 @@ class SmokeTest:
                 "parameters.golden; pass golden: {inputs: [...], outputs: [...]}",
             )
             return None
+        if not isinstance(golden, dict):
+            self.checks.add(
+                "golden_source",
+                False,
+                f"the model metadata {self.url}{path} has parameters.golden = {golden!r}, not the golden example "
+                "itself ({inputs, outputs}); pass golden: {inputs: [...], outputs: [...]}",
+            )
+            return None
         error = check_golden(golden, "parameters.golden")
         if error:
             self.checks.add("golden_source", False, f"model metadata {self.url}{path}: {error}")

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 import pytest
 from ansible_collections.sovereign.mlops.plugins.modules import blue_green_switch
@@ -34,7 +35,15 @@ pytestmark = needs_haproxy
 class Env:
     """haproxy + blue and green backends on loopback high ports, in a short temp dir."""
 
-    def __init__(self, live="blue", file_live=None, blue_healthy=True, green_healthy=True, haproxy_green_port=None):
+    def __init__(
+        self,
+        live="blue",
+        file_live=None,
+        blue_healthy=True,
+        green_healthy=True,
+        haproxy_green_port=None,
+        master_worker=False,
+    ):
         self.dir = tempfile.mkdtemp(prefix="bgs-", dir="/tmp")
         self.blue = Backend("blue", healthy=blue_healthy).start()
         self.green = Backend("green", healthy=green_healthy).start()
@@ -48,7 +57,7 @@ class Env:
             handle.write(render_haproxy_cfg(values))
         self.admin_socket = values["traffic_switch_admin_socket"]
         self.write_map(live)
-        self.haproxy = HAProxy(self.cfg, self.admin_socket)
+        self.haproxy = HAProxy(self.cfg, self.admin_socket, master_worker=master_worker)
         self.haproxy.start()
         if file_live is not None:
             self.write_map(file_live)  # the file says something else than the running HAProxy
@@ -518,3 +527,90 @@ def test_haproxy_not_running(make_env, capsys):
     assert result["failed"] is True
     assert env.admin_socket in result["msg"]
     assert "HAProxy is not running" in result["msg"] or "nobody" in result["msg"]
+
+
+def test_hitless_reload_keeps_switched_color(make_env, capsys):
+    """A reload (topology change) re-reads the map file: the color the module persisted stays live."""
+    env = make_env(master_worker=True)
+    _wait_up(env)
+    assert run_module(blue_green_switch.main, env.args("green"), capsys)["changed"] is True
+    env.haproxy.reload()
+    assert env.runtime_color() == "green"
+    _wait_up(env)
+    assert env.frontend_get("/")[1] == "green"
+
+
+class LoadClient(threading.Thread):
+    """Keep-alive GETs through the frontend until stopped; counts answers per color and failures."""
+
+    def __init__(self, port):
+        super().__init__(daemon=True)
+        self.port = port
+        self.stop = threading.Event()
+        self.colors = {}
+        self.failures = []
+
+    def run(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        while not self.stop.is_set():
+            try:
+                conn.request("GET", "/v2/models/m/ready")
+                resp = conn.getresponse()
+                resp.read()
+            except (OSError, http.client.HTTPException) as exc:
+                self.failures.append(repr(exc))
+                conn.close()
+                continue
+            if resp.status != 200:
+                self.failures.append(resp.status)
+            color = resp.getheader("X-Sovereign-Color")
+            self.colors[color] = self.colors.get(color, 0) + 1
+        conn.close()
+
+
+def test_no_failed_request_while_switching_under_load(make_env, capsys):
+    env = make_env()
+    _wait_up(env)
+    clients = [LoadClient(env.frontend_port) for _client in range(3)]
+    for client in clients:
+        client.start()
+    try:
+        for color in ("green", "blue", "green", "blue"):
+            result = run_module(blue_green_switch.main, env.args(color, confirm_requests=2), capsys)
+            assert result["changed"] is True and result["drained"] is True, result
+    finally:
+        for client in clients:
+            client.stop.set()
+        for client in clients:
+            client.join(10)
+    assert [c.failures for c in clients] == [[], [], []]
+    assert all(set(c.colors) <= {"blue", "green"} for c in clients)
+    assert sum(c.colors.get("green", 0) for c in clients) > 0
+
+
+def test_no_failed_request_across_reloads_under_load(make_env, capsys):
+    """Reloads are for topology changes; keep-alive clients must not see errors across them either."""
+    env = make_env(master_worker=True)
+    _wait_up(env)
+    clients = [LoadClient(env.frontend_port) for _client in range(3)]
+    for client in clients:
+        client.start()
+    try:
+        assert run_module(blue_green_switch.main, env.args("green", confirm_requests=2), capsys)["changed"] is True
+        for _reload in range(3):
+            env.haproxy.reload()
+            env.haproxy.wait_status("green", "UP")
+            # Let every client send on its (possibly old-worker) connection before the next reload.
+            counts = [sum(c.colors.values()) for c in clients]
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and any(
+                sum(c.colors.values()) < n + 5 for c, n in zip(clients, counts, strict=True)
+            ):
+                time.sleep(0.01)
+    finally:
+        for client in clients:
+            client.stop.set()
+        for client in clients:
+            client.join(10)
+    assert [c.failures for c in clients] == [[], [], []]
+    assert env.runtime_color() == "green"

@@ -55,6 +55,13 @@ CASES = [
         checks=dict(golden_source=False),
     ),
     dict(
+        id="metadata-golden-is-a-label",
+        mode="metadata_golden_label",
+        args=dict(GENEROUS),
+        failed=True,
+        msg="has parameters.golden = '/models/double/golden.json', not the golden example itself",
+    ),
+    dict(
         id="golden-without-outputs-skips-compare",
         mode="golden_mismatch",
         args=dict(golden={"inputs": GOLDEN["inputs"]}, **GENEROUS),

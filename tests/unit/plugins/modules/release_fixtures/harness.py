@@ -17,8 +17,10 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 
@@ -46,6 +48,7 @@ def template_vars(tmp, frontend_port, stats_port, colors, **overrides):
         traffic_switch_user=None,
         traffic_switch_group=None,
         traffic_switch_maxconn=256,
+        traffic_switch_hard_stop_after="30s",
         traffic_switch_admin_socket=str(tmp / "admin.sock"),
         traffic_switch_admin_socket_mode="660",
         traffic_switch_frontend_bind="127.0.0.1",
@@ -98,37 +101,85 @@ def admin_command(path, cmd, timeout=5.0):
 
 
 class HAProxy:
-    """A foreground haproxy on a rendered config; ``stop()`` kills it (it is also a context manager)."""
+    """A foreground haproxy on a rendered config; ``stop()`` ends it (it is also a context manager).
 
-    def __init__(self, cfg_path, admin_socket):
+    ``master_worker=True`` runs it like Debian's systemd unit does (``-W``, master-worker), so that
+    :meth:`reload` (SIGUSR2 to the master) is the same hitless reload as ``systemctl reload haproxy``.
+    """
+
+    def __init__(self, cfg_path, admin_socket, master_worker=False):
         self.cfg_path = str(cfg_path)
         self.admin_socket = str(admin_socket)
+        self.master_worker = master_worker
         self.proc = None
+        self.log = None
 
     def check_config(self):
         return subprocess.run([HAPROXY, "-c", "-f", self.cfg_path], capture_output=True, text=True, check=False)
 
-    def start(self):
-        self.proc = subprocess.Popen(
-            [HAPROXY, "-db", "-f", self.cfg_path], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        deadline = time.monotonic() + 10
+    def worker_pid(self):
+        for line in admin_command(self.admin_socket, "show info").splitlines():
+            if line.startswith("Pid:"):
+                return int(line.split(":", 1)[1])
+        return None
+
+    def _wait_socket(self, not_pid=None, timeout=10.0):
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"haproxy exited: {self.proc.stderr.read().decode()}")
+                self.log.seek(0)
+                raise RuntimeError(f"haproxy exited: {self.log.read().decode()}")
             try:
-                admin_command(self.admin_socket, "show info")
-                return self
+                if self.worker_pid() not in (None, not_pid):
+                    return self
             except OSError:
-                time.sleep(0.02)
-        raise RuntimeError(f"haproxy admin socket {self.admin_socket} did not come up")
+                pass
+            time.sleep(0.02)
+        self.log.seek(0)
+        raise TimeoutError(
+            f"haproxy admin socket {self.admin_socket} did not come up with a worker other than {not_pid}: "
+            f"{self.log.read().decode()[-2000:]}"
+        )
+
+    def start(self):
+        # An anonymous temp file, not a pipe: haproxy must never block on a full stderr pipe.
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
+        args = (
+            [HAPROXY, "-W", "-db", "-f", self.cfg_path] if self.master_worker else [HAPROXY, "-db", "-f", self.cfg_path]
+        )
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self.log)
+        return self._wait_socket()
+
+    def reload(self):
+        """Hitless reload (master-worker only): returns once a new worker answers on the admin socket."""
+        assert self.master_worker, "reload needs master_worker=True"
+        old = self.worker_pid()
+        # The master re-executes itself on every reload; a SIGUSR2 that lands while it is doing so is lost,
+        # so a reload that did not happen is asked for again.
+        for attempt in range(10):
+            self.proc.send_signal(signal.SIGUSR2)
+            try:
+                return self._wait_socket(not_pid=old, timeout=0.5)
+            except TimeoutError:
+                if attempt == 9:
+                    raise
+        return self
 
     def stop(self):
         if self.proc is not None:
-            self.proc.kill()
+            if self.master_worker:
+                self.proc.terminate()  # the master stops its workers
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+            else:
+                self.proc.kill()
             self.proc.wait()
-            self.proc.stderr.close()
             self.proc = None
+        if self.log is not None:
+            self.log.close()
+            self.log = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.admin_socket)
 
@@ -325,7 +376,9 @@ class _OIPHandler(_Handler):
                 "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
                 "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}],
             }
-            if server.mode == "metadata_json_string":
+            if server.mode == "metadata_golden_label":  # what a runtime may say instead of the example
+                meta["parameters"] = {"golden": "/models/double/golden.json"}
+            elif server.mode == "metadata_json_string":
                 meta["parameters"] = {"golden": json.dumps(server.golden)}
             elif server.mode != "no_golden_metadata":
                 meta["parameters"] = {"golden": server.golden}
