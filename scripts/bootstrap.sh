@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
+# pip warns about every absent local index a machine's pip.conf may name; keep real errors only.
+quiet_pip() { "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
 say() { printf '==> %s\n' "$*"; }
 die() { printf 'bootstrap: %s\n' "$*" >&2; exit 1; }
 
@@ -43,17 +45,17 @@ if [ -f .venv/.stamp ] && [ "$(cat .venv/.stamp)" = "$venv_stamp" ]; then
 else
   say "creating .venv (pinned by requirements/constraints.txt)"
   "$PYTHON" -m venv .venv
-  .venv/bin/pip install -q --upgrade pip
+  quiet_pip .venv/bin/pip install -q --upgrade pip
   # torch first, pinned: an unpinned torch would pull several GB of CUDA wheels. Its CPU build
   # comes from a local wheel directory where the machine has one, else from PyTorch's CPU index.
   torch_source=(--extra-index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}")
   if compgen -G "${TORCH_FIND_LINKS:-/opt/wheels}/torch-*.whl" >/dev/null; then
     torch_source=(--find-links "${TORCH_FIND_LINKS:-/opt/wheels}")
   fi
-  .venv/bin/pip install -q -c requirements/constraints.txt "${torch_source[@]}" torch
-  .venv/bin/pip install -q -c requirements/constraints.txt -r requirements/dev.in
+  quiet_pip .venv/bin/pip install -q -c requirements/constraints.txt "${torch_source[@]}" torch
+  quiet_pip .venv/bin/pip install -q -c requirements/constraints.txt -r requirements/dev.in
   if [ -f runtime/pyproject.toml ]; then
-    .venv/bin/pip install -q -c requirements/constraints.txt --no-deps -e runtime
+    quiet_pip .venv/bin/pip install -q -c requirements/constraints.txt --no-deps -e runtime
   fi
   echo "$venv_stamp" > .venv/.stamp
 fi
@@ -64,6 +66,6 @@ bash scripts/build-base-image.sh
 
 # 5. Wheelhouse: what hosts install with pip, built on the controller, installed offline --------
 say "wheelhouse"
-.venv/bin/python scripts/wheelhouse.py
+quiet_pip .venv/bin/python scripts/wheelhouse.py
 
 say "bootstrap done"
