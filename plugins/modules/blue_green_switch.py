@@ -9,7 +9,7 @@ DOCUMENTATION = r"""
 module: blue_green_switch
 short_description: Make a color live on a host's HAProxy traffic switch
 version_added: 0.1.0
-author: sovereign.mlops maintainers
+author: sovereign.mlops maintainers (!UNKNOWN)
 description:
   - Flips the live color (C(blue) or C(green)) of one inference host's HAProxy traffic switch, as templated by
     the C(sovereign.mlops.traffic_switch) role (see docs/adr/0201-traffic-switch-haproxy-map.md).
@@ -110,11 +110,13 @@ options:
     default: 5
 attributes:
   check_mode:
+    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details:
       - In check mode the module reads the live color, runs the direct and HAProxy health checks (and fails like
         a real run would), and reports whether it would switch. It changes nothing and takes no lock.
   diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: full
     details:
       - The diff shows the map file before and after (the live-color entry).
@@ -122,7 +124,7 @@ notes:
   - The HAProxy configuration must follow the C(traffic_switch) role's template, which is the contract of this
     module, in particular backend C(be_<color>) holding one server named C(<color>), the
     C(X-Sovereign-Color) response header and C(use_backend be_%[str(live),map(<map_file>,<default>)]).
-  - Needs write access to the admin socket, O(map_file) and O(lock_path); usually C(become: true).
+  - "Needs write access to the admin socket, O(map_file) and O(lock_path); usually C(become: true)."
 seealso:
   - module: sovereign.mlops.smoke_test
 """
@@ -494,9 +496,10 @@ class Switch:
             self.result["drained"] = drained
             self.result["drain_seconds"] = round(seconds, 3)
             if not drained and left >= 0:
+                timeout = p["drain_timeout"]
                 module.warn(
-                    "{} still had {} session(s) after drain_timeout={}s; they continue on {}, which keeps "
-                    "running as a warm standby.".format(runtime_color, left, p["drain_timeout"], runtime_color)
+                    f"{runtime_color} still had {left} session(s) after drain_timeout={timeout}s; they continue on "
+                    f"{runtime_color}, which keeps running as a warm standby."
                 )
         module.exit_json(**self.result)
 

@@ -9,7 +9,7 @@ DOCUMENTATION = r"""
 module: smoke_test
 short_description: Smoke-test an Open Inference Protocol (v2) model endpoint
 version_added: 0.1.0
-author: sovereign.mlops maintainers
+author: sovereign.mlops maintainers (!UNKNOWN)
 description:
   - Sends O(requests) inference requests (C(POST {url}/v2/models/{model_name}/infer)) to one runtime, usually a
     color's own port (not the traffic switch), and checks, in this order
@@ -100,10 +100,12 @@ options:
     default: {}
 attributes:
   check_mode:
+    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details:
       - The module only sends read-only requests, so it runs normally in check mode and reports the same result.
   diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: none
 notes:
   - The inference requests are real requests to the runtime; inference must be free of side effects (OIP
