@@ -491,7 +491,7 @@ class Switch:
                     )
                 )
 
-        if runtime_color in self.colors and runtime_color != self.color:
+        if runtime_color is not None and runtime_color != self.color:
             drained, seconds, left = self.drain(runtime_color)
             self.result["drained"] = drained
             self.result["drain_seconds"] = round(seconds, 3)
