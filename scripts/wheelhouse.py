@@ -19,9 +19,10 @@ INPUTS = [ROOT / "requirements" / "hosts.in", ROOT / "requirements" / "constrain
 def inputs_digest() -> str:
     digest = hashlib.sha256()
     runtime = ROOT / "runtime"
-    sources = sorted(p for p in runtime.rglob("*") if p.is_file() and "egg-info" not in str(p)) if runtime.is_dir() else []
+    sources = sorted(runtime.rglob("*")) if runtime.is_dir() else []
     for path in INPUTS + sources:
-        if path.exists() and "__pycache__" not in path.parts:
+        skip = "__pycache__" in path.parts or any(part.endswith(".egg-info") for part in path.parts)
+        if path.is_file() and not skip:
             digest.update(str(path.relative_to(ROOT)).encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
@@ -38,8 +39,7 @@ def main() -> int:
         print(f"wheelhouse {WHEELHOUSE.relative_to(ROOT)}: up to date")
         return 0
     WHEELHOUSE.mkdir(parents=True, exist_ok=True)
-    pip("download", "-q", "--only-binary=:all:", "-d", str(WHEELHOUSE),
-        "-c", str(INPUTS[1]), "-r", str(INPUTS[0]))
+    pip("download", "-q", "--only-binary=:all:", "-d", str(WHEELHOUSE), "-c", str(INPUTS[1]), "-r", str(INPUTS[0]))
     if (ROOT / "runtime" / "pyproject.toml").exists():
         pip("wheel", "-q", "--no-deps", "-w", str(WHEELHOUSE), str(ROOT / "runtime"))
     stamp.write_text(digest + "\n")
