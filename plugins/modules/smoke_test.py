@@ -69,7 +69,8 @@ options:
     type: float
   atol:
     description:
-      - Absolute tolerance of the golden comparison. Defaults to the golden example's own C(atol), else V(1e-6).
+      - Absolute tolerance of the golden comparison. Defaults to the golden example's own C(atol), else V(1e-5)
+        (the runtime's own readiness check uses the same defaults).
     type: float
   max_p99_ms:
     description:
@@ -213,7 +214,7 @@ from ansible_collections.sovereign.mlops.plugins.module_utils._oip import (
 )
 
 DEFAULT_RTOL = 1e-4
-DEFAULT_ATOL = 1e-6
+DEFAULT_ATOL = 1e-5
 # Stop sending after this many consecutive transport failures (the runtime is gone).
 MAX_CONSECUTIVE_TRANSPORT_FAILURES = 3
 
