@@ -9,7 +9,7 @@ DOCUMENTATION = r"""
 module: dvc_sync
 short_description: Make a host path equal to a DVC-tracked dataset at a git revision
 version_added: 0.1.0
-author: sovereign.mlops maintainers
+author: sovereign.mlops maintainers (!UNKNOWN)
 description:
   - Makes O(dest) on the target host hold exactly what a DVC-tracked O(path) of the DVC repository O(repo) holds
     at the git revision O(rev), downloading from the DVC remote with DVC's own Python API
@@ -112,6 +112,7 @@ options:
     default: 300
 attributes:
   check_mode:
+    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details:
       - In check mode the module lists the tracked version, compares it with O(dest) and reports what would be
@@ -119,6 +120,7 @@ attributes:
         asked from the remote, so data missing on the remote is reported as an error, as a real run would). It
         writes nothing, on O(dest) or beside it, and takes no lock.
   diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: full
     details:
       - The diff shows the data version and, for each file added, updated or removed, its path and md5 before and
@@ -135,6 +137,9 @@ notes:
   - Readers that need a whole dataset must resolve O(dest) once and read below the result
     (C(os.path.realpath(dest)), C(cd dest && ...) with C(pwd -P), or a directory file descriptor); every
     separate lookup through the symlink may see a newer version after a swap.
+  - A version is removed O(keep_versions) swaps after it stopped being live (renamed away, then deleted). A
+    reader still inside it then can miss files, so keep O(keep_versions) at 1 or more when readers may take
+    longer than the time between two syncs.
   - O(mode), O(owner) and O(group) changes never modify the live version either; files whose attributes differ
     are copied into the new version.
 seealso:
@@ -333,6 +338,7 @@ class Source:
         if p['remote_config']:
             kwargs['remote_config'] = p['remote_config']
         self.fs = dvc.api.DVCFileSystem(self.repo, **kwargs)
+        self.datafs = None
         self.sha = None
         self.kind = None
         self.md5 = None
@@ -353,6 +359,9 @@ class Source:
         """List the tracked files with their md5; raises SyncError with a message for the user."""
         fs = self.fs
         self.sha = fs.repo.get_rev()
+        # Downloads go straight to the repository's DataFileSystem (as DVCFileSystem.get does for DVC-tracked
+        # files), which DVC itself uses from many threads; DVCFileSystem.get_file would first probe git.
+        self.datafs = fs.repo.datafs
         at = f"{self.repo} at {self.requested_rev or 'the default revision'}"
         try:
             info = fs.info(self.path)
@@ -398,7 +407,7 @@ class Source:
 
     def fetch(self, rel, local_path):
         try:
-            self.fs.get_file(self.rpath(rel), local_path)
+            self.datafs.get_file(self.rpath(rel), local_path)
         except FileNotFoundError:
             raise self.missing(rel) from None
 

@@ -17,6 +17,7 @@ temp dir, so nothing leaks into /var/tmp/dvc, ~/.config/dvc or /tmp.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -166,11 +167,19 @@ def snapshot(path):
         with open(real, 'rb') as fobj:
             return real, {'': (md5(fobj.read()), os.stat(real).st_ino)}
     files = {}
-    for dirpath, _dirs, names in os.walk(real):
+
+    def fail(exc):  # os.walk skips unreadable directories silently
+        raise exc
+
+    for dirpath, _dirs, names in os.walk(real, onerror=fail):
         for name in names:
             full = os.path.join(dirpath, name)
             with open(full, 'rb') as fobj:
                 files[os.path.relpath(full, real)] = (md5(fobj.read()), os.stat(full).st_ino)
+    # dvc_sync removes an old version by renaming it away first, then deleting it. A directory opened just before
+    # the rename reads as empty once deleted (no error), so a read is complete only if the version is still there.
+    if not os.path.isdir(real):
+        raise FileNotFoundError(errno.ENOENT, 'the version was removed while it was read', real)
     return real, files
 
 
