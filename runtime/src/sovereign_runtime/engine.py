@@ -46,6 +46,7 @@ from .protocol import (
 )
 
 perf_counter = time.perf_counter
+get_running_loop = asyncio.get_running_loop
 
 LOADING, READY, FAILED, DRAINING = "loading", "ready", "failed", "draining"
 RETRY_AFTER = [(b"retry-after", b"1")]
@@ -99,7 +100,6 @@ class Engine:
         self._flush_handle: asyncio.Handle | None = None
         self._flush_is_timer = False
         self._last_batch = 1
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._module: Any = None
         self._cuda = False
         self._resp_prefix = b""
@@ -315,8 +315,9 @@ class Engine:
             if now > deadline:
                 result: Any = _TIMEOUT
             elif self.batching:
-                item = _Item(req.tensors, req.rows, self._loop.create_future(), now, deadline)  # type: ignore[union-attr]
-                self._enqueue(item)
+                loop = get_running_loop()
+                item = _Item(req.tensors, req.rows, loop.create_future(), now, deadline)
+                self._enqueue(item, loop)
                 try:
                     result = await item.fut
                 finally:
@@ -340,12 +341,10 @@ class Engine:
             return 504, error_body(f"timed out after {self.timeout:g}s waiting for compute"), None
         return result.status, error_body(result.message), None
 
-    def _enqueue(self, item: _Item) -> None:
+    def _enqueue(self, item: _Item, loop: asyncio.AbstractEventLoop) -> None:
         self._queue.append(item)
         self._queued_rows += item.rows
         handle = self._flush_handle
-        loop = self._loop
-        assert loop is not None
         if handle is None:
             if self.delay and self._last_batch > 1 and self._queued_rows < self.max_batch:
                 self._flush_handle = loop.call_later(self.delay, self._flush)
@@ -430,9 +429,6 @@ class Engine:
                 "golden": self.golden_report.get("golden", "absent"),
             },
         }
-
-    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
 
 
 def freeze_heap() -> None:

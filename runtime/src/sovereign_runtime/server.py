@@ -95,7 +95,6 @@ def build(cfg: Settings) -> tuple[RuntimeServer, App, Engine]:
 
     async def on_startup() -> None:
         loop = asyncio.get_running_loop()
-        engine.bind_loop(loop)
         log_event(
             "starting",
             model_uri=cfg.model_uri,

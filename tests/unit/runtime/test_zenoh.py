@@ -1,0 +1,67 @@
+"""The optional Zenoh queryable, for real: eclipse-zenoh sessions in peer mode on loopback (no zenohd router:
+none is obtainable here; the runtime's session listens on a TCP port and the querier connects to it)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import torch
+from conftest import IN, OUT, free_port, infer_body, make_engine
+from sovereign_runtime.zenoh_bridge import ZenohBridge, zenoh_config
+
+
+def test_zenoh_queryable_answers_inference(loaded, models):
+    import zenoh
+
+    port = free_port()
+    engine = make_engine(
+        loaded["mlflow_pt2"], zenoh_key_expr="sovereign/test/infer", zenoh_listen=f"tcp/127.0.0.1:{port}"
+    )
+    x = torch.randn(3, IN)
+
+    def query(session, payload: bytes):
+        replies = list(session.get("sovereign/test/infer", payload=payload, timeout=10))
+        assert len(replies) == 1
+        reply = replies[0]
+        if reply.ok is not None:
+            return "ok", json.loads(reply.ok.payload.to_bytes())
+        return "err", json.loads(reply.err.payload.to_bytes())
+
+    async def go():
+        bridge = ZenohBridge(engine, engine.cfg)
+        bridge.start(asyncio.get_running_loop())
+        client_cfg = zenoh_config(engine.cfg)  # same mode; connect instead of listen
+        client_cfg.insert_json5("listen/endpoints", "[]")
+        client_cfg.insert_json5("connect/endpoints", json.dumps([f"tcp/127.0.0.1:{port}"]))
+        session = await asyncio.to_thread(zenoh.open, client_cfg)
+        try:
+            good = None
+            for _ in range(50):  # the peers need a moment to exchange declarations
+                replies = await asyncio.to_thread(
+                    lambda: list(session.get("sovereign/test/infer", payload=infer_body(x), timeout=2))
+                )
+                if replies:
+                    good = ("ok", json.loads(replies[0].ok.payload.to_bytes())) if replies[0].ok else ("err", None)
+                    break
+                await asyncio.sleep(0.1)
+            bad = await asyncio.to_thread(query, session, b'{"inputs": [{"name": "input__0"}]}')
+            junk = await asyncio.to_thread(query, session, b"\x00not json")
+            bridge.withdraw()  # what SIGTERM does: no more answers from this color
+            gone = await asyncio.to_thread(
+                lambda: list(session.get("sovereign/test/infer", payload=infer_body(x), timeout=1))
+            )
+        finally:
+            session.close()
+            await bridge.stop()
+        return good, bad, junk, gone
+
+    good, bad, junk, gone = asyncio.run(go())
+    assert good is not None and good[0] == "ok"
+    (out,) = good[1]["outputs"]
+    assert out["shape"] == [3, OUT]
+    assert torch.allclose(torch.tensor(out["data"]).reshape(3, OUT), models.expected(x), atol=1e-6)
+    assert bad[0] == "err" and bad[1]["status"] == 400 and "datatype" in bad[1]["error"]
+    assert junk[0] == "err" and junk[1]["status"] == 400 and "not valid JSON" in junk[1]["error"]
+    assert gone == []
+    assert engine.metrics.requests[("zenoh_infer", 200)] >= 1
