@@ -10,6 +10,7 @@ to DVC unchanged, so only DVC's own transport differs there.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 import shutil
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.filterwarnings('ignore:_NoneStep.value:DeprecationWarni
 
 from ansible_collections.sovereign.mlops.plugins.module_utils import _dvc_sync as utils  # noqa: E402
 from ansible_collections.sovereign.mlops.plugins.modules import dvc_sync  # noqa: E402
-from dvc_fixtures.dvc_repo import (  # noqa: E402
+from ansible_collections.sovereign.mlops.tests.unit.plugins.modules.dvc_fixtures.dvc_repo import (  # noqa: E402
     V1,
     V2,
     build_repo,
@@ -269,6 +270,21 @@ def test_versions_beside_dest_are_pruned(env, tmp_path):
     assert not failed and result['changed']
     assert [n for n in beside(dest) if re.match(r'^\.ds\.[0-9a-f]{12}-[0-9a-f]{8}$', n)] == \
         [os.path.basename(os.path.realpath(dest))]
+
+
+def test_leftovers_of_an_interrupted_run_are_removed_and_a_held_lock_is_respected(env, tmp_path):
+    dest = str(tmp_path / 'ds')
+    assert not sync(env, dest, rev='v1')[0]
+    os.makedirs(tmp_path / '.ds.tmp-deadbeef' / 'half')  # a staging directory a killed run left behind
+    os.symlink('.ds.whatever', tmp_path / '.ds.lnk-0badc0de')
+    before = snapshot(dest)
+    with open(tmp_path / '.ds.dvc-sync.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        failed, result = sync(env, dest, rev='v2', lock_timeout=0.3)
+    assert failed and 'another dvc_sync of' in result['msg'] and snapshot(dest) == before
+    failed, result = sync(env, dest, rev='v2')
+    assert not failed and result['changed'] and md5s(dest) == tree(V2)
+    assert not os.path.lexists(tmp_path / '.ds.tmp-deadbeef') and not os.path.lexists(tmp_path / '.ds.lnk-0badc0de')
 
 
 def test_manifest_cache_skips_rehashing_but_never_trusts_mtime_alone(env, tmp_path):
