@@ -176,6 +176,7 @@ def drive(host, port, payload, concurrency, warmup, duration, pin, max_requests=
         return lat[min(len(lat) - 1, int(q * len(lat)))] / 1e6
 
     return {
+        "loadavg_1m": os.getloadavg()[0],  # other work on the machine during the run
         "concurrency": concurrency,
         "requests": len(lat),
         "errors": sum(r["errors"] for r in out),
@@ -266,6 +267,27 @@ def sovereign(model_dir: Path, port: int, pin: bool, log: Path, *extra: str) -> 
     return proc
 
 
+def batch_counters(port: int) -> tuple[float, float]:
+    """(forwards, rows) so far, from the server's own metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    vals = {}
+    for line in text.splitlines():
+        for key in ("sovereign_runtime_batch_size_count", "sovereign_runtime_batch_size_sum"):
+            if line.startswith(key):
+                vals[key] = float(line.rsplit(" ", 1)[1])
+    return vals.get("sovereign_runtime_batch_size_count", 0.0), vals.get("sovereign_runtime_batch_size_sum", 0.0)
+
+
+def run_sovereign(port: int, body: bytes, c: int, args: argparse.Namespace) -> dict:
+    before = batch_counters(port)
+    r = drive("127.0.0.1", port, _request("127.0.0.1", port, "/v2/models/m/infer", body), c, args.warmup, args.duration,
+              args.pin)  # fmt: skip
+    after = batch_counters(port)
+    forwards = after[0] - before[0]
+    r["mean_batch_rows"] = (after[1] - before[1]) / forwards if forwards else 0.0
+    return r
+
+
 def oip_body(width: int) -> bytes:
     data = [round(0.01 * (i % 100), 2) for i in range(width)]
     return json.dumps(
@@ -287,7 +309,7 @@ def mlflow_bodies(width: int) -> dict[str, bytes]:
 def fmt(r: dict) -> str:
     return (
         f"c={r['concurrency']:<3} {r['rps']:>9,.0f} req/s  p50 {r['p50_ms']:7.3f} ms  p99 {r['p99_ms']:7.3f} ms  "
-        f"p99.9 {r['p999_ms']:7.3f} ms  n={r['requests']:,} errors={r['errors']}"
+        f"p99.9 {r['p999_ms']:7.3f} ms  n={r['requests']:,} errors={r['errors']} load {r['loadavg_1m']:.1f}"
     )
 
 
@@ -312,15 +334,16 @@ def main() -> int:
         if args.heavy:
             for label, extra in (
                 ("batching on (max 16)", ["--max-batch-size", "16"]),
+                ("batching on +2ms delay", ["--max-batch-size", "16", "--max-batch-delay-ms", "2"]),
                 ("batching off", ["--max-batch-size", "1"]),
             ):
                 port = free_port()
                 proc = sovereign(model_dir, port, args.pin, work / "sovereign.log", *extra)
                 try:
                     for c in (1, 16):
-                        r = run(port, oip_body(width), c, "/v2/models/m/infer")
+                        r = run_sovereign(port, oip_body(width), c, args)
                         results[f"sovereign {label} c={c}"] = r
-                        print(f"sovereign {label:22} {fmt(r)}", flush=True)
+                        print(f"sovereign {label:22} {fmt(r)} batch {r['mean_batch_rows']:.1f}", flush=True)
                 finally:
                     stop(proc)
             on, off = results["sovereign batching on (max 16) c=16"], results["sovereign batching off c=16"]
@@ -355,9 +378,9 @@ def main() -> int:
                 proc = sovereign(model_dir, port, args.pin, work / "sovereign.log", *extra)
                 try:
                     for c in (1, 16) if not extra else (1,):
-                        r = run(port, oip_body(width), c, "/v2/models/m/infer")
+                        r = run_sovereign(port, oip_body(width), c, args)
                         results[f"sovereign{label} c={c}"] = r
-                        print(f"sovereign{label} {fmt(r)}", flush=True)
+                        print(f"sovereign{label} {fmt(r)} batch {r['mean_batch_rows']:.1f}", flush=True)
                 finally:
                     stop(proc)
             m1, m16, s1, s16 = (results[k] for k in ("mlflow c=1", "mlflow c=16", "sovereign c=1", "sovereign c=16"))

@@ -107,7 +107,7 @@ def env_defaults(flags: Sequence[Flag], environ: dict[str, str]) -> dict[str, An
     out = {}
     for flag in flags:
         raw = environ.get(flag.env)
-        if raw is None:
+        if raw is None or (raw == "" and flag.default is None):  # FOO= in an EnvironmentFile: unset
             continue
         try:
             if flag.type is None:

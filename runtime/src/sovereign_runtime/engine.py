@@ -5,11 +5,11 @@ Execution model (see docs/adr/0101-runtime-serving-design.md):
 * Everything on the hot path runs on the event loop thread, the forward pass included. Handing a
   ~20 us forward to a worker thread costs more (GIL hand-offs, wake-ups) than it saves.
 * Batching off (``max_batch_size`` 0 or 1): each request runs its forward inline, in its handler.
-* Batching on: a request joins a queue and a flush is scheduled with ``call_soon``; the flush runs after
-  every request already parsed in this loop iteration has joined, so requests that arrive together
-  share one forward, and a lone request costs one extra loop hop (a few us), not a timer. The
-  optional ``max_batch_delay_ms`` wait applies only when the previous batch held more than one request
-  (there is concurrency); a lone client never waits for a batch to fill.
+* Batching on, and the request is alone (no other request parsed, nothing queued): inline, exactly as
+  with batching off. Otherwise it joins a queue and a flush is scheduled with ``call_soon``; the flush
+  runs after every request already parsed in this loop iteration has joined, so requests that arrive
+  together share one forward. The optional ``max_batch_delay_ms`` wait applies only when the previous
+  batch held more than one request (there is concurrency); a lone client never waits for a batch.
 * Admission is bounded: more than ``max_queue_size`` admitted, unanswered-for requests -> 503 with
   Retry-After. A request still waiting for compute after ``request_timeout_s`` -> 504 (a forward in
   progress is not interrupted).
@@ -23,6 +23,7 @@ import logging
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +101,10 @@ class Engine:
         self._flush_handle: asyncio.Handle | None = None
         self._flush_is_timer = False
         self._last_batch = 1
+        # How many requests the server is handling right now, this one included (the server wires it to
+        # uvicorn's set of request tasks, which holds a request from the moment its headers are parsed).
+        # 1 with an empty queue = alone: run inline, skipping the batching hop. None = unknown: batch.
+        self.busy: Callable[[], int] | None = None
         self._module: Any = None
         self._cuda = False
         self._resp_prefix = b""
@@ -314,7 +319,7 @@ class Engine:
             now = perf_counter()
             if now > deadline:
                 result: Any = _TIMEOUT
-            elif self.batching:
+            elif self.batching and (self._queue or self._flush_handle or self.busy is None or self.busy() > 1):
                 loop = get_running_loop()
                 item = _Item(req.tensors, req.rows, loop.create_future(), now, deadline)
                 self._enqueue(item, loop)

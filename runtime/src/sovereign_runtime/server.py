@@ -168,10 +168,13 @@ def build(cfg: Settings) -> tuple[RuntimeServer, App, Engine]:
         timeout_graceful_shutdown=cfg.drain_timeout_s,
         timeout_keep_alive=75,  # longer than HAProxy's default http-keep-alive, so the proxy closes first
         backlog=4096,
+        proxy_headers=False,  # no use for X-Forwarded-*; saves a middleware hop per request
         server_header=False,
         date_header=False,
     )
     server = RuntimeServer(config, engine, cfg)
+    tasks = server.server_state.tasks  # one per HTTP request being handled
+    engine.busy = tasks.__len__
     return server, app, engine
 
 

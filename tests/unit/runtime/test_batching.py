@@ -153,3 +153,16 @@ def test_one_failing_request_does_not_fail_its_batch(models, client_for, tmp_pat
     assert bad.status == 400 and "values above 100" in bad.json()["error"]
     assert torch.allclose(rows_of(ok1), models.expected(xs[0]), atol=1e-6)
     assert rows_of(ok2).shape == (2, OUT)
+
+
+@pytest.mark.parametrize(("busy", "queued"), [(1, False), (3, True), (None, True)])
+def test_lone_request_skips_the_queue(loaded, client_for, busy, queued):
+    """In the server, engine.busy counts the HTTP requests being handled: alone (1), a request runs
+    inline exactly as with batching off; with company (or unknown), it goes through the batch queue."""
+    engine = make_engine(loaded["mlflow_pt2"], max_batch_size=16)
+    engine.busy = (lambda: busy) if busy else None
+    used = []
+    real = engine._enqueue
+    engine._enqueue = lambda item, loop: (used.append(item), real(item, loop))
+    resp = asyncio.run(client_for(engine).post(INFER, infer_body(torch.zeros(1, IN))))
+    assert resp.status == 200 and bool(used) is queued

@@ -116,6 +116,7 @@ ENV_CASES = [
     ({"SOVEREIGN_RUNTIME_ZENOH_KEY_EXPR": "sovereign/infer/blue"}, [], "zenoh_key_expr", "sovereign/infer/blue"),
     ({"MLFLOW_TRACKING_URI": "http://mlflow:5000"}, [], "tracking_uri", "http://mlflow:5000"),
     ({"MLFLOW_TRACKING_URI": "http://a", "SOVEREIGN_RUNTIME_TRACKING_URI": "http://b"}, [], "tracking_uri", "http://b"),
+    ({"SOVEREIGN_RUNTIME_GOLDEN_FILE": ""}, [], "golden_file", None),
     ({}, [], "max_batch_size", 16),
     ({}, [], "request_timeout_s", 30.0),
 ]
