@@ -1,0 +1,237 @@
+"""Verifies the traffic_switch role on a real systemd container (testinfra, podman backend).
+
+The two colors are TEST DOUBLES: tiny Python HTTP servers installed by prepare.yml
+(files/test_backend.py, units sovereign-test-backend@blue/green), not sovereign-runtime, which this role
+does not install. side_effect.yml has already switched the live color from blue to green with
+sovereign.mlops.blue_green_switch and re-run the role; these tests check what must hold afterwards, that
+green survives a reload, a restart and a reboot of the container, and that the unit is sandboxed.
+The reboot test runs last (it restarts the container from the controller).
+"""
+
+import json
+import shlex
+import subprocess
+import time
+
+import pytest
+
+INSTANCE = "molecule-traffic-switch"
+ADMIN_SOCKET = "/run/haproxy/admin.sock"
+MAP_FILE = "/etc/haproxy/sovereign/live.map"
+FRONTEND = "http://127.0.0.1:8000"
+STATS = "http://127.0.0.1:8404"
+
+
+def admin(host, command):
+    """One command on HAProxy's admin socket, from inside the container."""
+    script = (
+        "import socket,sys\n"
+        "s=socket.socket(socket.AF_UNIX)\n"
+        "s.settimeout(5)\n"
+        f"s.connect({ADMIN_SOCKET!r})\n"
+        "s.sendall(sys.argv[1].encode()+b'\\n')\n"
+        "out=b''\n"
+        "while True:\n"
+        "    d=s.recv(65536)\n"
+        "    if not d: break\n"
+        "    out+=d\n"
+        "sys.stdout.write(out.decode())\n"
+    )
+    return host.check_output(f"python3 -c {shlex.quote(script)} {shlex.quote(command)}")
+
+
+def color_of(host, method="GET", path="/v2/health/ready"):
+    """The X-Sovereign-Color header and the body of one request through the frontend."""
+    data = " -X POST -H 'Content-Type: application/json' -d '{\"inputs\": []}'" if method == "POST" else ""
+    out = host.check_output(f"curl -sS -D - --max-time 5{data} {FRONTEND}{path}")
+    head, _, body = out.partition("\r\n\r\n")
+    headers = dict(line.split(": ", 1) for line in head.splitlines()[1:] if ": " in line)
+    assert head.startswith("HTTP/1.1 200"), out
+    return headers.get("x-sovereign-color"), json.loads(body)
+
+
+def wait_for(predicate, timeout=30.0, interval=0.5):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+            if last:
+                return last
+        except AssertionError as exc:  # testinfra's check_output raises AssertionError on rc != 0
+            last = exc
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s: {last!r}")
+
+
+def server_status(host, color):
+    lines = admin(host, "show stat").splitlines()
+    header = lines[0][2:].split(",")
+    for line in lines[1:]:
+        row = dict(zip(header, line.split(","), strict=False))
+        if row.get("pxname") == f"be_{color}" and row.get("svname") == color:
+            return row["status"]
+    return None
+
+
+def both_up(host):
+    return all(server_status(host, c) == "UP" for c in ("blue", "green"))
+
+
+def test_haproxy_installed_running_enabled(host):
+    assert host.package("haproxy").is_installed
+    svc = host.service("haproxy")
+    assert svc.is_running
+    assert svc.is_enabled
+
+
+def test_config_is_valid(host):
+    host.run_expect([0], "haproxy -c -f /etc/haproxy/haproxy.cfg")
+    cfg = host.file("/etc/haproxy/haproxy.cfg")
+    assert cfg.contains("use_backend be_%\\[str(live),map(/etc/haproxy/sovereign/live.map,blue)\\]")
+    assert cfg.contains("option idle-close-on-response")
+
+
+def test_listeners(host):
+    assert host.socket("tcp://0.0.0.0:8000").is_listening
+    # The Prometheus/stats page is internal only.
+    assert host.socket("tcp://127.0.0.1:8404").is_listening
+    assert not host.socket("tcp://0.0.0.0:8404").is_listening
+    # HAProxy binds the admin socket under a temporary name and renames it, so `ss` does not list it by
+    # its path: answering a command is the check.
+    assert "Name: HAProxy" in admin(host, "show info")
+
+
+def test_admin_socket_mode_and_group(host):
+    sock = host.file(ADMIN_SOCKET)
+    assert sock.is_socket
+    assert sock.mode == 0o660
+    assert sock.group == "haproxy"
+
+
+def test_runtime_dir_is_recreated_at_boot(host):
+    """Debian's unit has no RuntimeDirectory=; tmpfiles.d recreates /run/haproxy at every boot (the role's
+    /etc/tmpfiles.d/haproxy.conf overrides Debian's entry to make root the owner)."""
+    assert host.file("/etc/tmpfiles.d/haproxy.conf").contains(r"^d /run/haproxy 2775 root haproxy -$")
+    d = host.file("/run/haproxy")
+    assert d.is_directory
+    assert d.mode == 0o2775
+    assert d.user == "root"
+    assert d.group == "haproxy"
+
+
+def test_map_file_holds_green_after_the_switch(host):
+    f = host.file(MAP_FILE)
+    assert f.content_string == "live green\n"
+    assert f.user == "root"
+    assert f.group == "haproxy"
+    assert f.mode == 0o640
+
+
+def test_show_map_over_the_admin_socket(host):
+    assert admin(host, f"show map {MAP_FILE}").split()[1:] == ["live", "green"]
+
+
+def test_both_colors_health_checked(host):
+    wait_for(lambda: both_up(host))
+
+
+def test_frontend_answers_from_green(host):
+    color, body = color_of(host, "POST", "/v2/models/m/infer")
+    assert color == "green"
+    assert body["outputs"][0]["data"] == ["green"]
+
+
+def test_runtime_flip_via_admin_socket(host):
+    """`set map` alone moves the next request (no reload); the file is untouched, and restored after."""
+    try:
+        admin(host, f"set map {MAP_FILE} live blue")
+        assert color_of(host)[0] == "blue"
+        assert host.file(MAP_FILE).content_string == "live green\n"
+    finally:
+        admin(host, f"set map {MAP_FILE} live green")
+    assert color_of(host)[0] == "green"
+
+
+def test_prometheus_metrics(host):
+    out = host.check_output(f"curl -sf {STATS}/metrics")
+    assert "haproxy_process_" in out
+    assert 'haproxy_server_status{proxy="be_green",server="green"' in out
+    host.run_expect([0], f"curl -sf -o /dev/null {STATS}/stats")
+
+
+def test_unit_is_hardened(host):
+    props = host.service("haproxy").systemd_properties
+    assert props["NoNewPrivileges"] == "yes"
+    assert props["ProtectSystem"] == "strict"
+    assert props["ProtectHome"] == "yes"
+    assert props["PrivateTmp"] == "yes"
+    assert props["PrivateDevices"] == "yes"
+    assert props["ProtectKernelTunables"] == "yes"
+    assert props["RestrictNamespaces"] == "yes"
+    assert "/run/haproxy" in props["ReadWritePaths"].split()
+    caps = set(props["CapabilityBoundingSet"].split())
+    assert caps == {"cap_kill", "cap_setuid", "cap_setgid", "cap_sys_chroot"}
+    assert sorted(props["RestrictAddressFamilies"].split()) == ["AF_INET", "AF_INET6", "AF_UNIX"]
+    # The pid file and master socket moved out of the read-only /run into /run/haproxy.
+    assert host.file("/run/haproxy/haproxy.pid").is_file
+    master = host.file("/run/haproxy/master.sock")
+    assert master.is_socket
+    assert master.mode == 0o600
+
+
+def test_workers_drop_privileges(host):
+    users = host.check_output("ps -o user= -C haproxy").split()
+    assert "root" in users  # the master
+    assert "haproxy" in users  # the worker(s)
+
+
+def test_reload_is_hitless_and_keeps_green(host):
+    """`systemctl reload` under the sandbox: same master, a new worker, green still live."""
+    master = host.check_output("systemctl show --property MainPID --value haproxy")
+    old_worker = admin(host, "show info").split("Pid: ", 1)[1].split()[0]
+    host.run_expect([0], "systemctl reload haproxy")
+
+    def new_worker():
+        pid = admin(host, "show info").split("Pid: ", 1)[1].split()[0]
+        return pid != old_worker and pid
+
+    wait_for(new_worker)
+    assert host.check_output("systemctl show --property MainPID --value haproxy") == master
+    assert host.service("haproxy").is_running
+    assert admin(host, f"show map {MAP_FILE}").split()[1:] == ["live", "green"]
+    assert color_of(host)[0] == "green"
+
+
+def test_restart_keeps_green(host):
+    host.run_expect([0], "systemctl restart haproxy")
+    wait_for(lambda: host.socket("tcp://0.0.0.0:8000").is_listening)
+    wait_for(lambda: both_up(host))
+    assert color_of(host)[0] == "green"
+
+
+def test_unhealthy_color_is_marked_down(host):
+    """HAProxy's active check on /v2/health/ready takes a failing color out (the module's second gate)."""
+    host.run_expect([0], "mkdir -p /run/sovereign-test && touch /run/sovereign-test/blue.down")
+    try:
+        wait_for(lambda: server_status(host, "blue") == "DOWN")
+    finally:
+        host.run("rm -f /run/sovereign-test/blue.down")
+    wait_for(lambda: server_status(host, "blue") == "UP")
+
+
+def test_zz_reboot_keeps_green(host):
+    """Reboot (restart the container from the controller): /run is fresh, haproxy comes back on green."""
+    subprocess.run(["podman", "restart", "--time", "20", INSTANCE], check=True, capture_output=True)
+    wait_for(lambda: host.run("systemctl is-active haproxy").stdout.strip() == "active", timeout=60)
+    wait_for(lambda: host.file(ADMIN_SOCKET).is_socket, timeout=30)
+    sock = host.file(ADMIN_SOCKET)
+    assert sock.mode == 0o660
+    assert sock.group == "haproxy"
+    wait_for(lambda: both_up(host), timeout=60)
+    assert color_of(host)[0] == "green"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _frontend_up(host):
+    wait_for(lambda: host.socket("tcp://0.0.0.0:8000").is_listening)
