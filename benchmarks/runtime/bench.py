@@ -167,8 +167,17 @@ def drive(host, port, payload, concurrency, warmup, duration, pin, max_requests=
     out = [results.get(timeout=warmup + duration + 60) for _ in procs]
     for p in procs:
         p.join()
-    lat = sorted(x for r in out for x in r["lat"])
-    window = max(r["window"] for r in out)
+    return {
+        "lat": [x for r in out for x in r["lat"]],
+        "window": max(r["window"] for r in out),
+        "errors": sum(r["errors"] for r in out),
+        "concurrency": concurrency,
+    }
+
+
+def summarize(samples: list[dict]) -> dict:
+    """Merge the rounds of one (server, concurrency): percentiles over all samples, rate over all windows."""
+    lat = sorted(x for s in samples for x in s["lat"])
     if not lat:
         raise SystemExit("no request completed")
 
@@ -177,14 +186,16 @@ def drive(host, port, payload, concurrency, warmup, duration, pin, max_requests=
 
     return {
         "loadavg_1m": os.getloadavg()[0],  # other work on the machine during the run
-        "concurrency": concurrency,
+        "concurrency": samples[0]["concurrency"],
+        "rounds": len(samples),
         "requests": len(lat),
-        "errors": sum(r["errors"] for r in out),
-        "rps": len(lat) / window,
+        "errors": sum(s["errors"] for s in samples),
+        "rps": len(lat) / sum(s["window"] for s in samples),
         "p50_ms": pct(0.50),
         "p99_ms": pct(0.99),
         "p999_ms": pct(0.999),
         "mean_ms": statistics.fmean(lat) / 1e6,
+        "round_p50_ms": [sorted(s["lat"])[len(s["lat"]) // 2] / 1e6 for s in samples if s["lat"]],
     }
 
 
@@ -278,14 +289,46 @@ def batch_counters(port: int) -> tuple[float, float]:
     return vals.get("sovereign_runtime_batch_size_count", 0.0), vals.get("sovereign_runtime_batch_size_sum", 0.0)
 
 
-def run_sovereign(port: int, body: bytes, c: int, args: argparse.Namespace) -> dict:
-    before = batch_counters(port)
-    r = drive("127.0.0.1", port, _request("127.0.0.1", port, "/v2/models/m/infer", body), c, args.warmup, args.duration,
-              args.pin)  # fmt: skip
-    after = batch_counters(port)
-    forwards = after[0] - before[0]
-    r["mean_batch_rows"] = (after[1] - before[1]) / forwards if forwards else 0.0
-    return r
+class Target:
+    """One running server and the request it is driven with."""
+
+    def __init__(self, label: str, port: int, path: str, body: bytes, sovereign: bool) -> None:
+        self.label, self.port, self.sovereign = label, port, sovereign
+        self.payload = _request("127.0.0.1", port, path, body)
+        self.samples: dict[int, list[dict]] = {}
+        self.batches: dict[int, list[float]] = {}
+
+    def run(self, c: int, args: argparse.Namespace, duration: float) -> None:
+        before = batch_counters(self.port) if self.sovereign else (0.0, 0.0)
+        sample = drive("127.0.0.1", self.port, self.payload, c, args.warmup, duration, args.pin)
+        self.samples.setdefault(c, []).append(sample)
+        if self.sovereign:
+            after = batch_counters(self.port)
+            acc = self.batches.setdefault(c, [0.0, 0.0])
+            acc[0] += after[0] - before[0]
+            acc[1] += after[1] - before[1]
+
+    def result(self, c: int) -> dict:
+        r = summarize(self.samples[c])
+        if self.sovereign:
+            forwards, rows = self.batches[c]
+            r["mean_batch_rows"] = rows / forwards if forwards else 0.0
+        return r
+
+
+def interleave(targets: list[Target], concurrencies: dict[str, tuple[int, ...]], args) -> dict[str, dict]:
+    """Round-robin short runs across the servers, so drifting background load hits them all alike."""
+    results = {}
+    for c in (1, 16):
+        active = [t for t in targets if c in concurrencies[t.label]]
+        for _ in range(args.rounds):
+            for t in active:
+                t.run(c, args, args.duration / args.rounds)
+        for t in active:
+            r = results[f"{t.label} c={c}"] = t.result(c)
+            extra = f" batch {r['mean_batch_rows']:.1f}" if "mean_batch_rows" in r else ""
+            print(f"{t.label:34} {fmt(r)}{extra}", flush=True)
+    return results
 
 
 def oip_body(width: int) -> bytes:
@@ -316,81 +359,72 @@ def fmt(r: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--heavy", action="store_true", help="model with a >=1 ms forward: batching on vs off")
-    ap.add_argument("--duration", type=float, default=8.0, help="measured seconds per run")
-    ap.add_argument("--warmup", type=float, default=1.5, help="unmeasured seconds before each run")
+    ap.add_argument("--duration", type=float, default=9.0, help="measured seconds per server and concurrency")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds the duration is split into")
+    ap.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each round")
     ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True, help="server CPU 1, load CPU 0")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     if args.pin and (os.cpu_count() or 1) < 2:
         args.pin = False
     work = Path(tempfile.mkdtemp(prefix="sovereign-bench-"))
-    results: dict[str, dict] = {}
+    procs: list[subprocess.Popen] = []
     print(f"# {platform.node()} {platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}")
-    print(f"# pin={'server CPU 1, load generator CPU 0' if args.pin else 'off'} duration={args.duration}s")
+    print(f"# pin={'server CPU 1, load generator CPU 0' if args.pin else 'off'} {args.duration}s per server and "
+          f"concurrency in {args.rounds} interleaved rounds, {args.warmup}s warm-up each")  # fmt: skip
     try:
         model_dir, width = build_model(work, args.heavy)
-        run = lambda port, body, c, path: drive("127.0.0.1", port, _request("127.0.0.1", port, path, body), c,  # noqa: E731
-                                                args.warmup, args.duration, args.pin)  # fmt: skip
+        targets: list[Target] = []
+        conc: dict[str, tuple[int, ...]] = {}
         if args.heavy:
-            for label, extra in (
-                ("batching on (max 16)", ["--max-batch-size", "16"]),
-                ("batching on +2ms delay", ["--max-batch-size", "16", "--max-batch-delay-ms", "2"]),
-                ("batching off", ["--max-batch-size", "1"]),
-            ):
-                port = free_port()
-                proc = sovereign(model_dir, port, args.pin, work / "sovereign.log", *extra)
-                try:
-                    for c in (1, 16):
-                        r = run_sovereign(port, oip_body(width), c, args)
-                        results[f"sovereign {label} c={c}"] = r
-                        print(f"sovereign {label:22} {fmt(r)} batch {r['mean_batch_rows']:.1f}", flush=True)
-                finally:
-                    stop(proc)
-            on, off = results["sovereign batching on (max 16) c=16"], results["sovereign batching off c=16"]
-            lone_on, lone_off = results["sovereign batching on (max 16) c=1"], results["sovereign batching off c=1"]
-            ratio, p99 = on["rps"] / off["rps"], on["p99_ms"] / off["p99_ms"]
-            print(f"\nc=16 batching on/off: throughput x{ratio:.2f}, p99 x{p99:.2f}")
-            print(f"c=1  batching on/off: p50 x{lone_on['p50_ms'] / lone_off['p50_ms']:.3f}")
+            configs = [
+                ("sovereign batching on (max 16)", ["--max-batch-size", "16"]),
+                ("sovereign batching on +2ms delay", ["--max-batch-size", "16", "--max-batch-delay-ms", "2"]),
+                ("sovereign batching off", ["--max-batch-size", "1"]),
+            ]
         else:
             port = free_port()
             cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_dir), "--env-manager", "local"]
             proc = start([*cmd, "-h", "127.0.0.1", "-p", str(port)], args.pin, work / "mlflow.log")
-            try:
-                wait_http(f"http://127.0.0.1:{port}/ping", proc)
-                probe = {}
-                for name, body in mlflow_bodies(width).items():
-                    r = drive(
-                        "127.0.0.1", port, _request("127.0.0.1", port, "/invocations", body), 1, 0.5, 2.0, args.pin
-                    )
-                    probe[name] = r
-                    print(f"mlflow probe {name:16} {fmt(r)}", flush=True)
-                ok = {k: v for k, v in probe.items() if v["errors"] == 0}
-                best = min(ok or probe, key=lambda k: probe[k]["p50_ms"])
-                print(f"mlflow input format used: {best}")
-                for c in (1, 16):
-                    r = run(port, mlflow_bodies(width)[best], c, "/invocations")
-                    results[f"mlflow c={c}"] = r
-                    print(f"mlflow ({best}) {fmt(r)}", flush=True)
-            finally:
-                stop(proc)
-            for label, extra in (("", []), (" batching off", ["--max-batch-size", "1"])):
-                port = free_port()
-                proc = sovereign(model_dir, port, args.pin, work / "sovereign.log", *extra)
-                try:
-                    for c in (1, 16) if not extra else (1,):
-                        r = run_sovereign(port, oip_body(width), c, args)
-                        results[f"sovereign{label} c={c}"] = r
-                        print(f"sovereign{label} {fmt(r)} batch {r['mean_batch_rows']:.1f}", flush=True)
-                finally:
-                    stop(proc)
-            m1, m16, s1, s16 = (results[k] for k in ("mlflow c=1", "mlflow c=16", "sovereign c=1", "sovereign c=16"))
+            procs.append(proc)
+            wait_http(f"http://127.0.0.1:{port}/ping", proc)
+            probe = {}
+            for name, body in mlflow_bodies(width).items():
+                sample = drive(
+                    "127.0.0.1", port, _request("127.0.0.1", port, "/invocations", body), 1, 0.5, 2, args.pin
+                )
+                probe[name] = summarize([sample])
+                print(f"mlflow probe {name:21} {fmt(probe[name])}", flush=True)
+            ok = {k: v for k, v in probe.items() if v["errors"] == 0}
+            best = min(ok or probe, key=lambda k: probe[k]["p50_ms"])
+            targets.append(Target(f"mlflow ({best})", port, "/invocations", mlflow_bodies(width)[best], False))
+            conc[targets[-1].label] = (1, 16)
+            configs = [("sovereign", []), ("sovereign batching off", ["--max-batch-size", "1"])]
+        for label, extra in configs:
+            port = free_port()
+            procs.append(sovereign(model_dir, port, args.pin, work / f"sovereign-{port}.log", *extra))
+            targets.append(Target(label, port, "/v2/models/m/infer", oip_body(width), True))
+            conc[label] = (1,) if label == "sovereign batching off" and not args.heavy else (1, 16)
+        results = interleave(targets, conc, args)
+        print()
+        if args.heavy:
+            on, off = results["sovereign batching on (max 16) c=16"], results["sovereign batching off c=16"]
+            lone_on, lone_off = results["sovereign batching on (max 16) c=1"], results["sovereign batching off c=1"]
+            ratio, p99 = on["rps"] / off["rps"], on["p99_ms"] / off["p99_ms"]
+            print(f"c=16 batching on/off: throughput x{ratio:.2f}, p99 x{p99:.2f}")
+            print(f"c=1  batching on/off: p50 x{lone_on['p50_ms'] / lone_off['p50_ms']:.3f}")
+        else:
+            mlf = targets[0].label
+            m1, m16 = results[f"{mlf} c=1"], results[f"{mlf} c=16"]
+            s1, s16 = results["sovereign c=1"], results["sovereign c=16"]
             off1 = results["sovereign batching off c=1"]
-            print()
             print(f"c=16 throughput  sovereign/mlflow x{s16['rps'] / m16['rps']:.1f}   (target >= 5)")
             print(f"c=16 p99         sovereign/mlflow  {s16['p99_ms'] / m16['p99_ms']:.3f}  (target <= 0.1)")
             print(f"c=1  p50         sovereign {s1['p50_ms']:.3f} ms  (target <= 0.3 ms); mlflow {m1['p50_ms']:.3f} ms")
             print(f"c=1  p50         batching on/off x{s1['p50_ms'] / off1['p50_ms']:.3f} (target <= 1.10)")
     finally:
+        for proc in procs:
+            stop(proc)
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
