@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 import torch
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[3]
 SRC = ROOT / "runtime" / "src"
@@ -82,19 +83,30 @@ class Models:
 
 
 @pytest.fixture(scope="session")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
+def models(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Models:
+    # Under pytest-xdist the workers share one copy (built by whichever gets the lock first).
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if worker_id != "master" else base) / "runtime-models"
+    module = mlp()
+    x = torch.linspace(-1, 1, 3 * IN).reshape(3, IN)
+    m = Models(root, module, x, root / "mlp.ts", root / "mlflow_pt2", root / "mlflow_pickle", root / "bad", root / "b1")
+    with FileLock(f"{root}.lock"):
+        if not (root / "done").exists():
+            _build_models(m)
+            (root / "done").touch()
+    return m
+
+
+def _build_models(m: Models) -> None:
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import mlflow.pytorch
         from mlflow.models import infer_signature
 
-        root = tmp_path_factory.mktemp("models")
-        module = mlp()
-        x = torch.linspace(-1, 1, 3 * IN).reshape(3, IN)
-        m = Models(
-            root, module, x, root / "mlp.ts", root / "mlflow_pt2", root / "mlflow_pickle", root / "bad", root / "b1"
-        )
+        shutil.rmtree(m.root, ignore_errors=True)
+        m.root.mkdir(parents=True)
+        module, x = m.module, m.golden_x
         torch.jit.script(module).save(str(m.torchscript))
         Path(f"{m.torchscript}.golden.json").write_text(json.dumps(m.golden()))
         sig = infer_signature(x.numpy(), m.expected(x).numpy())
@@ -107,7 +119,12 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
         (m.bad_golden / "golden.json").write_text(json.dumps(m.golden(offset=0.5)))
         save(module, str(m.static_batch), input_example=x[:1].numpy(), pip_requirements=[])
         (m.static_batch / "golden.json").write_text(json.dumps(m.golden(x[:1])))
-    return m
+
+
+@pytest.fixture(scope="session")
+def worker_id(request: pytest.FixtureRequest) -> str:
+    """pytest-xdist's worker id ("gw0", ...), or "master" when not distributed (xdist not required)."""
+    return getattr(request.config, "workerinput", {}).get("workerid", "master")
 
 
 @pytest.fixture(scope="session")
