@@ -1,27 +1,34 @@
 """Build the controller-side wheelhouse that hosts install from, offline.
 
-Downloads binary wheels for requirements/hosts.in (pinned by requirements/constraints.txt) and
-builds the runtime's own wheel from runtime/. Skips all work when its inputs are unchanged.
+Each requirements/hosts-<set>.in becomes .cache/wheelhouse/<set>/ (binary wheels pinned by
+requirements/constraints.txt), so a role copies only what its hosts need; the runtime's own wheel
+is built from runtime/ into the `runtime` set. .cache/wheelhouse/ itself holds every wheel of every
+set (hard links) for tools that want one flat directory. Skips all work when its inputs are unchanged.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WHEELHOUSE = ROOT / ".cache" / "wheelhouse"
-INPUTS = [ROOT / "requirements" / "hosts.in", ROOT / "requirements" / "constraints.txt"]
+CONSTRAINTS = ROOT / "requirements" / "constraints.txt"
+RUNTIME = ROOT / "runtime"
+
+
+def requirement_sets() -> dict[str, Path]:
+    return {p.stem.removeprefix("hosts-"): p for p in sorted((ROOT / "requirements").glob("hosts-*.in"))}
 
 
 def inputs_digest() -> str:
     digest = hashlib.sha256()
-    runtime = ROOT / "runtime"
-    sources = sorted(runtime.rglob("*")) if runtime.is_dir() else []
-    for path in INPUTS + sources:
-        skip = "__pycache__" in path.parts or any(part.endswith(".egg-info") for part in path.parts)
+    sources = sorted(RUNTIME.rglob("*")) if RUNTIME.is_dir() else []
+    for path in [Path(__file__), CONSTRAINTS, *requirement_sets().values(), *sources]:
+        skip = any(part in ("__pycache__", "build", "dist") or part.endswith(".egg-info") for part in path.parts)
         if path.is_file() and not skip:
             digest.update(str(path.relative_to(ROOT)).encode())
             digest.update(path.read_bytes())
@@ -39,12 +46,23 @@ def main() -> int:
         print(f"wheelhouse {WHEELHOUSE.relative_to(ROOT)}: up to date")
         return 0
     WHEELHOUSE.mkdir(parents=True, exist_ok=True)
-    pip("download", "-q", "--only-binary=:all:", "-d", str(WHEELHOUSE), "-c", str(INPUTS[1]), "-r", str(INPUTS[0]))
-    if (ROOT / "runtime" / "pyproject.toml").exists():
-        pip("wheel", "-q", "--no-deps", "-w", str(WHEELHOUSE), str(ROOT / "runtime"))
+    for old in WHEELHOUSE.glob("*.whl"):
+        old.unlink()
+    for name, requirements in requirement_sets().items():
+        target = WHEELHOUSE / name
+        if target.exists():
+            for old in target.glob("*.whl"):
+                old.unlink()
+        pip("download", "-q", "--only-binary=:all:", "-d", str(target), "-c", str(CONSTRAINTS), "-r", str(requirements))
+        if name == "runtime" and (RUNTIME / "pyproject.toml").exists():
+            pip("wheel", "-q", "--no-deps", "-w", str(target), str(RUNTIME))
+        for wheel in target.glob("*.whl"):
+            flat = WHEELHOUSE / wheel.name
+            if not flat.exists():
+                os.link(wheel, flat)
     stamp.write_text(digest + "\n")
-    count = len(list(WHEELHOUSE.glob("*.whl")))
-    print(f"wheelhouse {WHEELHOUSE.relative_to(ROOT)}: {count} wheels")
+    summary = ", ".join(f"{name}: {len(list((WHEELHOUSE / name).glob('*.whl')))}" for name in requirement_sets())
+    print(f"wheelhouse {WHEELHOUSE.relative_to(ROOT)}: {summary} wheels")
     return 0
 
 

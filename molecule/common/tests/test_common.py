@@ -31,8 +31,9 @@ def test_sovereign_user_is_a_locked_system_user(host):
     assert user.group == "sovereign"
 
 
-@pytest.mark.parametrize("package", ["acl", "ca-certificates", "curl", "python3-venv", "systemd-timesyncd",
-                                     "prometheus-node-exporter"])
+@pytest.mark.parametrize(
+    "package", ["acl", "ca-certificates", "curl", "python3-venv", "systemd-timesyncd", "prometheus-node-exporter"]
+)
 def test_packages(host, package):
     assert host.package(package).is_installed
 
@@ -61,7 +62,7 @@ def test_textfile_collector_exports_metrics(host):
         address = host.interface.default().addresses[0]
         out = host.check_output(f"curl -sf http://{address}:9100/metrics")
         assert "sovereign_verify_probe 42" in out
-        assert 'node_textfile_scrape_error 0' in out
+        assert "node_textfile_scrape_error 0" in out
     finally:
         host.run(f"rm -f {TEXTFILE_DIR}/verify.prom")
 

@@ -1,0 +1,91 @@
+"""Verifies the inference_runtime role: both colors serve a real TorchScript model (CPU; no GPU
+here, so the CUDA path is not exercised) and answer real OIP v2 requests inside the container."""
+
+import json
+import math
+
+import pytest
+
+COLORS = {"blue": 8001, "green": 8002}
+GOLDEN = "/var/lib/sovereign/models/demo/model.pt.golden.json"
+
+
+def _curl_json(host, *args):
+    out = host.check_output("curl -sS --fail-with-body --max-time 10 " + " ".join(args))
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("color", COLORS)
+def test_service_runs_as_dedicated_user_hardened(host, color):
+    svc = host.service(f"sovereign-runtime@{color}")
+    assert svc.is_running
+    assert svc.is_enabled
+    props = svc.systemd_properties
+    assert props["User"] == "sovereign-runtime"
+    assert props["NoNewPrivileges"] == "yes"
+    assert props["ProtectSystem"] == "strict"
+    assert props["PrivateTmp"] == "yes"
+    assert props["PrivateDevices"] == "yes"
+    assert props["ReadWritePaths"] == f"/var/lib/sovereign/runtime/{color}"
+    # An empty bounding set (no capabilities at all) is left out of systemd_properties.
+    assert host.check_output(f"systemctl show -p CapabilityBoundingSet sovereign-runtime@{color}") == (
+        "CapabilityBoundingSet="
+    )
+
+
+@pytest.mark.parametrize(("color", "port"), COLORS.items())
+def test_listens_on_loopback_only(host, color, port):
+    assert host.socket(f"tcp://127.0.0.1:{port}").is_listening
+    assert not host.socket(f"tcp://0.0.0.0:{port}").is_listening
+
+
+@pytest.mark.parametrize("color", COLORS)
+def test_env_files_are_private(host, color):
+    for name in (f"{color}.env", f"{color}.model.env"):
+        f = host.file(f"/etc/sovereign/runtime/{name}")
+        assert f.user == "root"
+        assert f.group == "sovereign"
+        assert f.mode == 0o640
+
+
+@pytest.mark.parametrize(("color", "port"), COLORS.items())
+def test_ready_and_metadata(host, color, port):
+    assert host.run(f"curl -sf http://127.0.0.1:{port}/v2/health/ready").rc == 0
+    meta = _curl_json(host, f"http://127.0.0.1:{port}/v2/models/demo")
+    assert meta["name"] == "demo"
+    assert meta["platform"] == "pytorch"
+    assert "1" in meta["versions"]
+
+
+@pytest.mark.parametrize(("color", "port"), COLORS.items())
+def test_infer_matches_golden_output(host, color, port):
+    golden = json.loads(host.file(GOLDEN).content_string)
+    body = json.dumps({"inputs": golden["inputs"]})
+    result = _curl_json(
+        host, "-X POST -H 'Content-Type: application/json'", f"--data '{body}'", f"http://127.0.0.1:{port}/v2/models/demo/infer"
+    )
+    assert result["model_name"] == "demo"
+    got = result["outputs"][0]
+    want = golden["outputs"][0]
+    assert got["shape"] == want["shape"]
+    for g, w in zip(got["data"], want["data"], strict=True):
+        assert math.isclose(g, w, rel_tol=1e-4, abs_tol=1e-5)
+
+
+@pytest.mark.parametrize(("color", "port"), COLORS.items())
+def test_bad_input_is_a_4xx_with_a_message(host, color, port):
+    out = host.run(
+        "curl -s -o /dev/stdout -w '\\n%{http_code}' -X POST -H 'Content-Type: application/json' "
+        f"--data '{{\"inputs\": [{{\"name\": \"input-0\", \"shape\": [1, 3], \"datatype\": \"FP32\", \"data\": [1, 2]}}]}}' "
+        f"http://127.0.0.1:{port}/v2/models/demo/infer"
+    )
+    body, status = out.stdout.rsplit("\n", 1)
+    assert status.startswith("4")
+    assert json.loads(body)["error"]
+
+
+@pytest.mark.parametrize(("color", "port"), COLORS.items())
+def test_metrics_report_model_and_color(host, color, port):
+    metrics = host.check_output(f"curl -sf http://127.0.0.1:{port}/metrics")
+    assert "sovereign_runtime_requests_total" in metrics
+    assert f'color="{color}"' in metrics
