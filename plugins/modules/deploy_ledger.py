@@ -1,0 +1,210 @@
+#!/usr/bin/python
+# Copyright: sovereign.mlops maintainers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: deploy_ledger
+short_description: Record a release operation in a host's ledger and refresh its deploy metrics
+version_added: 0.1.0
+author: sovereign.mlops maintainers (!UNKNOWN)
+description:
+  - Appends one record (a JSON object on one line) to the host's deployment ledger, under an C(flock), fsync'd.
+    The playbooks record every deploy and rollback, failed ones included (C(result=failed) and a C(reason)).
+  - Then rewrites the node_exporter textfile O(metrics_path) atomically (C(prometheus_client.write_to_textfile):
+    temporary file and rename) from the host's actual state, so the metrics never drift from what the host
+    serves. C(sovereign_deploy_live_color{color}) from the traffic switch's map file,
+    C(sovereign_deploy_model_info{color,model,version}) from each color's C(<color>.model.env),
+    C(sovereign_deploy_last_timestamp_seconds{action}), C(sovereign_deploy_last_success{action}) and
+    C(sovereign_deploy_operations{action,result}) from the ledger.
+  - Without O(record) it only reads. It returns the last O(tail) records and, with O(refresh_metrics=true),
+    rewrites the metrics.
+  - Needs the C(prometheus_client) Python package on the host (Debian C(python3-prometheus-client)) whenever it
+    writes metrics.
+  - Runs only on Python 3 (as do all modules of this collection).
+options:
+  path:
+    description:
+      - The ledger (JSON lines). Its directory is created when missing.
+    type: path
+    default: /var/lib/sovereign/deployments.jsonl
+  record:
+    description:
+      - The record to append. Keys are free; the playbooks write C(action), C(who), C(time), C(host), C(color),
+        C(previous_color), C(model_name), C(model_version), C(model_uri), C(model_sha256), C(result), C(reason).
+      - C(time) (now, ISO 8601 UTC) and C(action) (V(deploy)) are added when missing.
+    type: dict
+  tail:
+    description:
+      - How many of the newest records to return in RV(records) (after appending).
+    type: int
+    default: 0
+  refresh_metrics:
+    description:
+      - Rewrite O(metrics_path) even when no O(record) is given.
+    type: bool
+    default: false
+  metrics_path:
+    description:
+      - The node_exporter textfile to rewrite. V("") writes none.
+    type: path
+    default: /var/lib/prometheus/node-exporter/sovereign_deploy.prom
+  config_dir:
+    description:
+      - Where the runtime's C(<color>.model.env) files are (C(inference_runtime_config_dir)).
+    type: path
+    default: /etc/sovereign/runtime
+  map_file:
+    description:
+      - The traffic switch's live-color map file.
+    type: path
+    default: /etc/haproxy/sovereign/live.map
+  map_key:
+    description:
+      - The key of the live-color entry in O(map_file).
+    type: str
+    default: live
+attributes:
+  check_mode:
+    description: Can run in check_mode and return changed status prediction without modifying target.
+    support: full
+    details:
+      - In check mode nothing is written; RV(line) shows the record that would be appended.
+  diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
+    support: none
+seealso:
+  - module: sovereign.mlops.deploy_lock
+"""
+
+EXAMPLES = r"""
+- name: Record a failed deploy
+  sovereign.mlops.deploy_ledger:
+    record:
+      action: deploy
+      who: alice@laptop
+      host: "{{ inventory_hostname }}"
+      color: green
+      previous_color: blue
+      model_name: fraud
+      model_version: "7"
+      result: failed
+      reason: "smoke test: latency_p99 81 ms > 50 ms"
+
+- name: The last deploy records of this host
+  sovereign.mlops.deploy_ledger:
+    tail: 5
+  register: ledger
+"""
+
+RETURN = r"""
+line:
+  description: The line appended (or that would be, in check mode); V(null) without O(record).
+  returned: always
+  type: str
+records:
+  description: The O(tail) newest records, oldest first.
+  returned: always
+  type: list
+  elements: dict
+live_color:
+  description: The live color read from O(map_file) (V(null) when the file or entry is missing).
+  returned: always
+  type: str
+models:
+  description: Each color's configured model C({uri, name, version}), V(null) for a color without one.
+  returned: always
+  type: dict
+metrics_written:
+  description: Whether O(metrics_path) was rewritten.
+  returned: always
+  type: bool
+"""
+
+import json
+import time
+import traceback
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible_collections.sovereign.mlops.plugins.module_utils._ledger import (
+    append_record,
+    color_models,
+    iso_from_epoch,
+    map_value,
+    metrics_registry,
+    read_ledger,
+    read_text,
+    write_metrics,
+)
+
+try:
+    import prometheus_client  # noqa: F401  (presence check; _ledger imports it lazily)
+
+    HAS_PROMETHEUS = True
+    PROMETHEUS_IMPORT_ERROR = None
+except ImportError:
+    HAS_PROMETHEUS = False
+    PROMETHEUS_IMPORT_ERROR = traceback.format_exc()
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            path=dict(type="path", default="/var/lib/sovereign/deployments.jsonl"),
+            record=dict(type="dict"),
+            tail=dict(type="int", default=0),
+            refresh_metrics=dict(type="bool", default=False),
+            metrics_path=dict(type="path", default="/var/lib/prometheus/node-exporter/sovereign_deploy.prom"),
+            config_dir=dict(type="path", default="/etc/sovereign/runtime"),
+            map_file=dict(type="path", default="/etc/haproxy/sovereign/live.map"),
+            map_key=dict(type="str", default="live", no_log=False),
+        ),
+        supports_check_mode=True,
+    )
+    p = module.params
+    if p["tail"] < 0:
+        module.fail_json(msg="tail must be >= 0, got {}".format(p["tail"]))
+    record = p["record"]
+    write_prom = bool(p["metrics_path"]) and (record is not None or p["refresh_metrics"])
+    if write_prom and not HAS_PROMETHEUS:
+        module.fail_json(
+            msg=missing_required_lib("prometheus_client (Debian: python3-prometheus-client)")
+            + " It is needed to write "
+            + p["metrics_path"],
+            exception=PROMETHEUS_IMPORT_ERROR,
+        )
+
+    result = dict(changed=False, line=None, records=[], live_color=None, models={}, metrics_written=False)
+    try:
+        if record is not None:
+            record = dict(record)
+            record.setdefault("action", "deploy")
+            if not record.get("time"):
+                record["time"] = iso_from_epoch(time.time())
+            result["changed"] = True
+            if module.check_mode:
+                result["line"] = json.dumps(record, sort_keys=True, separators=(",", ":"))
+            else:
+                result["line"] = append_record(p["path"], record)
+
+        records = read_ledger(p["path"])
+        if record is not None and module.check_mode:
+            records.append(record)
+        live = map_value(read_text(p["map_file"]), p["map_key"])
+        models = color_models(p["config_dir"])
+        result.update(live_color=live, models=models, records=records[-p["tail"] :] if p["tail"] else [])
+
+        if write_prom:
+            result["changed"] = True
+            if not module.check_mode:
+                write_metrics(p["metrics_path"], metrics_registry(live, models, records))
+                result["metrics_written"] = True
+    except OSError as exc:
+        module.fail_json(msg=f"{exc.__class__.__name__}: {exc}", exception=traceback.format_exc(), **result)
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
