@@ -1,0 +1,276 @@
+"""sovereign-ops: inventory parsing, status parsing, ledger merging and the rollback command (no SSH here: the
+SSH paths are exercised against the lab, see docs/adr/0501-release-flow.md)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+from sovereign_ops import cli, fleet, inventory
+
+LAB = textwrap.dedent(
+    """
+    all:
+      vars:
+        ansible_user: root
+        ansible_host: 127.0.0.1
+        ansible_ssh_private_key_file: "/work/main/.lab/ssh/id_ed25519"
+        ansible_ssh_common_args: "-o UserKnownHostsFile=/work/main/.lab/ssh/known_hosts -o StrictHostKeyChecking=yes"
+      hosts:
+        infer-01:
+          ansible_port: 2201
+        infer-02:
+          ansible_port: 2202
+        ops-01:
+          ansible_port: 2203
+      children:
+        gpu_hosts:
+          hosts:
+            infer-01:
+            infer-02:
+        inference:
+          hosts:
+            infer-01:
+            infer-02:
+        mlflow:
+          hosts:
+            ops-01:
+    """
+)
+
+NESTED = textwrap.dedent(
+    """
+    all:
+      vars: {ansible_user: deploy, ansible_become: true}
+      children:
+        site_a:
+          vars: {ansible_port: 2222}
+          children:
+            inference:
+              vars: {ansible_user: ml}
+              hosts:
+                gpu-01.example.internal: {ansible_host: 10.0.0.1}
+                gpu-02.example.internal:
+                  ansible_port: 22
+    """
+)
+
+
+@pytest.fixture
+def inv(tmp_path):
+    def write(text, name="hosts.yml", group_vars=None, host_vars=None):
+        (tmp_path / name).write_text(text)
+        for kind, mapping in (("group_vars", group_vars), ("host_vars", host_vars)):
+            for key, value in (mapping or {}).items():
+                (tmp_path / kind).mkdir(exist_ok=True)
+                (tmp_path / kind / f"{key}.yml").write_text(json.dumps(value))
+        return tmp_path
+
+    return write
+
+
+@pytest.mark.parametrize(
+    ("text", "extra", "host", "expected"),
+    [
+        pytest.param(
+            LAB,
+            {},
+            "infer-02",
+            dict(
+                address="127.0.0.1",
+                port=2202,
+                user="root",
+                key_file="/work/main/.lab/ssh/id_ed25519",
+                known_hosts="/work/main/.lab/ssh/known_hosts",
+                become=False,
+            ),
+            id="lab",
+        ),
+        pytest.param(
+            NESTED,
+            {},
+            "gpu-01.example.internal",
+            dict(address="10.0.0.1", port=2222, user="ml", become=True, known_hosts=None),
+            id="nested-groups-child-wins",
+        ),
+        pytest.param(
+            NESTED, {}, "gpu-02.example.internal", dict(address="gpu-02.example.internal", port=22), id="host-var-wins"
+        ),
+        pytest.param(
+            NESTED,
+            {"group_vars": {"inference": {"ansible_user": "from-group-vars"}}, "host_vars": {}},
+            "gpu-01.example.internal",
+            dict(user="from-group-vars"),
+            id="group-vars-dir",
+        ),
+        pytest.param(
+            NESTED,
+            {"host_vars": {"gpu-01.example.internal": {"ansible_port": 9022}}},
+            "gpu-01.example.internal",
+            dict(port=9022),
+            id="host-vars-dir",
+        ),
+    ],
+)
+def test_inventory_connection_settings(inv, text, extra, host, expected):
+    path = inv(text, **extra)
+    hosts = inventory.load(path)
+    for attr, value in expected.items():
+        assert getattr(hosts[host], attr) == value, attr
+
+
+@pytest.mark.parametrize(
+    ("group", "limit", "names"),
+    [
+        ("inference", None, ["infer-01", "infer-02"]),
+        ("inference", "infer-02", ["infer-02"]),
+        ("all", "mlflow", ["ops-01"]),
+        ("gpu_hosts", "infer-01,nope", ["infer-01"]),
+    ],
+)
+def test_select(inv, group, limit, names):
+    hosts = inventory.load(inv(LAB))
+    assert [h.name for h in inventory.select(hosts, group, limit)] == names
+
+
+@pytest.mark.parametrize(
+    ("group", "limit", "message"),
+    [("nope", None, "no host in group 'nope'"), ("inference", "ops-01", "matches no host")],
+)
+def test_select_errors(inv, group, limit, message):
+    with pytest.raises(inventory.InventoryError, match=message):
+        inventory.select(inventory.load(inv(LAB)), group, limit)
+
+
+def test_templated_connection_setting_is_refused(inv):
+    text = LAB.replace('"/work/main/.lab/ssh/id_ed25519"', '"{{ lab_ssh_key }}"')
+    host = inventory.load(inv(text))["infer-01"]
+    with pytest.raises(inventory.InventoryError, match="is a template"):
+        host.check_templates()
+
+
+def _status(live_file="blue", live_haproxy="blue", blue_ready=True, green_ready=True):
+    colors = {
+        "blue": dict(model="demo", version="1", ready=blue_ready, health="ready" if blue_ready else "down"),
+        "green": dict(model="demo", version="2", ready=green_ready, health="ready" if green_ready else "loading"),
+    }
+    return json.dumps(dict(live_file=live_file, live_haproxy=live_haproxy, colors=colors))
+
+
+@pytest.mark.parametrize(
+    ("rc", "stdout", "stderr", "ok", "live", "error"),
+    [
+        (0, _status(), "", True, "blue", None),
+        (0, _status(green_ready=False), "", True, "blue", None),
+        (0, _status(blue_ready=False), "", False, "blue", "live color blue is not ready"),
+        (0, _status(live_file="green"), "", False, "blue", "HAProxy routes to blue but the map file says green"),
+        (0, _status(live_file=None, live_haproxy=None), "", False, None, "no live color"),
+        (0, "noise\n" + _status(live_haproxy=None), "", True, "blue", None),
+        (255, "", "NoValidConnectionsError: [Errno 111] Connection refused", False, None, "Connection refused"),
+        (0, "not json", "", False, None, "unreadable answer"),
+    ],
+)
+def test_parse_status(rc, stdout, stderr, ok, live, error):
+    row = fleet.parse_status("h", rc, stdout, stderr)
+    assert row["ok"] is ok
+    assert row["live"] == live
+    if error:
+        assert error in row["error"]
+    else:
+        assert row["error"] is None
+    assert "h" in fleet.format_status([row])
+
+
+def test_status_snippet_compiles():
+    compile(fleet.STATUS_SNIPPET, "<status>", "exec")
+
+
+@pytest.mark.parametrize(
+    ("ledgers", "limit", "expected"),
+    [
+        pytest.param(
+            {
+                "a": '{"time":"2026-03-01T10:00:00Z","n":1}\n{"time":"2026-03-01T12:00:00Z","n":3}\n',
+                "b": '{"time":"2026-03-01T11:00:00Z","n":2}\n',
+            },
+            None,
+            [("a", 3), ("b", 2), ("a", 1)],
+            id="interleaved",
+        ),
+        pytest.param(
+            {"a": '{"time":"2026-03-01T10:00:00Z","n":1}\n{"torn', "b": ""},
+            None,
+            [("a", 1)],
+            id="torn-line-and-empty-host",
+        ),
+        pytest.param(
+            {"a": '{"time":"2026-03-01T10:00:00Z","n":1}\n{"time":"2026-03-01T10:00:00Z","n":2}\n'},
+            None,
+            [("a", 2), ("a", 1)],
+            id="same-second-keeps-file-order-reversed",
+        ),
+        pytest.param(
+            {"a": "\n".join(json.dumps({"time": f"2026-03-01T10:00:0{i}Z", "n": i}) for i in range(5))},
+            2,
+            [("a", 4), ("a", 3)],
+            id="limit",
+        ),
+        pytest.param(
+            {"a": '{"time":"2026-03-01T10:00:00Z","n":1,"host":"infer-01.fqdn"}\n'},
+            None,
+            [("infer-01.fqdn", 1)],
+            id="record-host-kept",
+        ),
+    ],
+)
+def test_merge_history(ledgers, limit, expected):
+    parsed = {host: fleet.parse_ledger(host, text) for host, text in ledgers.items()}
+    merged = fleet.merge_history(parsed, limit)
+    assert [(r["host"], r["n"]) for r in merged] == expected
+    assert fleet.format_history(merged).count("\n") == len(expected)
+
+
+@pytest.mark.parametrize(
+    ("argv", "tail"),
+    [
+        (["rollback", "--yes"], []),
+        (["-l", "infer-02", "rollback", "--yes"], ["--limit", "infer-02"]),
+        (["rollback", "--yes", "--to", "blue"], ["-e", '{"rollback_to": "blue"}']),
+        (["-g", "gpu_hosts", "rollback", "--yes"], ["-e", '{"deploy_hosts": "gpu_hosts"}']),
+    ],
+)
+def test_rollback_command(inv, argv, tail):
+    path = inv(LAB)
+    args = cli.build_parser().parse_args(["-i", str(path), *argv, "--ansible-playbook", "/x/ansible-playbook"])
+    cmd = cli.rollback_command(args, [])
+    assert cmd[:3] == ["/x/ansible-playbook", "-i", str(path)]
+    assert cmd[3].endswith("playbooks/rollback.yml") or cmd[3] == "sovereign.mlops.rollback"
+    assert cmd[4:] == tail
+
+
+@pytest.mark.parametrize(("answer", "yes"), [("y", True), ("YES", True), ("", False), ("n", False), ("maybe", False)])
+def test_confirm(answer, yes):
+    assert cli.confirm("?", answer=answer) is yes
+
+
+def test_rollback_declined_runs_nothing(inv, monkeypatch, capsys):
+    monkeypatch.setattr("builtins.input", lambda prompt: "n")
+    ran = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: ran.append(cmd) or 0)
+    assert cli.main(["-i", str(inv(LAB)), "rollback"]) == 1
+    assert ran == []
+    assert "nothing was changed" in capsys.readouterr().err
+
+
+def test_rollback_yes_runs_the_playbook(inv, monkeypatch):
+    ran = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: ran.append(cmd) or 0)
+    assert cli.main(["-i", str(inv(LAB)), "rollback", "--yes"]) == 0
+    assert len(ran) == 1
+    assert "rollback" in ran[0][3]
+
+
+def test_unknown_inventory_is_a_clean_error(capsys, tmp_path):
+    assert cli.main(["-i", str(tmp_path / "missing.yml"), "status"]) == 2
+    assert "sovereign-ops:" in capsys.readouterr().err
