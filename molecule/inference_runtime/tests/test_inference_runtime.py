@@ -61,9 +61,8 @@ def test_ready_and_metadata(host, color, port):
 def test_infer_matches_golden_output(host, color, port):
     golden = json.loads(host.file(GOLDEN).content_string)
     body = json.dumps({"inputs": golden["inputs"]})
-    result = _curl_json(
-        host, "-X POST -H 'Content-Type: application/json'", f"--data '{body}'", f"http://127.0.0.1:{port}/v2/models/demo/infer"
-    )
+    url = f"http://127.0.0.1:{port}/v2/models/demo/infer"
+    result = _curl_json(host, "-X POST -H 'Content-Type: application/json'", f"--data '{body}'", url)
     assert result["model_name"] == "demo"
     got = result["outputs"][0]
     want = golden["outputs"][0]
@@ -76,7 +75,7 @@ def test_infer_matches_golden_output(host, color, port):
 def test_bad_input_is_a_4xx_with_a_message(host, color, port):
     out = host.run(
         "curl -s -o /dev/stdout -w '\\n%{http_code}' -X POST -H 'Content-Type: application/json' "
-        f"--data '{{\"inputs\": [{{\"name\": \"input-0\", \"shape\": [1, 3], \"datatype\": \"FP32\", \"data\": [1, 2]}}]}}' "
+        f'--data \'{{"inputs": [{{"name": "input-0", "shape": [1, 3], "datatype": "FP32", "data": [1, 2]}}]}}\' '
         f"http://127.0.0.1:{port}/v2/models/demo/infer"
     )
     body, status = out.stdout.rsplit("\n", 1)
