@@ -432,6 +432,7 @@ class Engine:
                 "color": self.cfg.color,
                 "max_batch_size": self.max_batch if self.batching else 1,
                 "golden": self.golden_report.get("golden", "absent"),
+                **model.details,
             },
         }
 

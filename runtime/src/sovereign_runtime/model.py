@@ -195,10 +195,8 @@ def _load_file(path: Path, kind: str, device: torch.device, allow_pickle: bool) 
             module = torch.load(str(path), map_location=device, weights_only=False)
             if not isinstance(module, torch.nn.Module):
                 raise ModelLoadError(f"{path} holds a {type(module).__name__}, not a torch.nn.Module")
-    if hasattr(module, "eval") and kind != "pt2":
-        module.eval()
-    if kind != "pt2" and hasattr(module, "to"):
-        module = module.to(device)
+    if kind != "pt2":  # nn.Module or ScriptModule (the pt2 path handled its device above)
+        module = module.eval().to(device)
     return module, details
 
 

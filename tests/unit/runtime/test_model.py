@@ -149,3 +149,12 @@ def test_model_uri_required(capsys):
     with pytest.raises(SystemExit):
         config.parse(["serve"], {})
     assert "--model-uri" in capsys.readouterr().err
+
+
+def test_settings_defaults_match_flags():
+    """Settings (used when embedding or testing) and the CLI flags must agree on every default."""
+    fields = config.Settings.__dataclass_fields__
+    assert {f.dest for f in config.FLAGS} == set(fields)
+    for flag in config.FLAGS:
+        if flag.name != "model-uri":
+            assert fields[flag.dest].default == flag.default, flag.name
