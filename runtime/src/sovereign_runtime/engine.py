@@ -416,8 +416,20 @@ class Engine:
     # Documents
 
     def metadata(self) -> dict[str, Any]:
+        """OIP model metadata. ``parameters.golden`` is the golden example itself ({inputs, outputs, rtol,
+        atol}), so a smoke test can replay it without a copy of its own; ``golden_source`` says where it
+        came from."""
         model = self.model
         assert model is not None
+        golden = model.golden
+        extra: dict[str, Any] = {"golden_source": golden.source if golden else "absent"}
+        if golden:
+            extra["golden"] = {
+                "inputs": golden.inputs,
+                "outputs": golden.outputs,
+                "rtol": golden.rtol,
+                "atol": golden.atol,
+            }
         return {
             "name": model.name,
             "versions": [model.version],
@@ -431,7 +443,7 @@ class Engine:
                 "device": str(model.device),
                 "color": self.cfg.color,
                 "max_batch_size": self.max_batch if self.batching else 1,
-                "golden": self.golden_report.get("golden", "absent"),
+                **extra,
                 **model.details,
             },
         }

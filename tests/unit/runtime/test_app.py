@@ -52,7 +52,12 @@ def test_metadata_and_versions_paths(loaded, client_for):
     assert doc["name"] == "mlp" and doc["versions"] == ["1"] and doc["platform"] == "pytorch"
     assert doc["inputs"] == [{"name": "input__0", "datatype": "FP32", "shape": [-1, IN]}]
     assert doc["outputs"] == [{"name": "output__0", "datatype": "FP32", "shape": [-1, OUT]}]
-    assert doc["parameters"]["color"] == "blue" and doc["parameters"]["format"] == "mlflow-pt2"
+    params = doc["parameters"]
+    assert params["color"] == "blue" and params["format"] == "mlflow-pt2" and params["max_batch_size"] == 16
+    # the golden example itself, for smoke tests to replay (plugins/modules/smoke_test.py reads it)
+    assert params["golden_source"] == "model:golden.json"
+    assert set(params["golden"]) == {"inputs", "outputs", "rtol", "atol"}
+    assert params["golden"]["inputs"][0]["name"] == "input__0"
     assert ready.status == ready_v.status == infer_v.status == 200
     assert ready.json() == {"name": "mlp", "ready": True}
     assert wrong_version.status == 404 and "version" in wrong_version.json()["error"]
