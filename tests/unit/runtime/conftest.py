@@ -272,28 +272,53 @@ class MlflowServer:
     proc: subprocess.Popen
     workdir: Path
 
+    @classmethod
+    def launch(cls, work: Path) -> MlflowServer:
+        """A real MLflow tracking server + model registry on loopback, sqlite backend, proxied artifacts."""
+        port = free_port()
+        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{work}/mlflow.db"]
+        cmd += ["--artifacts-destination", str(work / "artifacts"), "--host", "127.0.0.1", "--port", str(port)]
+        env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+        with open(work / "server.log", "wb") as log:
+            proc = subprocess.Popen(
+                [*cmd, "--workers", "1"], stdout=log, stderr=log, env=env, cwd=work, start_new_session=True
+            )
+        return cls(f"http://127.0.0.1:{port}", proc, work)
+
+    def wait_ready(self) -> None:
+        try:
+            wait_until(
+                lambda: self.proc.poll() is None and http("GET", f"{self.url}/health", timeout=2).status == 200,
+                120,
+                self.url,
+            )
+        except AssertionError:
+            self.kill()
+            raise AssertionError((self.workdir / "server.log").read_text()[-3000:]) from None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # a throwaway registry: no need for its 10 s graceful stop
+        self.proc.wait(10)
+
+
+_PRESTARTED: list[MlflowServer] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _prestart_mlflow_server(request: pytest.FixtureRequest, tmp_path_factory, worker_id: str) -> Iterator[None]:
+    """Without xdist, boot the MLflow server at session start when a selected test needs it: its 10-25 s
+    start-up then overlaps the other tests. (Under xdist each worker would boot one: there it stays lazy.)"""
+    if worker_id == "master" and any("mlflow_server" in getattr(i, "fixturenames", ()) for i in request.session.items):
+        _PRESTARTED.append(MlflowServer.launch(tmp_path_factory.mktemp("mlflow")))
+    yield
+    while _PRESTARTED:  # booted but never used (the test was skipped or failed early)
+        _PRESTARTED.pop().kill()
+
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    """A real MLflow tracking server + model registry on loopback, sqlite backend, proxied artifacts."""
-    work = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{work}/mlflow.db"]
-    cmd += ["--artifacts-destination", str(work / "artifacts"), "--host", "127.0.0.1", "--port", str(port)]
-    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
-    log = open(work / "server.log", "wb")  # noqa: SIM115 - kept open for the server's lifetime
-    proc = subprocess.Popen([*cmd, "--workers", "1"], stdout=log, stderr=log, env=env, cwd=work, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def kill() -> None:
-        os.killpg(proc.pid, signal.SIGKILL)  # a throwaway registry: no need for its 10 s graceful stop
-        proc.wait(10)
-        log.close()
-
-    try:
-        wait_until(lambda: proc.poll() is None and http("GET", f"{url}/health", timeout=2).status == 200, 120, url)
-    except AssertionError:
-        kill()
-        raise AssertionError((work / "server.log").read_text()[-3000:]) from None
-    yield MlflowServer(url, proc, work)
-    kill()
+    server = _PRESTARTED.pop() if _PRESTARTED else MlflowServer.launch(tmp_path_factory.mktemp("mlflow"))
+    server.wait_ready()
+    yield server
+    server.kill()
