@@ -148,12 +148,42 @@ def color_models(config_dir, colors=COLORS):
             out[color] = None
             continue
         env = parse_env(text)
+        uri = env.get("SOVEREIGN_RUNTIME_MODEL_URI", "")
         out[color] = dict(
-            uri=env.get("SOVEREIGN_RUNTIME_MODEL_URI", ""),
+            uri=uri,
             name=env.get("SOVEREIGN_RUNTIME_MODEL_NAME", ""),
             version=env.get("SOVEREIGN_RUNTIME_MODEL_VERSION", ""),
+            golden_file=golden_file(uri, env.get("SOVEREIGN_RUNTIME_GOLDEN_FILE", "")),
         )
     return out
+
+
+def golden_file(uri, explicit=""):
+    """The golden file the runtime uses for a local model (its documented search order), or None.
+    Registry models (models:/...) keep theirs inside the artifact: None."""
+    candidates = [explicit] if explicit else []
+    if uri.startswith("/"):
+        candidates += [
+            uri + ".golden.json",
+            os.path.join(uri, "golden.json"),
+            os.path.join(uri, "extra_files", "golden.json"),
+        ]
+    for candidate in candidates:
+        if candidate and os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def read_golden(path, limit=1 << 20):
+    """The golden example in PATH (a dict), or None when it is missing, too large or not a JSON object."""
+    try:
+        if not path or os.path.getsize(path) > limit:
+            return None
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def metrics_registry(live_color, models, records, colors=COLORS):

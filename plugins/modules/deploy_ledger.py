@@ -114,7 +114,11 @@ live_color:
   returned: always
   type: str
 models:
-  description: Each color's configured model C({uri, name, version}), V(null) for a color without one.
+  description:
+    - Each color's configured model C({uri, name, version, golden_file, golden}), V(null) for a color without one.
+    - C(golden_file) is the golden file the runtime uses for a local model (C(SOVEREIGN_RUNTIME_GOLDEN_FILE), else
+      C(<file>.golden.json), C(<dir>/golden.json) or C(<dir>/extra_files/golden.json)), C(golden) its content
+      (V(null) for registry models, whose golden file is inside the artifact). The rollback's smoke test uses it.
   returned: always
   type: dict
 metrics_written:
@@ -134,6 +138,7 @@ from ansible_collections.sovereign.mlops.plugins.module_utils._ledger import (
     iso_from_epoch,
     map_value,
     metrics_registry,
+    read_golden,
     read_ledger,
     read_text,
     write_metrics,
@@ -194,6 +199,9 @@ def main():
             records.append(record)
         live = map_value(read_text(p["map_file"]), p["map_key"])
         models = color_models(p["config_dir"])
+        for model in models.values():
+            if model is not None:
+                model["golden"] = read_golden(model["golden_file"])
         result.update(live_color=live, models=models, records=records[-p["tail"] :] if p["tail"] else [])
 
         if write_prom:
