@@ -326,7 +326,9 @@ class Engine:
                 try:
                     result = await item.fut
                 finally:
+                    # Cancelled while still queued (shutdown): uncount it here; the flush will skip it.
                     picked = item.picked
+                    item.picked = True
             else:
                 picked = True
                 self.waiting -= 1
@@ -374,10 +376,10 @@ class Engine:
             while queue and (not batch or rows + queue[0].rows <= max_rows):
                 item = queue.popleft()
                 self._queued_rows -= item.rows
+                if item.picked:  # its handler was cancelled (server shutting down) and uncounted it
+                    continue
                 self.waiting -= 1
                 item.picked = True
-                if item.fut.done():  # cancelled (server shutting down)
-                    continue
                 if now > item.deadline:
                     item.fut.set_result(_TIMEOUT)
                     continue

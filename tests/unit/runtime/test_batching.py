@@ -166,3 +166,30 @@ def test_lone_request_skips_the_queue(loaded, client_for, busy, queued):
     engine._enqueue = lambda item, loop: (used.append(item), real(item, loop))
     resp = asyncio.run(client_for(engine).post(INFER, infer_body(torch.zeros(1, IN))))
     assert resp.status == 200 and bool(used) is queued
+
+
+def test_cancelled_queued_request_is_counted_once(loaded, client_for):
+    """A handler cancelled while its request waits in the queue (shutdown timeout) leaves the counters right."""
+    engine = make_engine(loaded["mlflow_pt2"], max_batch_size=8, max_batch_delay_ms=300)
+    client = client_for(engine)
+
+    async def go():
+        await asyncio.gather(*(client.post(INFER, infer_body(torch.zeros(1, IN))) for _ in range(3)))
+        waiting = asyncio.create_task(client.post(INFER, infer_body(torch.zeros(1, IN))))  # held by the delay
+        await asyncio.sleep(0.05)
+        queued = (engine.waiting, len(engine._queue))
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        after_cancel = engine.waiting
+        await asyncio.sleep(0.5)  # the delay timer fires and finds the abandoned item
+        return (
+            queued,
+            after_cancel,
+            engine.waiting,
+            len(engine._queue),
+            await client.post(INFER, infer_body(torch.zeros(1, IN))),
+        )
+
+    queued, after_cancel, after_flush, left, resp = asyncio.run(go())
+    assert queued == (1, 1) and after_cancel == 0 and after_flush == 0 and left == 0
+    assert resp.status == 200 and engine.waiting == 0
