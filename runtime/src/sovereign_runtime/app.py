@@ -98,7 +98,6 @@ class App:
             headers = POST_ONLY if action == "infer" else GET_ONLY
             await self._reply(send, endpoint, 405, error_body(f"{method} not allowed on {path[:200]}"), headers)
             return
-        model = self.engine.model
         problem = self._model_problem(name, version)
         if problem:
             await self._reply(send, endpoint, problem[0], error_body(problem[1]), problem[2])
@@ -109,8 +108,7 @@ class App:
             ready = self.engine.state == READY
             body = dumps({"name": name, "ready": ready, **({} if ready else {"reason": self.engine.reason})})
             await self._reply(send, endpoint, 200 if ready else 503, body, None, method)
-        else:
-            assert model is not None
+        else:  # a model is loaded: _model_problem answered otherwise
             await self._reply(send, endpoint, 200, dumps(self.engine.metadata()), None, method)
 
     def _model_problem(self, name: str, version: str | None) -> tuple[int, str, Any] | None:
