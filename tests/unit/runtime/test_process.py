@@ -25,8 +25,8 @@ def test_serve_sigterm_drains_in_flight_and_exits_0(models):
         SOVEREIGN_RUNTIME_MODEL_NAME="mlp",
         SOVEREIGN_RUNTIME_PORT=str(port),
         SOVEREIGN_RUNTIME_COLOR="blue",
-        SOVEREIGN_RUNTIME_CHAOS_LATENCY_MS="2000",  # every infer takes >= 2 s: one is surely in flight
-        SOVEREIGN_RUNTIME_SHUTDOWN_DELAY_S="1.5",  # keep listening (ready=503) this long after SIGTERM
+        SOVEREIGN_RUNTIME_CHAOS_LATENCY_MS="3000",  # every infer takes >= 3 s: one is surely in flight
+        SOVEREIGN_RUNTIME_SHUTDOWN_DELAY_S="2.5",  # keep listening (ready=503) this long after SIGTERM
         SOVEREIGN_RUNTIME_DRAIN_TIMEOUT_S="20",
     )
     proc = subprocess.Popen(
