@@ -1,0 +1,59 @@
+"""Shared fixtures: where the verifier reaches the MLflow server in the molecule container."""
+
+import os
+import subprocess
+
+import pytest
+
+INSTANCE = "molecule-mlflow"
+PORT = 5000
+# The scenario publishes the server's port on the host's loopback (molecule.yml).
+PUBLISHED_URL = "http://127.0.0.1:15517"
+# TEST VALUES ONLY, the same as converge.yml's; real deployments take them from ansible-vault.
+ADMIN_USER = "admin"
+ADMIN_PASSWORD = "molecule-test-admin-password"
+
+
+def _container_ip() -> str:
+    out = subprocess.run(
+        ["podman", "inspect", "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", INSTANCE],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert out, f"{INSTANCE} has no IP address on a podman network"
+    return out[0]
+
+
+@pytest.fixture(scope="session")
+def container_ip() -> str:
+    return _container_ip()
+
+
+@pytest.fixture(scope="session")
+def mlflow_url(container_ip) -> str:
+    """The server on the container's address on the podman network (its internal address)."""
+    return f"http://{container_ip}:{PORT}"
+
+
+@pytest.fixture(scope="session")
+def published_url() -> str:
+    return PUBLISHED_URL
+
+
+@pytest.fixture(scope="session")
+def admin_auth() -> tuple[str, str]:
+    return (ADMIN_USER, ADMIN_PASSWORD)
+
+
+@pytest.fixture(scope="session")
+def mlflow_credentials(admin_auth):
+    """MLflow's client reads basic-auth credentials from these environment variables."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = admin_auth
+    yield admin_auth
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
