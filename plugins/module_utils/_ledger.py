@@ -264,8 +264,8 @@ def describe_holder(info, age=None):
     text = f"{holder} since {since}"
     if age is not None:
         text += f" ({int(age)}s ago, TTL {info.get('ttl', '?')}s)"
-    if info.get("message"):
-        text += ": " + str(info["message"])
+    if info.get("note"):
+        text += ": " + str(info["note"])
     return text
 
 
@@ -303,7 +303,7 @@ def is_stale(info, now=None):
     return lock_age(info, now) > ttl
 
 
-def try_mkdir_lock(path, holder, ttl, message="", token=None, now=None):
+def try_mkdir_lock(path, holder, ttl, note="", token=None, now=None):
     """Create the lock directory atomically; returns its info, or None when it already exists."""
     now = time.time() if now is None else now
     parent = os.path.dirname(os.path.abspath(path))
@@ -317,7 +317,7 @@ def try_mkdir_lock(path, holder, ttl, message="", token=None, now=None):
         since=iso_from_epoch(now),
         ttl=int(ttl),
         token=token or uuid.uuid4().hex,
-        message=message or "",
+        note=note or "",
         pid=os.getpid(),
     )
     tmp = os.path.join(path, LOCK_INFO + ".tmp")

@@ -13,8 +13,8 @@ author: sovereign.mlops maintainers (!UNKNOWN)
 description:
   - Appends one record (a JSON object on one line) to the host's deployment ledger, under an C(flock), fsync'd.
     The playbooks record every deploy and rollback, failed ones included (C(result=failed) and a C(reason)).
-  - Then rewrites the node_exporter textfile O(metrics_path) atomically (C(prometheus_client.write_to_textfile):
-    temporary file and rename) from the host's actual state, so the metrics never drift from what the host
+  - Then rewrites the node_exporter textfile O(metrics_path) atomically (C(prometheus_client.write_to_textfile),
+    a temporary file and a rename) from the host's actual state, so the metrics never drift from what the host
     serves. C(sovereign_deploy_live_color{color}) from the traffic switch's map file,
     C(sovereign_deploy_model_info{color,model,version}) from each color's C(<color>.model.env),
     C(sovereign_deploy_last_timestamp_seconds{action}), C(sovereign_deploy_last_success{action}) and
@@ -127,6 +127,7 @@ metrics_written:
   type: bool
 """
 
+import importlib.util
 import json
 import time
 import traceback
@@ -144,14 +145,8 @@ from ansible_collections.sovereign.mlops.plugins.module_utils._ledger import (
     write_metrics,
 )
 
-try:
-    import prometheus_client  # noqa: F401  (presence check; _ledger imports it lazily)
-
-    HAS_PROMETHEUS = True
-    PROMETHEUS_IMPORT_ERROR = None
-except ImportError:
-    HAS_PROMETHEUS = False
-    PROMETHEUS_IMPORT_ERROR = traceback.format_exc()
+# _ledger imports prometheus_client lazily, only to write metrics; here we only look for it.
+HAS_PROMETHEUS = importlib.util.find_spec("prometheus_client") is not None
 
 
 def main():
@@ -178,7 +173,6 @@ def main():
             msg=missing_required_lib("prometheus_client (Debian: python3-prometheus-client)")
             + " It is needed to write "
             + p["metrics_path"],
-            exception=PROMETHEUS_IMPORT_ERROR,
         )
 
     result = dict(changed=False, line=None, records=[], live_color=None, models={}, metrics_written=False)

@@ -11,12 +11,12 @@ short_description: Take or release the fleet-wide deploy lock
 version_added: 0.1.0
 author: sovereign.mlops maintainers (!UNKNOWN)
 description:
-  - The fleet deploy lock of C(playbooks/deploy.yml) and C(playbooks/rollback.yml): one directory on one host
+  - The fleet deploy lock of C(playbooks/deploy.yml) and C(playbooks/rollback.yml) is one directory on one host
     (by convention the first inference host), created with C(mkdir), which is atomic, as kamal does. It holds
-    C(info.json) with the holder (C(user@controller)), when it was taken, its TTL, an optional message and a
+    C(info.json) with the holder (C(user@controller)), when it was taken, its TTL, an optional note and a
     random token.
   - O(state=present) takes the lock. When it is already held by someone else it fails, naming the holder and
-    since when, unless the lock is older than its own TTL (a run that was killed before releasing it): then it
+    since when, unless the lock is older than its own TTL (a run that was killed before releasing it); then it
     breaks it with a warning naming the old holder and takes it. Giving the O(token) of a lock we already hold
     renews it (C(changed=false)).
   - O(state=absent) releases the lock only when O(token) matches (a lock broken and retaken by someone else
@@ -45,7 +45,7 @@ options:
         longest deploy of the fleet.
     type: int
     default: 3600
-  message:
+  note:
     description:
       - A free text stored with the lock and shown to whoever is refused (for example the color and model).
     type: str
@@ -71,7 +71,7 @@ attributes:
     description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: none
 notes:
-  - The lock is advisory: it keeps two runs of the release playbooks apart. It does not stop a person running
+  - The lock is advisory; it keeps two runs of the release playbooks apart. It does not stop a person running
     C(blue_green_switch) by hand (that module has its own per-host flock).
 seealso:
   - module: sovereign.mlops.deploy_ledger
@@ -83,7 +83,7 @@ EXAMPLES = r"""
   sovereign.mlops.deploy_lock:
     holder: "{{ lookup('env', 'USER') }}@{{ lookup('pipe', 'hostname') }}"
     ttl: 1800
-    message: "deploy green models:/fraud/7"
+    note: "deploy green models:/fraud/7"
   delegate_to: "{{ groups['inference'][0] }}"
   run_once: true
   register: lock
@@ -164,7 +164,7 @@ def present(module, result):
         module.exit_json(**result)
     if info is not None:
         remove_lock(path)
-    taken = try_mkdir_lock(path, p["holder"], p["ttl"], p["message"])
+    taken = try_mkdir_lock(path, p["holder"], p["ttl"], p["note"])
     if taken is None:
         # Someone else won the race for the broken (or just released) lock.
         other = read_lock(path) or {}
@@ -207,7 +207,7 @@ def main():
             state=dict(type="str", choices=["present", "absent"], default="present"),
             holder=dict(type="str"),
             ttl=dict(type="int", default=3600),
-            message=dict(type="str", default=""),
+            note=dict(type="str", default=""),
             token=dict(type="str", no_log=False),
             force=dict(type="bool", default=False),
         ),

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Bounded keep-alive load generator (python3 stdlib; a test tool of molecule/release and benchmarks/switch).
 
 THREADS clients, each on one keep-alive HTTP/1.1 connection, POST the golden inference request of MODEL to URL
@@ -93,7 +92,7 @@ def main(argv):
         with lock:
             lat.extend(local)
 
-    pool = [threading.Thread(target=worker, daemon=True) for _ in range(threads)]
+    pool = [threading.Thread(target=worker, daemon=True) for _index in range(threads)]
     for t in pool:
         t.start()
     while any(t.is_alive() for t in pool):

@@ -41,10 +41,10 @@ FAST = {
 }
 
 
-def play(name, extra=None, timeout=600):
+def play(name, extra=None, timeout=600, check=False):
     """Run a playbook of the collection against molecule's inventory; returns (rc, output, seconds)."""
     assert INVENTORY, "MOLECULE_INVENTORY_FILE is not set (run through molecule verify)"
-    cmd = [ANSIBLE_PLAYBOOK, "-i", INVENTORY, str(PROJECT / "playbooks" / name)]
+    cmd = [ANSIBLE_PLAYBOOK, "-i", INVENTORY, str(PROJECT / "playbooks" / name)] + (["--check"] if check else [])
     if extra:
         cmd += ["-e", json.dumps(extra)]
     start = time.monotonic()
@@ -94,7 +94,7 @@ def snapshot(host):
 
 
 def set_lock(host, holder, since, ttl):
-    info = json.dumps(dict(holder=holder, since=since, ttl=ttl, token="someone-elses", message="by hand"))
+    info = json.dumps(dict(holder=holder, since=since, ttl=ttl, token="someone-elses", note="by hand"))
     host.check_output(f"mkdir -p {LOCK} && printf '%s\\n' '{info}' > {LOCK}/info.json")
 
 
@@ -123,7 +123,7 @@ def set_lock(host, holder, since, ttl):
 )
 def test_bad_input_changes_nothing(host, extra, expected):
     before = snapshot(host)
-    rc, out, _ = play("deploy.yml", extra)
+    rc, out, _seconds = play("deploy.yml", extra)
     assert rc != 0
     assert expected in out
     assert "Nothing was changed" in out
@@ -135,7 +135,7 @@ def test_deploy_refused_while_the_lock_is_held(host):
     set_lock(host, "mallory@elsewhere", since, 600)
     try:
         before = snapshot(host)
-        rc, out, _ = play("deploy.yml", {"color": "green", "model": f"{MODELS}/v2/model.pt", **FAST})
+        rc, out, _seconds = play("deploy.yml", {"color": "green", "model": f"{MODELS}/v2/model.pt", **FAST})
         assert rc != 0
         assert f"is held by mallory@elsewhere since {since}" in out
         assert snapshot(host) == before
@@ -143,6 +143,91 @@ def test_deploy_refused_while_the_lock_is_held(host):
         assert "mallory@elsewhere" in host.file(f"{LOCK}/info.json").content_string
     finally:
         host.check_output(f"rm -rf {LOCK}")
+
+
+# -- the registry: a real MLflow server on the controller ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` (sqlite) on the controller with model `demo` v1..v3, alias champion -> 2 (tagged
+    with a sha256). Only the controller talks to it: the deploys below run in check mode (resolution only)."""
+    exe = shutil.which("mlflow") or os.path.join(os.path.dirname(sys.executable), "mlflow")
+    if not os.path.exists(exe):
+        pytest.skip("mlflow is not installed on the controller")
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = tmp_path_factory.mktemp("mlflow")
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [
+            exe,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{base}/db.sqlite",
+            "--default-artifact-root",
+            str(base / "art"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2).read()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(1)
+        from mlflow import MlflowClient
+
+        client = MlflowClient(url)
+        client.create_registered_model("demo")
+        experiment = client.create_experiment("release")
+        for _version in range(3):
+            run = client.create_run(experiment)
+            client.create_model_version("demo", source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+        client.set_registered_model_alias("demo", "champion", "2")
+        client.set_model_version_tag("demo", "2", "sha256", "ab" * 32)
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(30)
+
+
+@pytest.mark.parametrize(
+    ("model", "expected", "ok"),
+    [
+        pytest.param(
+            "models:/demo@champion", f"Deploying demo version 2 (models:/demo/2, sha256 {'ab' * 32})", True, id="alias"
+        ),
+        pytest.param("models:/demo/latest", "Deploying demo version 3 (models:/demo/3", True, id="latest"),
+        pytest.param("models:/demo@nope", "MLflow has no models:/demo@nope", False, id="unknown-alias"),
+        pytest.param("models:/demo/9", "MLflow has no models:/demo/9", False, id="unknown-version"),
+        pytest.param("models:/other@champion", "MLflow has no models:/other@champion", False, id="unknown-name"),
+        pytest.param("models:/demo", "model must be models:/NAME@ALIAS", False, id="malformed"),
+    ],
+)
+def test_registry_model_is_resolved_once_on_the_controller(host, mlflow_server, model, expected, ok):
+    before = snapshot(host)
+    rc, out, _seconds = play(
+        "deploy.yml", {"color": "green", "model": model, "deploy_tracking_uri": mlflow_server}, check=True
+    )
+    assert (rc == 0) is ok
+    assert expected in out
+    assert snapshot(host) == before
 
 
 # -- deploy and rollback under load ---------------------------------------------------------------------------------
@@ -219,7 +304,7 @@ def _assert_blue_kept(host, out, reason):
 
 
 def test_green_that_never_starts_takes_no_traffic(host):
-    rc, out, _ = play(
+    rc, out, _seconds = play(
         "deploy.yml",
         {"color": "green", "model": f"{MODELS}/broken/model.pt", "deploy_ready_timeout_s": 20, **FAST},
     )
@@ -230,7 +315,7 @@ def test_green_that_never_starts_takes_no_traffic(host):
 
 
 def test_failing_smoke_test_takes_no_traffic(host):
-    rc, out, _ = play(
+    rc, out, _seconds = play(
         "deploy.yml",
         {
             "color": "green",
@@ -248,7 +333,7 @@ def test_failing_smoke_test_takes_no_traffic(host):
 def test_green_degrading_after_the_switch_is_switched_back(host):
     # Chaos knob (tests only): 150 ms per request. The smoke test limit is raised above it so green is switched
     # to, and the watch window's p99 limit (100 ms) catches it.
-    rc, out, _ = play(
+    rc, out, _seconds = play(
         "deploy.yml",
         {
             "color": "green",

@@ -168,12 +168,12 @@ def _take(path, queue):
 def test_only_one_of_many_concurrent_takers_wins(tmp_path):
     path = str(tmp_path / "deploy.lock")
     queue = multiprocessing.Queue()
-    procs = [multiprocessing.Process(target=_take, args=(path, queue)) for _ in range(8)]
+    procs = [multiprocessing.Process(target=_take, args=(path, queue)) for _index in range(8)]
     for proc in procs:
         proc.start()
     for proc in procs:
         proc.join(30)
-    assert sorted(queue.get() for _ in procs) == [False] * 7 + [True]
+    assert sorted(queue.get() for _proc in procs) == [False] * 7 + [True]
 
 
 @pytest.mark.parametrize(
