@@ -37,7 +37,7 @@ CHUNK = 1024 * 1024
 # renameat2(2) flags and the syscall number where glibc has no wrapper (glibc < 2.28).
 AT_FDCWD = -100
 RENAME_EXCHANGE = 2
-_RENAMEAT2_SYSCALL = {'x86_64': 316, 'aarch64': 276, 'ppc64le': 357, 's390x': 347, 'riscv64': 276}
+_RENAMEAT2_SYSCALL = {"x86_64": 316, "aarch64": 276, "ppc64le": 357, "s390x": 347, "riscv64": 276}
 
 
 class SyncError(Exception):
@@ -47,27 +47,27 @@ class SyncError(Exception):
 # -- hashing -----------------------------------------------------------------------------------------------------
 
 
-def file_md5(path, hash_name='md5'):
+def file_md5(path, hash_name="md5"):
     """DVC's hash of a local file: plain md5 (DVC 3, ``hash: md5``) or DVC 2's md5-dos2unix."""
-    if hash_name == 'md5-dos2unix':
+    if hash_name == "md5-dos2unix":
         from dvc_data.hashfile.hash import fobj_md5  # only DVC 2-era repos need it; dvc is installed then
 
-        with open(path, 'rb') as fobj:
+        with open(path, "rb") as fobj:
             return fobj_md5(fobj, name=hash_name)
-    if hash_name != 'md5':
-        raise SyncError(f'unsupported DVC hash {hash_name!r} (only md5 and md5-dos2unix are)')
+    if hash_name != "md5":
+        raise SyncError(f"unsupported DVC hash {hash_name!r} (only md5 and md5-dos2unix are)")
     digest = hashlib.md5()  # DVC's content address, not a security hash
-    with open(path, 'rb') as fobj:
-        for chunk in iter(lambda: fobj.read(CHUNK), b''):
+    with open(path, "rb") as fobj:
+        for chunk in iter(lambda: fobj.read(CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
 def dir_md5(files):
     """DVC's ``.dir`` hash of a tree given as ``{relpath: md5}`` (same JSON as dvc_data's Tree.as_bytes)."""
-    entries = sorted(({'md5': md5, 'relpath': rel} for rel, md5 in files.items()), key=lambda e: e['relpath'])
-    data = json.dumps(entries, sort_keys=True).encode('utf-8')
-    return hashlib.md5(data).hexdigest() + '.dir'
+    entries = sorted(({"md5": md5, "relpath": rel} for rel, md5 in files.items()), key=lambda e: e["relpath"])
+    data = json.dumps(entries, sort_keys=True).encode("utf-8")
+    return hashlib.md5(data).hexdigest() + ".dir"
 
 
 # -- the names beside dest ---------------------------------------------------------------------------------------
@@ -80,21 +80,21 @@ class Layout:
         self.dest = os.path.abspath(dest).rstrip(os.sep) or os.sep
         self.parent, self.name = os.path.split(self.dest)
         if not self.name:
-            raise SyncError('dest must not be the root directory')
-        self.manifest = self.sibling(f'.{self.name}.dvc-sync.json')
-        self.lock = self.sibling(f'.{self.name}.dvc-sync.lock')
+            raise SyncError("dest must not be the root directory")
+        self.manifest = self.sibling(f".{self.name}.dvc-sync.json")
+        self.lock = self.sibling(f".{self.name}.dvc-sync.lock")
         quoted = re.escape(self.name)
-        self._version_re = re.compile(rf'^\.{quoted}\.([0-9a-f]{{12}})-([0-9a-f]{{8}})$')
-        self._temp_re = re.compile(rf'^\.{quoted}\.(tmp|lnk|trash)-([0-9a-f]{{8}})$')
+        self._version_re = re.compile(rf"^\.{quoted}\.([0-9a-f]{{12}})-([0-9a-f]{{8}})$")
+        self._temp_re = re.compile(rf"^\.{quoted}\.(tmp|lnk|trash)-([0-9a-f]{{8}})$")
 
     def sibling(self, name):
         return os.path.join(self.parent, name)
 
     def temp(self, kind):
-        return self.sibling(f'.{self.name}.{kind}-{secrets.token_hex(4)}')
+        return self.sibling(f".{self.name}.{kind}-{secrets.token_hex(4)}")
 
     def version_name(self, md5):
-        return f'.{self.name}.{(md5 or "0" * 12)[:12]}-{secrets.token_hex(4)}'
+        return f".{self.name}.{(md5 or '0' * 12)[:12]}-{secrets.token_hex(4)}"
 
     def is_version(self, name):
         return bool(self._version_re.match(name))
@@ -105,22 +105,24 @@ class Layout:
             names = os.listdir(self.parent)
         except FileNotFoundError:
             return [], []
-        return (sorted(n for n in names if self._version_re.match(n)),
-                sorted(n for n in names if self._temp_re.match(n)))
+        return (
+            sorted(n for n in names if self._version_re.match(n)),
+            sorted(n for n in names if self._temp_re.match(n)),
+        )
 
     def state(self):
         """'missing', 'link' (a symlink to a directory), 'dir', 'file' or 'other' for dest itself."""
         try:
             st = os.lstat(self.dest)
         except (FileNotFoundError, NotADirectoryError):
-            return 'missing'
+            return "missing"
         if stat.S_ISLNK(st.st_mode):
-            return 'link' if os.path.isdir(self.dest) else 'other'
+            return "link" if os.path.isdir(self.dest) else "other"
         if stat.S_ISDIR(st.st_mode):
-            return 'dir'
+            return "dir"
         if stat.S_ISREG(st.st_mode):
-            return 'file'
-        return 'other'
+            return "file"
+        return "other"
 
     def current_version(self):
         """Basename of our version directory dest points to, or None (not a symlink or not one of ours)."""
@@ -146,11 +148,15 @@ def check_writable_parent(layout):
     """Error text when nothing can be created beside dest (checked without changing anything), else None."""
     base = nearest_existing(layout.parent)
     if not os.path.isdir(base):
-        return (f'dest {layout.dest} is not writable: {base} is not a directory, so {layout.parent} cannot be '
-                'created; choose a dest under a directory')
+        return (
+            f"dest {layout.dest} is not writable: {base} is not a directory, so {layout.parent} cannot be "
+            "created; choose a dest under a directory"
+        )
     if not os.access(base, os.W_OK | os.X_OK):
-        return (f'dest {layout.dest} is not writable: no write permission on {base} (the module creates files '
-                'beside dest); run with become or fix the permissions')
+        return (
+            f"dest {layout.dest} is not writable: no write permission on {base} (the module creates files "
+            "beside dest); run with become or fix the permissions"
+        )
     return None
 
 
@@ -163,27 +169,27 @@ def _stat_key(st):
 
 def load_manifest(layout):
     try:
-        with open(layout.manifest, 'rb') as fobj:
+        with open(layout.manifest, "rb") as fobj:
             data = json.load(fobj)
         written_ns = os.stat(layout.manifest).st_mtime_ns
     except (OSError, ValueError):
         return {}
-    if not isinstance(data, dict) or data.get('format') != MANIFEST_FORMAT:
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         return {}
-    data['_written_ns'] = written_ns
+    data["_written_ns"] = written_ns
     return data
 
 
 def save_manifest(layout, data):
-    data = dict((k, v) for k, v in data.items() if not k.startswith('_'))
-    data['format'] = MANIFEST_FORMAT
-    write_file_atomic(layout.manifest, (json.dumps(data, indent=1, sort_keys=True) + '\n').encode('utf-8'))
+    data = dict((k, v) for k, v in data.items() if not k.startswith("_"))
+    data["format"] = MANIFEST_FORMAT
+    write_file_atomic(layout.manifest, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def write_file_atomic(path, data):
-    tmp = f'{path}.tmp-{secrets.token_hex(4)}'
+    tmp = f"{path}.tmp-{secrets.token_hex(4)}"
     try:
-        with open(tmp, 'wb') as fobj:
+        with open(tmp, "wb") as fobj:
             fobj.write(data)
             fobj.flush()
             os.fsync(fobj.fileno())
@@ -209,9 +215,14 @@ class HashCache:
 
     def md5(self, rel, path, st, hash_name):
         entry = self.cached.get(rel)
-        if (entry and entry.get('hash', 'md5') == hash_name and entry.get('stat') == _stat_key(st)
-                and st.st_mtime_ns < self.written_ns and st.st_ctime_ns < self.written_ns):
-            return entry['md5']
+        if (
+            entry
+            and entry.get("hash", "md5") == hash_name
+            and entry.get("stat") == _stat_key(st)
+            and st.st_mtime_ns < self.written_ns
+            and st.st_ctime_ns < self.written_ns
+        ):
+            return entry["md5"]
         self.hashed.append(rel)
         return file_md5(path, hash_name)
 
@@ -224,7 +235,7 @@ def manifest_files(root, tracked):
             st = os.lstat(os.path.join(root, rel))
         except OSError:
             continue
-        out[rel] = {'md5': item['md5'], 'hash': item['hash'], 'stat': _stat_key(st)}
+        out[rel] = {"md5": item["md5"], "hash": item["hash"], "stat": _stat_key(st)}
     return out
 
 
@@ -240,43 +251,43 @@ def scan_tree(root, tracked, cache):
         reldir = os.path.relpath(dirpath, root)
         for name in sorted(dirnames) + sorted(filenames):
             full = os.path.join(dirpath, name)
-            rel = name if reldir == '.' else reldir + '/' + name
+            rel = name if reldir == "." else reldir + "/" + name
             st = os.lstat(full)
             if stat.S_ISDIR(st.st_mode):
-                out[rel] = {'kind': 'dir', 'st': st}
+                out[rel] = {"kind": "dir", "st": st}
             elif stat.S_ISLNK(st.st_mode):
-                out[rel] = {'kind': 'link', 'st': st}
+                out[rel] = {"kind": "link", "st": st}
                 if name in dirnames:
                     dirnames.remove(name)
             elif stat.S_ISREG(st.st_mode):
-                entry = {'kind': 'file', 'st': st, 'md5': None}
+                entry = {"kind": "file", "st": st, "md5": None}
                 if rel in tracked:
-                    entry['md5'] = cache.md5(rel, full, st, tracked[rel]['hash'])
+                    entry["md5"] = cache.md5(rel, full, st, tracked[rel]["hash"])
                 out[rel] = entry
             else:
-                out[rel] = {'kind': 'other', 'st': st}
+                out[rel] = {"kind": "other", "st": st}
     return out
 
 
 def attrs_ok(st, item, attrs):
     """Whether an existing file already has the wanted owner, group and mode (exec bit for DVC's isexec)."""
-    if attrs.get('uid') is not None and st.st_uid != attrs['uid']:
+    if attrs.get("uid") is not None and st.st_uid != attrs["uid"]:
         return False
-    if attrs.get('gid') is not None and st.st_gid != attrs['gid']:
+    if attrs.get("gid") is not None and st.st_gid != attrs["gid"]:
         return False
     mode = stat.S_IMODE(st.st_mode)
-    if attrs.get('mode') is not None:
+    if attrs.get("mode") is not None:
         return mode == file_mode(item, attrs)
-    return not item.get('isexec') or bool(mode & stat.S_IXUSR)
+    return not item.get("isexec") or bool(mode & stat.S_IXUSR)
 
 
 def file_mode(item, attrs, current=None):
     """The mode a synced file gets: ``mode`` (+x where DVC says isexec), else its current mode (+x if isexec)."""
-    if attrs.get('mode') is not None:
-        mode = attrs['mode']
+    if attrs.get("mode") is not None:
+        mode = attrs["mode"]
     else:
-        mode = current if current is not None else 0o666 & ~attrs.get('umask', 0o022)
-    if item.get('isexec'):
+        mode = current if current is not None else 0o666 & ~attrs.get("umask", 0o022)
+    if item.get("isexec"):
         mode |= (mode & 0o444) >> 2  # x where r, like chmod +x under the usual umask
     return mode
 
@@ -292,13 +303,13 @@ def plan_tree(tracked, local, delete, attrs):
     added, updated, fetch, link, copy, attributes = [], [], [], [], [], []
     for rel in sorted(tracked):
         item, have = tracked[rel], local.get(rel)
-        if not have or have['kind'] != 'file':
+        if not have or have["kind"] != "file":
             (updated if have else added).append(rel)
             fetch.append(rel)
-        elif have['md5'] != item['md5']:
+        elif have["md5"] != item["md5"]:
             updated.append(rel)
             fetch.append(rel)
-        elif attrs_ok(have['st'], item, attrs):
+        elif attrs_ok(have["st"], item, attrs):
             link.append(rel)
         else:
             attributes.append(rel)
@@ -306,34 +317,43 @@ def plan_tree(tracked, local, delete, attrs):
 
     tracked_dirs = set()
     for rel in tracked:
-        parts = rel.split('/')
-        tracked_dirs.update('/'.join(parts[:i]) for i in range(1, len(parts)))
+        parts = rel.split("/")
+        tracked_dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
 
     removed, keep = [], []
     for rel in sorted(local):
         have = local[rel]
-        if rel in tracked or (have['kind'] == 'dir' and rel in tracked_dirs):
+        if rel in tracked or (have["kind"] == "dir" and rel in tracked_dirs):
             continue
-        if have['kind'] == 'dir':
+        if have["kind"] == "dir":
             # an untracked directory: kept (delete=false) unless a tracked file sits where it or its parent is
             if not delete and not _blocked(rel, tracked, tracked_dirs):
                 keep.append(rel)
             continue
-        if delete or have['kind'] == 'other' or _blocked(rel, tracked, tracked_dirs):
+        if delete or have["kind"] == "other" or _blocked(rel, tracked, tracked_dirs):
             removed.append(rel)
         else:
             keep.append(rel)
     changed = bool(added or updated or removed or attributes)
-    return dict(added=added, updated=updated, removed=removed, attributes=attributes, fetch=fetch, link=link,
-                copy=copy, keep=keep, changed=changed)
+    return dict(
+        added=added,
+        updated=updated,
+        removed=removed,
+        attributes=attributes,
+        fetch=fetch,
+        link=link,
+        copy=copy,
+        keep=keep,
+        changed=changed,
+    )
 
 
 def _blocked(rel, tracked, tracked_dirs):
     """An untracked path that cannot stay: a tracked file needs its name as a directory, or vice versa."""
     if rel in tracked_dirs and rel not in tracked:
         return True  # an untracked file where the tracked tree has a directory
-    parts = rel.split('/')
-    return any('/'.join(parts[:i]) in tracked for i in range(1, len(parts)))
+    parts = rel.split("/")
+    return any("/".join(parts[:i]) in tracked for i in range(1, len(parts)))
 
 
 # -- building a version and swapping it in -----------------------------------------------------------------------
@@ -361,11 +381,12 @@ def build_version(staging, current_root, tracked, plan, attrs, fetch, jobs):
 
     Returns the bytes downloaded. Every downloaded file is checked against DVC's md5 before it is used.
     """
+
     def ensure_parent(rel):
         parent = os.path.dirname(os.path.join(staging, rel))
         os.makedirs(parent, exist_ok=True)
 
-    for rel in plan['keep']:
+    for rel in plan["keep"]:
         src, dst = os.path.join(current_root, rel), os.path.join(staging, rel)
         st = os.lstat(src)
         ensure_parent(rel)
@@ -376,37 +397,39 @@ def build_version(staging, current_root, tracked, plan, attrs, fetch, jobs):
         else:
             link_or_copy(src, dst)
 
-    for rel in plan['link']:
+    for rel in plan["link"]:
         ensure_parent(rel)
         link_or_copy(os.path.join(current_root, rel), os.path.join(staging, rel))
 
-    for rel in plan['copy']:
+    for rel in plan["copy"]:
         ensure_parent(rel)
         dst = os.path.join(staging, rel)
         shutil.copy2(os.path.join(current_root, rel), dst)
-        set_attrs(dst, attrs.get('uid'), attrs.get('gid'),
-                  file_mode(tracked[rel], attrs, stat.S_IMODE(os.lstat(dst).st_mode)))
+        set_attrs(
+            dst, attrs.get("uid"), attrs.get("gid"), file_mode(tracked[rel], attrs, stat.S_IMODE(os.lstat(dst).st_mode))
+        )
 
     def one(rel):
         item = tracked[rel]
         dst = os.path.join(staging, rel)
         ensure_parent(rel)
         fetch(rel, dst)
-        got = file_md5(dst, item['hash'])
-        if got != item['md5']:
-            raise SyncError(f"downloaded {rel} has md5 {got} but DVC records {item['md5']}: the remote holds "
-                            'corrupt data; re-push it (dvc push) from a good copy')
-        set_attrs(dst, attrs.get('uid'), attrs.get('gid'),
-                  file_mode(item, attrs, stat.S_IMODE(os.lstat(dst).st_mode)))
+        got = file_md5(dst, item["hash"])
+        if got != item["md5"]:
+            raise SyncError(
+                f"downloaded {rel} has md5 {got} but DVC records {item['md5']}: the remote holds "
+                "corrupt data; re-push it (dvc push) from a good copy"
+            )
+        set_attrs(dst, attrs.get("uid"), attrs.get("gid"), file_mode(item, attrs, stat.S_IMODE(os.lstat(dst).st_mode)))
         return os.lstat(dst).st_size
 
     total = 0
-    if plan['fetch']:
-        with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(plan['fetch'])))) as pool:
-            for size in pool.map(one, plan['fetch']):
+    if plan["fetch"]:
+        with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(plan["fetch"])))) as pool:
+            for size in pool.map(one, plan["fetch"]):
                 total += size
 
-    dir_mode, uid, gid = attrs.get('directory_mode'), attrs.get('uid'), attrs.get('gid')
+    dir_mode, uid, gid = attrs.get("directory_mode"), attrs.get("uid"), attrs.get("gid")
     for dirpath, dirnames, _files in os.walk(staging):
         for name in dirnames:
             set_attrs(os.path.join(dirpath, name), uid, gid, dir_mode)
@@ -443,8 +466,8 @@ _renameat2 = None
 def _load_renameat2():
     global _renameat2
     if _renameat2 is None:
-        libc = ctypes.CDLL(ctypes.util.find_library('c') or None, use_errno=True)
-        func = getattr(libc, 'renameat2', None)
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        func = getattr(libc, "renameat2", None)
         if func is not None:
             func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
             func.restype = ctypes.c_int
@@ -478,16 +501,17 @@ def swap_in(layout, version_name, exchange_func=None):
     the old tree is moved aside as a version; where the kernel or filesystem lacks RENAME_EXCHANGE the old tree
     is renamed away first, so dest is briefly missing (never half-filled), and a warning says so.
     """
-    tmp_link = layout.temp('lnk')
+    tmp_link = layout.temp("lnk")
     os.symlink(version_name, tmp_link)
     try:
         state = layout.state()
-        if state in ('missing', 'link') or (state == 'other' and os.path.islink(layout.dest)):
+        if state in ("missing", "link") or (state == "other" and os.path.islink(layout.dest)):
             os.rename(tmp_link, layout.dest)
             return None, None
-        if state != 'dir':
-            raise SyncError(f'dest {layout.dest} exists and is not a directory ({state}): remove it or choose '
-                            'another dest')
+        if state != "dir":
+            raise SyncError(
+                f"dest {layout.dest} exists and is not a directory ({state}): remove it or choose another dest"
+            )
         aside = layout.sibling(layout.version_name(None))
         try:
             (exchange_func or exchange)(tmp_link, layout.dest)
@@ -496,10 +520,12 @@ def swap_in(layout, version_name, exchange_func=None):
                 raise
             os.rename(layout.dest, aside)
             os.rename(tmp_link, layout.dest)
-            return aside, (f'renameat2(RENAME_EXCHANGE) is not available here ({exc.strerror}): the existing '
-                           f'directory {layout.dest} was '
-                           'moved aside before the new version took its place, so it was briefly missing; later '
-                           'syncs swap a symlink and are atomic')
+            return aside, (
+                f"renameat2(RENAME_EXCHANGE) is not available here ({exc.strerror}): the existing "
+                f"directory {layout.dest} was "
+                "moved aside before the new version took its place, so it was briefly missing; later "
+                "syncs swap a symlink and are atomic"
+            )
         os.rename(tmp_link, aside)  # tmp_link now names the old directory
         return aside, None
     finally:
@@ -511,7 +537,7 @@ def swap_in(layout, version_name, exchange_func=None):
 def remove_tree(layout, path):
     """Remove an old version: first renamed to a trash name, so a reader still walking it by path gets ENOENT
     instead of a half-deleted listing, then deleted."""
-    trash = layout.temp('trash')
+    trash = layout.temp("trash")
     try:
         os.rename(path, trash)
     except FileNotFoundError:
@@ -557,8 +583,10 @@ class DestLock:
                 if time.monotonic() >= deadline:
                     os.close(self.fd)
                     self.fd = None
-                    raise SyncError(f'another dvc_sync of {self.layout.dest} has held {self.layout.lock} for '
-                                    f'{self.timeout}s; wait for it or raise lock_timeout') from None
+                    raise SyncError(
+                        f"another dvc_sync of {self.layout.dest} has held {self.layout.lock} for "
+                        f"{self.timeout}s; wait for it or raise lock_timeout"
+                    ) from None
                 time.sleep(0.1)
 
     def __exit__(self, *args):

@@ -315,8 +315,8 @@ def stdout_to_stderr():
 
 
 def hash_name_of(dvc_info):
-    entry = dvc_info.get('entry')
-    return entry.hash_info.name if entry is not None and entry.hash_info else 'md5'
+    entry = dvc_info.get("entry")
+    return entry.hash_info.name if entry is not None and entry.hash_info else "md5"
 
 
 class Source:
@@ -325,18 +325,18 @@ class Source:
     def __init__(self, module):
         p = module.params
         self.module = module
-        self.repo = p['repo']
-        self.path = p['path'].strip('/')
-        self.requested_rev = p['rev']
-        self.remote = p['remote']
-        rev = p['rev']
+        self.repo = p["repo"]
+        self.path = p["path"].strip("/")
+        self.requested_rev = p["rev"]
+        self.remote = p["remote"]
+        rev = p["rev"]
         if rev is None and os.path.isdir(self.repo):
-            rev = 'HEAD'  # a local checkout's default would be its workspace; a sync is always of a commit
+            rev = "HEAD"  # a local checkout's default would be its workspace; a sync is always of a commit
         kwargs = dict(rev=rev)
         if self.remote:
-            kwargs['remote'] = self.remote
-        if p['remote_config']:
-            kwargs['remote_config'] = p['remote_config']
+            kwargs["remote"] = self.remote
+        if p["remote_config"]:
+            kwargs["remote_config"] = p["remote_config"]
         self.fs = dvc.api.DVCFileSystem(self.repo, **kwargs)
         self.datafs = None
         self.sha = None
@@ -347,10 +347,10 @@ class Source:
     def describe_remote(self):
         try:
             config = self.fs.repo.config
-            name = self.remote or config['core'].get('remote')
+            name = self.remote or config["core"].get("remote")
             if not name:
-                return 'the repository cache (the repository has no default remote and no remote was given)'
-            url = (config['remote'].get(name) or {}).get('url')
+                return "the repository cache (the repository has no default remote and no remote was given)"
+            url = (config["remote"].get(name) or {}).get("url")
             return f"remote '{name}' ({url})"
         except Exception:  # only for a message
             return f"remote '{self.remote or 'default'}'"
@@ -366,44 +366,53 @@ class Source:
         try:
             info = fs.info(self.path)
         except FileNotFoundError:
-            raise SyncError(f"path '{self.path}' does not exist in {at}; give a path relative to the repository "
-                            'root') from None
-        dvc_info = info.get('dvc_info') or {}
-        if not dvc_info.get('isout'):
-            hint = ''
-            if info.get('type') == 'directory':
-                outs = [name for name, i in fs.find(self.path, detail=True).items() if i.get('dvc_info')]
+            raise SyncError(
+                f"path '{self.path}' does not exist in {at}; give a path relative to the repository root"
+            ) from None
+        dvc_info = info.get("dvc_info") or {}
+        if not dvc_info.get("isout"):
+            hint = ""
+            if info.get("type") == "directory":
+                outs = [name for name, i in fs.find(self.path, detail=True).items() if i.get("dvc_info")]
                 if outs:
-                    hint = f' (it is a git directory that holds DVC outputs such as {outs[0]}: sync each one)'
-            raise SyncError(f"path '{self.path}' is not tracked by DVC in {at}{hint}; give a path that has a .dvc "
-                            'file or is an output of dvc.yaml, or a path inside one')
-        if info['type'] != 'directory':
-            self.kind = 'file'
-            self.md5 = dvc_info['md5']
-            self.tracked[''] = dict(md5=self.md5, hash=hash_name_of(dvc_info), size=dvc_info.get('size'),
-                                    isexec=dvc_info.get('isexec'))
+                    hint = f" (it is a git directory that holds DVC outputs such as {outs[0]}: sync each one)"
+            raise SyncError(
+                f"path '{self.path}' is not tracked by DVC in {at}{hint}; give a path that has a .dvc "
+                "file or is an output of dvc.yaml, or a path inside one"
+            )
+        if info["type"] != "directory":
+            self.kind = "file"
+            self.md5 = dvc_info["md5"]
+            self.tracked[""] = dict(
+                md5=self.md5, hash=hash_name_of(dvc_info), size=dvc_info.get("size"), isexec=dvc_info.get("isexec")
+            )
             return
-        self.kind = 'directory'
+        self.kind = "directory"
         try:
             found = fs.find(self.path, detail=True)
         except DataIndexDirError:
-            raise SyncError(f"the listing of directory '{self.path}' (DVC object {dvc_info.get('md5')}) is neither "
-                            f'in the DVC cache nor on {self.describe_remote()}: push it with dvc push, or choose '
-                            'the remote that has it') from None
-        prefix = self.path + '/'
+            raise SyncError(
+                f"the listing of directory '{self.path}' (DVC object {dvc_info.get('md5')}) is neither "
+                f"in the DVC cache nor on {self.describe_remote()}: push it with dvc push, or choose "
+                "the remote that has it"
+            ) from None
+        prefix = self.path + "/"
         for name, finfo in found.items():
-            fdvc = finfo.get('dvc_info') or {}
-            if fdvc.get('isout'):
-                self.tracked[name[len(prefix):]] = dict(md5=fdvc['md5'], hash=hash_name_of(fdvc),
-                                                        size=fdvc.get('size'), isexec=fdvc.get('isexec'))
-        self.md5 = dvc_info.get('md5') or dir_md5({rel: item['md5'] for rel, item in self.tracked.items()})
+            fdvc = finfo.get("dvc_info") or {}
+            if fdvc.get("isout"):
+                self.tracked[name[len(prefix) :]] = dict(
+                    md5=fdvc["md5"], hash=hash_name_of(fdvc), size=fdvc.get("size"), isexec=fdvc.get("isexec")
+                )
+        self.md5 = dvc_info.get("md5") or dir_md5({rel: item["md5"] for rel, item in self.tracked.items()})
 
     def rpath(self, rel):
-        return f'{self.path}/{rel}' if rel else self.path
+        return f"{self.path}/{rel}" if rel else self.path
 
     def missing(self, rel):
-        return SyncError(f"{self.describe_remote()} has no data for '{self.rpath(rel)}' (md5 "
-                         f"{self.tracked[rel]['md5']}); push it with dvc push, or choose the remote that has it")
+        return SyncError(
+            f"{self.describe_remote()} has no data for '{self.rpath(rel)}' (md5 "
+            f"{self.tracked[rel]['md5']}); push it with dvc push, or choose the remote that has it"
+        )
 
     def fetch(self, rel, local_path):
         try:
@@ -416,27 +425,29 @@ class Source:
         total, odbs = 0, {}
         for rel in rels:
             item = self.tracked[rel]
-            if item.get('size') is not None:
-                total += item['size']
+            if item.get("size") is not None:
+                total += item["size"]
                 continue
             try:
-                odb = odbs.get(item['hash'])
+                odb = odbs.get(item["hash"])
                 if odb is None:
-                    odb = odbs[item['hash']] = self.fs.repo.cloud.get_remote_odb(self.remote, hash_name=item['hash'])
-                total += odb.fs.size(odb.oid_to_path(item['md5'])) or 0
+                    odb = odbs[item["hash"]] = self.fs.repo.cloud.get_remote_odb(self.remote, hash_name=item["hash"])
+                total += odb.fs.size(odb.oid_to_path(item["md5"])) or 0
             except FileNotFoundError:
                 size = self._size_in_cache(item)
                 if size is None:
                     raise self.missing(rel) from None
                 total += size
             except Exception as exc:  # cloud-versioned remotes and the like: a lower bound then
-                self.module.warn(f'could not get the size of {self.rpath(rel)} from the remote ({exc}); '
-                                 'bytes_transferred counts only the known sizes')
+                self.module.warn(
+                    f"could not get the size of {self.rpath(rel)} from the remote ({exc}); "
+                    "bytes_transferred counts only the known sizes"
+                )
         return total
 
     def _size_in_cache(self, item):
         try:
-            return os.path.getsize(self.fs.repo.cache.local.oid_to_path(item['md5']))
+            return os.path.getsize(self.fs.repo.cache.local.oid_to_path(item["md5"]))
         except Exception:  # no local cache (a URL repo) or not in it
             return None
 
@@ -459,16 +470,17 @@ def parse_mode(module, name):
         try:
             mode = int(str(value), 8)
         except ValueError:
-            module.fail_json(msg=f"{name} must be an octal string like '0644', got {value!r} (symbolic modes are "
-                             'not supported)')
+            module.fail_json(
+                msg=f"{name} must be an octal string like '0644', got {value!r} (symbolic modes are not supported)"
+            )
     if not 0 <= mode <= 0o7777:
-        module.fail_json(msg=f'{name} {oct(mode)} is out of range')
+        module.fail_json(msg=f"{name} {oct(mode)} is out of range")
     return mode
 
 
 def resolve_ids(module):
     uid = gid = None
-    owner, group = module.params['owner'], module.params['group']
+    owner, group = module.params["owner"], module.params["group"]
     if owner is not None:
         try:
             uid = int(owner) if owner.isdigit() else pwd.getpwnam(owner).pw_uid
@@ -490,8 +502,13 @@ def current_umask():
 
 def wanted_attrs(module):
     uid, gid = resolve_ids(module)
-    return dict(uid=uid, gid=gid, mode=parse_mode(module, 'mode'), directory_mode=parse_mode(module, 'directory_mode'),
-                umask=current_umask())
+    return dict(
+        uid=uid,
+        gid=gid,
+        mode=parse_mode(module, "mode"),
+        directory_mode=parse_mode(module, "directory_mode"),
+        umask=current_umask(),
+    )
 
 
 class Sync:
@@ -500,54 +517,71 @@ class Sync:
         self.module = module
         self.source = source
         self.attrs = attrs
-        self.delete = p['delete']
-        self.jobs = p['jobs']
-        self.keep = p['keep_versions']
+        self.delete = p["delete"]
+        self.jobs = p["jobs"]
+        self.keep = p["keep_versions"]
         self.old_manifest = {}
-        self.result = dict(changed=False, added=[], updated=[], removed=[], attributes_changed=[],
-                           bytes_transferred=0, files_hashed=0)
+        self.result = dict(
+            changed=False, added=[], updated=[], removed=[], attributes_changed=[], bytes_transferred=0, files_hashed=0
+        )
 
     def data_version(self):
         s = self.source
-        return dict(repo=s.repo, rev=s.sha, requested_rev=s.requested_rev, path=s.path, md5=s.md5,
-                    nfiles=len(s.tracked), type=s.kind)
+        return dict(
+            repo=s.repo,
+            rev=s.sha,
+            requested_rev=s.requested_rev,
+            path=s.path,
+            md5=s.md5,
+            nfiles=len(s.tracked),
+            type=s.kind,
+        )
 
     def finish(self, plan, before_files, real_dest, link, cache, root=None):
         r = self.result
-        r.update(added=plan['added'], updated=plan['updated'], removed=plan['removed'],
-                 attributes_changed=plan['attributes'], changed=plan['changed'], data_version=self.data_version(),
-                 dest=real_dest, link=link)
+        r.update(
+            added=plan["added"],
+            updated=plan["updated"],
+            removed=plan["removed"],
+            attributes_changed=plan["attributes"],
+            changed=plan["changed"],
+            data_version=self.data_version(),
+            dest=real_dest,
+            link=link,
+        )
         if self.module._diff:
-            r['diff'] = self.diff(plan, before_files, cache, root)
-        r['files_hashed'] = len(cache.hashed)
+            r["diff"] = self.diff(plan, before_files, cache, root)
+        r["files_hashed"] = len(cache.hashed)
         return r
 
     def diff(self, plan, before_files, cache, root):
-        s, dest = self.source, self.module.params['dest']
+        s, dest = self.source, self.module.params["dest"]
         old = self.old_manifest
-        before = [f'# {dest}']
-        if old.get('rev') or old.get('md5'):
+        before = [f"# {dest}"]
+        if old.get("rev") or old.get("md5"):
             before.append(f"# data version: {old.get('rev')} {old.get('md5')}")
-        after = [f'# {dest}', f'# data version: {s.sha} {s.md5}']
-        for rel in sorted(set(plan['updated']) | set(plan['removed']) | set(plan['attributes'])):
+        after = [f"# {dest}", f"# data version: {s.sha} {s.md5}"]
+        for rel in sorted(set(plan["updated"]) | set(plan["removed"]) | set(plan["attributes"])):
             have = before_files.get(rel, {})
-            md5 = have.get('md5')
-            if md5 is None and have.get('kind') == 'file' and root:  # an untracked file: hashed for the diff only
-                md5 = cache.md5(rel, os.path.join(root, rel), have['st'], 'md5')
+            md5 = have.get("md5")
+            if md5 is None and have.get("kind") == "file" and root:  # an untracked file: hashed for the diff only
+                md5 = cache.md5(rel, os.path.join(root, rel), have["st"], "md5")
             before.append(f"{rel or os.path.basename(dest)} {md5 or '(' + have.get('kind', '-') + ')'}")
-        for rel in sorted(set(plan['added']) | set(plan['updated']) | set(plan['attributes'])):
+        for rel in sorted(set(plan["added"]) | set(plan["updated"]) | set(plan["attributes"])):
             after.append(f"{rel or os.path.basename(dest)} {s.tracked[rel]['md5']}")
         note = f"# {len(plan['link'])} unchanged file(s) not listed"
-        return dict(before='\n'.join([*before, note]) + '\n', after='\n'.join([*after, note]) + '\n')
+        return dict(before="\n".join([*before, note]) + "\n", after="\n".join([*after, note]) + "\n")
 
     # -- directories ---------------------------------------------------------------------------------------------
 
     def run_directory(self):
         module = self.module
-        layout = Layout(module.params['dest'])
-        if layout.state() in ('file', 'other'):
-            raise SyncError(f'dest {layout.dest} exists and is not a directory or a symlink to one: remove it or '
-                            'choose another dest')
+        layout = Layout(module.params["dest"])
+        if layout.state() in ("file", "other"):
+            raise SyncError(
+                f"dest {layout.dest} exists and is not a directory or a symlink to one: remove it or "
+                "choose another dest"
+            )
         error = check_writable_parent(layout)
         if error:
             raise SyncError(error)
@@ -556,12 +590,12 @@ class Sync:
             return self._plan_directory(layout)[0]
 
         os.makedirs(layout.parent, exist_ok=True)
-        with DestLock(layout, module.params['lock_timeout']):
+        with DestLock(layout, module.params["lock_timeout"]):
             self.old_manifest = load_manifest(layout)
             result, plan, current_root, cache = self._plan_directory(layout)
             current = layout.current_version()
-            history = [v for v in self.old_manifest.get('history', []) if isinstance(v, str)]
-            if not plan['changed']:
+            history = [v for v in self.old_manifest.get("history", []) if isinstance(v, str)]
+            if not plan["changed"]:
                 if cache.hashed and current:
                     self._save(layout, current_root, current, history)  # refreshes the md5 cache; not a change
                 return result
@@ -575,31 +609,32 @@ class Sync:
                 history = [current, *(v for v in history if v != current)]
             history = prune(layout, version, history, self.keep)
             self._save(layout, layout.sibling(version), version, history)
-            result['dest'] = layout.sibling(version)
+            result["dest"] = layout.sibling(version)
             return result
 
     def _plan_directory(self, layout):
         state = layout.state()
-        current_root = os.path.realpath(layout.dest) if state in ('dir', 'link') else None
+        current_root = os.path.realpath(layout.dest) if state in ("dir", "link") else None
         current = layout.current_version()
         cache = HashCache()
-        if current and self.old_manifest.get('version') == current:
-            cache = HashCache(self.old_manifest.get('files'), self.old_manifest.get('_written_ns'))
+        if current and self.old_manifest.get("version") == current:
+            cache = HashCache(self.old_manifest.get("files"), self.old_manifest.get("_written_ns"))
         local = scan_tree(current_root, self.source.tracked, cache)
         plan = plan_tree(self.source.tracked, local, self.delete, self.attrs)
         if self.module.check_mode:
-            self.result['bytes_transferred'] = self.source.sizes(plan['fetch'])
+            self.result["bytes_transferred"] = self.source.sizes(plan["fetch"])
         result = self.finish(plan, local, current_root or layout.dest, layout.dest, cache, current_root)
         return result, plan, current_root, cache
 
     def _build(self, layout, current_root, plan):
         """The new version, complete and flushed, under its final name beside dest (not yet live)."""
         source = self.source
-        staging = layout.temp('tmp')
+        staging = layout.temp("tmp")
         os.mkdir(staging, 0o700)
         try:
-            self.result['bytes_transferred'] = build_version(staging, current_root, source.tracked, plan,
-                                                             self.attrs, source.fetch, self.jobs)
+            self.result["bytes_transferred"] = build_version(
+                staging, current_root, source.tracked, plan, self.attrs, source.fetch, self.jobs
+            )
             fsync_tree(staging)
             version = layout.version_name(source.md5)
             os.rename(staging, layout.sibling(version))
@@ -610,19 +645,30 @@ class Sync:
 
     def _save(self, layout, root, version, history):
         s = self.source
-        save_manifest(layout, dict(repo=s.repo, rev=s.sha, path=s.path, md5=s.md5, version=version,
-                                   history=history, files=manifest_files(root, s.tracked)))
+        save_manifest(
+            layout,
+            dict(
+                repo=s.repo,
+                rev=s.sha,
+                path=s.path,
+                md5=s.md5,
+                version=version,
+                history=history,
+                files=manifest_files(root, s.tracked),
+            ),
+        )
 
     # -- single files --------------------------------------------------------------------------------------------
 
     def run_file(self):
         module, source = self.module, self.source
-        dest = os.path.abspath(module.params['dest'])
+        dest = os.path.abspath(module.params["dest"])
         if os.path.isdir(dest):
             dest = os.path.join(dest, os.path.basename(source.path))
         if os.path.isdir(dest):
-            raise SyncError(f'dest {dest} is a directory but path {source.path} is a file: remove it or choose '
-                            'another dest')
+            raise SyncError(
+                f"dest {dest} is a directory but path {source.path} is a file: remove it or choose another dest"
+            )
         layout = Layout(dest)
         error = check_writable_parent(layout)
         if error:
@@ -630,59 +676,76 @@ class Sync:
         if module.check_mode:
             self.old_manifest = load_manifest(layout)
             plan, local, cache = self._plan_file(dest)
-            self.result['bytes_transferred'] = source.sizes(plan['fetch'])
+            self.result["bytes_transferred"] = source.sizes(plan["fetch"])
             return self.finish(plan, local, dest, dest, cache)
 
         os.makedirs(layout.parent, exist_ok=True)
-        with DestLock(layout, module.params['lock_timeout']):
+        with DestLock(layout, module.params["lock_timeout"]):
             self.old_manifest = load_manifest(layout)
             plan, local, cache = self._plan_file(dest)
             result = self.finish(plan, local, dest, dest, cache)
-            item = source.tracked['']
-            if plan['fetch']:
-                self.result['bytes_transferred'] = self._replace_file(layout, item)
-            elif plan['copy']:  # right content, other owner/mode: one chmod/chown is atomic enough
+            item = source.tracked[""]
+            if plan["fetch"]:
+                self.result["bytes_transferred"] = self._replace_file(layout, item)
+            elif plan["copy"]:  # right content, other owner/mode: one chmod/chown is atomic enough
                 st = os.lstat(dest)
-                set_attrs(dest, self.attrs['uid'], self.attrs['gid'], file_mode(item, self.attrs,
-                                                                                stat.S_IMODE(st.st_mode)))
-            if plan['changed'] or cache.hashed:
+                set_attrs(
+                    dest, self.attrs["uid"], self.attrs["gid"], file_mode(item, self.attrs, stat.S_IMODE(st.st_mode))
+                )
+            if plan["changed"] or cache.hashed:
                 files = manifest_files(layout.parent, {layout.name: item})
-                save_manifest(layout, dict(repo=source.repo, rev=source.sha, path=source.path, md5=source.md5,
-                                           version='file', history=[], files={'': files[layout.name]}))
+                save_manifest(
+                    layout,
+                    dict(
+                        repo=source.repo,
+                        rev=source.sha,
+                        path=source.path,
+                        md5=source.md5,
+                        version="file",
+                        history=[],
+                        files={"": files[layout.name]},
+                    ),
+                )
             return result
 
     def _plan_file(self, dest):
-        item = self.source.tracked['']
+        item = self.source.tracked[""]
         cache = HashCache()
-        if self.old_manifest.get('version') == 'file':
-            cache = HashCache(self.old_manifest.get('files'), self.old_manifest.get('_written_ns'))
+        if self.old_manifest.get("version") == "file":
+            cache = HashCache(self.old_manifest.get("files"), self.old_manifest.get("_written_ns"))
         local = {}
         try:
             st = os.lstat(dest)
         except FileNotFoundError:
             st = None
         if st is not None and stat.S_ISREG(st.st_mode):
-            local[''] = dict(kind='file', st=st, md5=cache.md5('', dest, st, item['hash']))
+            local[""] = dict(kind="file", st=st, md5=cache.md5("", dest, st, item["hash"]))
         elif st is not None:
-            local[''] = dict(kind='other', st=st)
+            local[""] = dict(kind="other", st=st)
         plan = plan_tree(self.source.tracked, local, True, self.attrs)
-        if plan['copy'] and attrs_ok(local['']['st'], item, self.attrs):
-            plan['copy'] = []
+        if plan["copy"] and attrs_ok(local[""]["st"], item, self.attrs):
+            plan["copy"] = []
         return plan, local, cache
 
     def _replace_file(self, layout, item):
         """Download to a temporary file beside dest, verify it, then rename it over dest (atomic)."""
         source = self.source
-        tmp = layout.temp('tmp')
+        tmp = layout.temp("tmp")
         try:
-            source.fetch('', tmp)
-            got = file_md5(tmp, item['hash'])
-            if got != item['md5']:
-                raise SyncError(f"downloaded {source.path} has md5 {got} but DVC records {item['md5']}: the remote "
-                                'holds corrupt data; re-push it from a good copy')
-            set_attrs(tmp, self.attrs['uid'], self.attrs['gid'],
-                      file_mode(item, self.attrs, stat.S_IMODE(os.lstat(tmp).st_mode)))
-            with open(tmp, 'rb') as fobj:
+            source.fetch("", tmp)
+            got = file_md5(tmp, item["hash"])
+            if got != item["md5"]:
+                raise SyncError(
+                    f"downloaded {source.path} has md5 {got} but DVC records {item['md5']}: the remote "
+                    "holds corrupt data; re-push it from a good copy"
+                )
+            set_attrs(
+                tmp,
+                self.attrs["uid"],
+                self.attrs["gid"],
+                file_mode(item, self.attrs, stat.S_IMODE(os.lstat(tmp).st_mode)),
+            )
+            with open(tmp, "rb") as fobj:
                 os.fsync(fobj.fileno())
             size = os.path.getsize(tmp)
             os.rename(tmp, layout.dest)
@@ -697,61 +760,73 @@ def describe_error(exc, p):
     """A message for the errors DVC and the filesystem raise, naming the fix."""
     at = f"{p['repo']} at rev '{p['rev'] or 'default'}'"
     if isinstance(exc, dvc.scm.RevError):
-        return (f"unknown git revision '{p['rev']}' in {p['repo']}: give a branch, tag or commit sha that exists "
-                f'there ({exc})')
+        return (
+            f"unknown git revision '{p['rev']}' in {p['repo']}: give a branch, tag or commit sha that exists "
+            f"there ({exc})"
+        )
     if isinstance(exc, dvc.scm.CloneError):
-        return (f"cannot clone {p['repo']}: check the URL and the git credentials of the target host, or give the "
-                f'path of a local checkout ({exc})')
+        return (
+            f"cannot clone {p['repo']}: check the URL and the git credentials of the target host, or give the "
+            f"path of a local checkout ({exc})"
+        )
     if isinstance(exc, dvc.exceptions.NotDvcRepoError):
         return f"{p['repo']} is not a DVC repository (no .dvc directory): {exc}"
     if isinstance(exc, dvc.config.RemoteNotFoundError):
-        return (f"DVC remote '{p['remote']}' is not defined in {at}: use a remote name from its .dvc/config, or "
-                f'define it for this run with remote_config: {{url: ...}} ({exc})')
+        return (
+            f"DVC remote '{p['remote']}' is not defined in {at}: use a remote name from its .dvc/config, or "
+            f"define it for this run with remote_config: {{url: ...}} ({exc})"
+        )
     if isinstance(exc, dvc.config.NoRemoteError):
-        return (f'{at} has no default DVC remote: give remote (and remote_config with its url if the repository '
-                f'does not define it) ({exc})')
+        return (
+            f"{at} has no default DVC remote: give remote (and remote_config with its url if the repository "
+            f"does not define it) ({exc})"
+        )
     if isinstance(exc, dvc.config.ConfigError):
-        return f'invalid DVC remote configuration (remote, remote_config) for {at}: {exc}'
+        return f"invalid DVC remote configuration (remote, remote_config) for {at}: {exc}"
     if isinstance(exc, PermissionError):
         return f"dest {p['dest']} is not writable: {exc}; run with become or fix the permissions"
     if isinstance(exc, (NotADirectoryError, FileExistsError)):
         return f"dest {p['dest']} cannot be created: {exc}; choose a dest under a directory"
     if isinstance(exc, dvc.exceptions.DvcException):
-        return f'DVC failed for {at}: {exc}'
-    return f'dvc_sync failed for {at}: {type(exc).__name__}: {exc}'
+        return f"DVC failed for {at}: {exc}"
+    return f"dvc_sync failed for {at}: {type(exc).__name__}: {exc}"
 
 
 def main():
     module = AnsibleModule(
         argument_spec=dict(
-            repo=dict(type='str', required=True),
-            rev=dict(type='str'),
-            path=dict(type='str', required=True),
-            dest=dict(type='path', required=True),
-            remote=dict(type='str'),
-            remote_config=dict(type='dict'),
-            delete=dict(type='bool', default=True),
-            keep_versions=dict(type='int', default=1),
-            jobs=dict(type='int', default=4),
-            owner=dict(type='str'),
-            group=dict(type='str'),
-            mode=dict(type='raw'),
-            directory_mode=dict(type='raw'),
-            lock_timeout=dict(type='float', default=300),
+            repo=dict(type="str", required=True),
+            rev=dict(type="str"),
+            path=dict(type="str", required=True),
+            dest=dict(type="path", required=True),
+            remote=dict(type="str"),
+            remote_config=dict(type="dict"),
+            delete=dict(type="bool", default=True),
+            keep_versions=dict(type="int", default=1),
+            jobs=dict(type="int", default=4),
+            owner=dict(type="str"),
+            group=dict(type="str"),
+            mode=dict(type="raw"),
+            directory_mode=dict(type="raw"),
+            lock_timeout=dict(type="float", default=300),
         ),
         supports_check_mode=True,
     )
     if DVC_IMPORT_ERROR:
-        module.fail_json(msg=missing_required_lib('dvc', reason='to read DVC repositories; install it in the Python '
-                                                  'that ansible_python_interpreter points at'),
-                         exception=DVC_IMPORT_ERROR)
+        module.fail_json(
+            msg=missing_required_lib(
+                "dvc",
+                reason="to read DVC repositories; install it in the Python that ansible_python_interpreter points at",
+            ),
+            exception=DVC_IMPORT_ERROR,
+        )
     p = module.params
-    if p['jobs'] < 1:
+    if p["jobs"] < 1:
         module.fail_json(msg=f"jobs must be at least 1, got {p['jobs']}")
-    if p['keep_versions'] < 0:
+    if p["keep_versions"] < 0:
         module.fail_json(msg=f"keep_versions must be 0 or more, got {p['keep_versions']}")
-    if not p['path'].strip('/'):
-        module.fail_json(msg='path must name a DVC-tracked directory or file inside the repository, not its root')
+    if not p["path"].strip("/"):
+        module.fail_json(msg="path must name a DVC-tracked directory or file inside the repository, not its root")
 
     attrs = wanted_attrs(module)
 
@@ -761,7 +836,7 @@ def main():
             source = Source(module)
             source.load()
             sync = Sync(module, source, attrs)
-            result = sync.run_directory() if source.kind == 'directory' else sync.run_file()
+            result = sync.run_directory() if source.kind == "directory" else sync.run_file()
         except SyncError as exc:
             failure = dict(msg=str(exc))
         except Exception as exc:
@@ -774,5 +849,5 @@ def main():
     module.exit_json(**result)
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main()
