@@ -29,10 +29,10 @@ get_pip="$HOME/.ansible/test/cache/get_pip_${pip_version//./_}.py"
 mkdir -p "$(dirname "$get_pip")"
 cmp -s "$root/scripts/ansible-test-get-pip.py" "$get_pip" || cp "$root/scripts/ansible-test-get-pip.py" "$get_pip"
 python_version=$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
-# The inference server, benchmarks, examples and repo scripts are not collection content: they have
+# The inference server, the on-call CLI, benchmarks, examples and repo scripts are not collection content: they have
 # their own Python package and checks (ruff, pytest).
 excludes=()
-for path in runtime/ benchmarks/ examples/ scripts/ tests/unit/runtime/; do
+for path in runtime/ benchmarks/ examples/ ops/ scripts/ tests/unit/runtime/ tests/unit/examples/ tests/unit/ops/; do
   [ -n "$(git ls-files "$path" | head -n 1)" ] && excludes+=(--exclude "$path")
 done
 ansible-test sanity --color no --python "$python_version" --local --requirements "${excludes[@]}" "$@"

@@ -1,4 +1,3 @@
-#!/usr/bin/python3
 """TEST FIXTURE (molecule only): a stand-in for one color of sovereign-runtime.
 
 The traffic_switch role does not install the runtime, so the molecule scenario runs this tiny HTTP server

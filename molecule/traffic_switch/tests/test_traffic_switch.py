@@ -44,7 +44,7 @@ def color_of(host, method="GET", path="/v2/health/ready"):
     """The X-Sovereign-Color header and the body of one request through the frontend."""
     data = " -X POST -H 'Content-Type: application/json' -d '{\"inputs\": []}'" if method == "POST" else ""
     out = host.check_output(f"curl -sS -D - --max-time 5{data} {FRONTEND}{path}")
-    head, _, body = out.partition("\r\n\r\n")
+    head, _separator, body = out.partition("\r\n\r\n")
     headers = dict(line.split(": ", 1) for line in head.splitlines()[1:] if ": " in line)
     assert head.startswith("HTTP/1.1 200"), out
     return headers.get("x-sovereign-color"), json.loads(body)
