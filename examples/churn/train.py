@@ -144,17 +144,21 @@ def data_version() -> dict[str, str]:
     if not lock_path.is_file():
         raise SystemExit("train: no dvc.lock here; run the pipeline with `dvc repro`, not train.py alone")
     lock = yaml.safe_load(lock_path.read_text()) or {}
-    md5 = next(
+    entry = next(
         (
-            out["md5"]
+            out
             for stage in (lock.get("stages") or {}).values()
             for out in stage.get("outs") or []
             if out.get("path") == str(DATA)
         ),
-        None,
+        {},
     )
+    md5 = entry.get("md5")
     if not md5:
         raise SystemExit(f"train: dvc.lock records no output {DATA!s}; run `dvc repro`")
+    files = [p.stat().st_size for p in DATA.rglob("*") if p.is_file()]
+    if (entry.get("nfiles"), entry.get("size")) != (len(files), sum(files)):  # cheap: a stale lock, data edited
+        raise SystemExit(f"train: {DATA}/ does not match what dvc.lock records for it; run `dvc repro`")
     if not os.environ.get("DVC_STAGE"):
         print("train: not run by DVC: data.md5 is what dvc.lock says, which may not be data/ now", file=sys.stderr)
     rev = git("rev-parse", "HEAD")
