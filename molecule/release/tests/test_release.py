@@ -1,5 +1,8 @@
 """The release flow end to end: playbooks/deploy.yml and playbooks/rollback.yml against one real host
-(molecule-release: sovereign-runtime on CPU with two real TorchScript models behind HAProxy).
+(sovereign-runtime on CPU with two real TorchScript models behind HAProxy).
+
+Two scenarios share this file: molecule/release runs every test but the test_fault_* ones (pytest -k "not fault"),
+molecule/release_faults runs only those (-k fault) on its own host, so each fits the time budget.
 
 The playbooks run as real `ansible-playbook` processes against molecule's inventory; the host's state is read
 through testinfra's podman backend. Tests run in file order and share the host: bad input and a held lock
@@ -303,7 +306,7 @@ def _assert_blue_kept(host, out, reason):
     assert not host.file(LOCK).exists
 
 
-def test_green_that_never_starts_takes_no_traffic(host):
+def test_fault_green_that_never_starts_takes_no_traffic(host):
     rc, out, _seconds = play(
         "deploy.yml",
         {"color": "green", "model": f"{MODELS}/broken/model.pt", "deploy_ready_timeout_s": 20, **FAST},
@@ -314,7 +317,7 @@ def test_green_that_never_starts_takes_no_traffic(host):
     _assert_blue_kept(host, out, "did not become ready")
 
 
-def test_failing_smoke_test_takes_no_traffic(host):
+def test_fault_failing_smoke_test_takes_no_traffic(host):
     rc, out, _seconds = play(
         "deploy.yml",
         {
@@ -330,7 +333,7 @@ def test_failing_smoke_test_takes_no_traffic(host):
     _assert_blue_kept(host, out, "smoke test")
 
 
-def test_green_degrading_after_the_switch_is_switched_back(host):
+def test_fault_green_degrading_after_the_switch_is_switched_back(host):
     # Chaos knob (tests only): 150 ms per request. The smoke test limit is raised above it so green is switched
     # to, and the watch window's p99 limit (100 ms) catches it.
     rc, out, _seconds = play(
