@@ -15,26 +15,22 @@ from . import fleet, inventory
 
 
 def connect(host, timeout=10):
-    """A Fabric connection with the inventory's settings (imported lazily: the pure parts need no Fabric)."""
-    from fabric import Config, Connection
+    """A Fabric connection with the inventory's settings (imported lazily: the pure parts need no Fabric).
+
+    With a UserKnownHostsFile in the inventory (the lab's), unknown host keys are rejected, as ssh's
+    StrictHostKeyChecking=yes does; otherwise Fabric's default applies."""
+    import paramiko
+    from fabric import Connection
 
     host.check_templates()
     connect_kwargs = {"timeout": timeout}
     if host.key_file:
         connect_kwargs["key_filename"] = os.path.expanduser(str(host.key_file))
-    overrides = {}
-    if host.known_hosts:
-        overrides["ssh_config_path"] = None
-    conn = Connection(
-        host=host.address,
-        port=host.port,
-        user=host.user,
-        connect_kwargs=connect_kwargs,
-        config=Config(overrides=overrides),
-    )
+    conn = Connection(host=host.address, port=host.port, user=host.user, connect_kwargs=connect_kwargs)
     conn.client.load_system_host_keys()
     if host.known_hosts:
         conn.client.load_host_keys(os.path.expanduser(host.known_hosts))
+        conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
     return conn
 
 

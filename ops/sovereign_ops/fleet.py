@@ -106,8 +106,8 @@ def format_status(rows):
             if not info:
                 cells.append("-")
                 continue
-            model = f"{info.get('model') or '?'} v{info.get('version') or '?'}"
-            health = "ready" if info.get("ready") else (info.get("health") or "down")
+            model = f"{info['model']} v{info.get('version') or '?'}" if info.get("model") else "no model"
+            health = "ready" if info.get("ready") else (info.get("health") or "down").split(" (")[0].split(":")[0]
             cells.append(f"{model} ({health})"[:28])
         state = "ok" if row["ok"] else f"PROBLEM: {row['error']}"
         lines.append(f"{row['host']:<20} {row['live'] or '-':<6} {cells[0]:<28} {cells[1]:<28} {state}")
