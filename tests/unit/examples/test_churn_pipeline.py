@@ -119,7 +119,7 @@ def isolated_env(base: Path, tracking_uri: str | None = None) -> dict[str, str]:
         PYTHONDONTWRITEBYTECODE="1",
     )
     if tracking_uri:
-        env.update(MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
     return env
 
 
@@ -170,14 +170,19 @@ def lock_md5(repo: Path, stage: str, key: str = "outs") -> str:
 
 
 def test_pipeline_trains_logs_registers_and_serves(mlflow_server, tmp_path, monkeypatch):
+    import mlflow.tracking._model_registry.utils as registry_utils
+    import mlflow.tracking._tracking_service.utils as tracking_utils
     from mlflow.artifacts import download_artifacts
     from mlflow.tracking import MlflowClient
 
-    # As on the hosts (the inference_runtime role sets both): the runtime passes its tracking URI to MLflow, but
-    # MLflow downloads models:/ URIs through the *registry* URI, which only follows MLFLOW_TRACKING_URI. Without
-    # it MLflow 3 falls back to sqlite:///mlflow.db in the working directory (hence the chdir, to be safe).
+    # The runtime passes its tracking URI to MLflow, but MLflow downloads models:/ URIs through the process-wide
+    # *registry* URI: MLFLOW_TRACKING_URI (the inference_runtime role sets it on the hosts), unless some code in
+    # this process called mlflow.set_tracking_uri() (tests/unit/runtime does, in the same pytest worker), and
+    # else sqlite:///mlflow.db in the working directory. So: this server, process-wide, for this test only.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", mlflow_server.url)
+    monkeypatch.setattr(registry_utils, "_registry_uri", None)
     monkeypatch.chdir(tmp_path)
     env = isolated_env(tmp_path, mlflow_server.url)
     repo = make_repo(tmp_path, env)
