@@ -1,8 +1,8 @@
 """The release flow end to end: playbooks/deploy.yml and playbooks/rollback.yml against one real host
 (sovereign-runtime on CPU with two real TorchScript models behind HAProxy).
 
-Two scenarios share this file: molecule/release runs every test but the test_fault_* ones (pytest -k "not fault"),
-molecule/release_faults runs only those (-k fault) on its own host, so each fits the time budget.
+Two scenarios share this file: molecule/release runs every test but the fault cases (pytest -m "not fault"),
+molecule/release_faults runs only those (-m fault) on its own host, so each fits the time budget.
 
 The playbooks run as real `ansible-playbook` processes against molecule's inventory; the host's state is read
 through testinfra's podman backend. Tests run in file order and share the host: bad input and a held lock
@@ -306,6 +306,7 @@ def _assert_blue_kept(host, out, reason):
     assert not host.file(LOCK).exists
 
 
+@pytest.mark.fault
 def test_fault_green_that_never_starts_takes_no_traffic(host):
     rc, out, _seconds = play(
         "deploy.yml",
@@ -317,6 +318,7 @@ def test_fault_green_that_never_starts_takes_no_traffic(host):
     _assert_blue_kept(host, out, "did not become ready")
 
 
+@pytest.mark.fault
 def test_fault_failing_smoke_test_takes_no_traffic(host):
     rc, out, _seconds = play(
         "deploy.yml",
@@ -333,6 +335,7 @@ def test_fault_failing_smoke_test_takes_no_traffic(host):
     _assert_blue_kept(host, out, "smoke test")
 
 
+@pytest.mark.fault
 def test_fault_green_degrading_after_the_switch_is_switched_back(host):
     # Chaos knob (tests only): 150 ms per request. The smoke test limit is raised above it so green is switched
     # to, and the watch window's p99 limit (100 ms) catches it.
