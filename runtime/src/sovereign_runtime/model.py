@@ -118,7 +118,10 @@ def resolve(uri: str, tracking_uri: str | None) -> Resolved:
             version = str(mv.version)
             fetch = f"models:/{name}/{version}"  # immutable from here on
         tmpdir = tempfile.mkdtemp(prefix="sovereign-runtime-")
-        local = mlflow.artifacts.download_artifacts(artifact_uri=fetch, dst_path=tmpdir, tracking_uri=tracking_uri)
+        # registry_uri too: for models:/ URIs MLflow otherwise asks the process-wide registry URI.
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=fetch, dst_path=tmpdir, tracking_uri=tracking_uri, registry_uri=tracking_uri
+        )
     except ModelLoadError:
         raise
     except Exception as exc:  # mlflow raises many types (REST, connection, not found)
