@@ -39,7 +39,7 @@ bash scripts/podman-check.sh
 
 # 3. Python virtual environment ------------------------------------------------------------------
 PYTHON="${PYTHON:-python3}"
-venv_stamp=$(cat requirements/dev.in requirements/constraints.txt runtime/pyproject.toml 2>/dev/null | sha256sum | cut -c1-16)
+venv_stamp=$(cat requirements/dev.in requirements/constraints.txt runtime/pyproject.toml ops/pyproject.toml 2>/dev/null | sha256sum | cut -c1-16)
 if [ -f .venv/.stamp ] && [ "$(cat .venv/.stamp)" = "$venv_stamp" ]; then
   say "virtual environment .venv: up to date"
 else
@@ -54,9 +54,12 @@ else
   fi
   quiet_pip .venv/bin/pip install -q -c requirements/constraints.txt "${torch_source[@]}" torch
   quiet_pip .venv/bin/pip install -q -c requirements/constraints.txt -r requirements/dev.in
-  if [ -f runtime/pyproject.toml ]; then
-    quiet_pip .venv/bin/pip install -q -c requirements/constraints.txt --no-deps -e runtime
-  fi
+  # The repo's own packages: the inference server and the on-call CLI (sovereign-ops).
+  for package in runtime ops; do
+    if [ -f "$package/pyproject.toml" ]; then
+      quiet_pip .venv/bin/pip install -q -c requirements/constraints.txt --no-deps -e "$package"
+    fi
+  done
   echo "$venv_stamp" > .venv/.stamp
 fi
 
