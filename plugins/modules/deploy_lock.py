@@ -13,12 +13,21 @@ author: sovereign.mlops maintainers (!UNKNOWN)
 description:
   - The fleet deploy lock of C(playbooks/deploy.yml) and C(playbooks/rollback.yml) is one directory on one host
     (by convention the first inference host), created with C(mkdir), which is atomic, as kamal does. It holds
-    C(info.json) with the holder (C(user@controller)), when it was taken, its TTL, an optional note and a
-    random token.
+    C(info.json) with the holder (C(user@controller)), when it was taken, its TTL, an optional note, a
+    random token and, when given, the controller host and the PID (and start time) of the holder's
+    C(ansible-playbook) process (O(controller), O(controller_pid), O(controller_pid_started)).
   - O(state=present) takes the lock. When it is already held by someone else it fails, naming the holder and
     since when, unless the lock is older than its own TTL (a run that was killed before releasing it); then it
     breaks it with a warning naming the old holder and takes it. Giving the O(token) of a lock we already hold
     renews it (C(changed=false)).
+  - A lock whose C(ansible-playbook) is known to be dead is broken at once, without waiting for its TTL: the
+    caller checks, on the controller, that the holder's process is gone and passes what it checked as
+    O(dead_holder); the lock is broken, with a warning naming the dead holder, only while its C(info.json) still
+    names that controller, PID and C(since) (see docs/adr/0502-deploy-lock-liveness.md). The release playbooks
+    do this check (C(playbooks/tasks/release_lock.yml)): a re-run on the controller of a killed run goes on, a
+    live holder or a holder on another controller still refuses.
+  - O(force=true) with O(state=present) breaks any lock, with a warning naming its holder (the release
+    playbooks' C(-e deploy_break_lock=true), for a holder on another controller known to be dead).
   - O(state=absent) releases the lock only when O(token) matches (a lock broken and retaken by someone else
     while we ran is left alone, with a warning), or unconditionally with O(force=true) (a person breaking a
     lock they know is dead; see docs/runbooks/deployment-failed.md).
@@ -58,8 +67,32 @@ options:
   force:
     description:
       - With O(state=absent), remove the lock whoever holds it.
+      - With O(state=present), break a lock held by someone else (with a warning naming the holder) and take it.
+        Only for a holder known to be dead that the liveness check cannot see (another controller).
     type: bool
     default: false
+  controller:
+    description:
+      - The host name of the controller running the holder's C(ansible-playbook); stored in C(info.json) for the
+        liveness check of a later run.
+    type: str
+    default: ""
+  controller_pid:
+    description:
+      - The PID of the holder's C(ansible-playbook) process on O(controller); stored in C(info.json).
+    type: int
+  controller_pid_started:
+    description:
+      - The start time of O(controller_pid) as C(ps -o lstart=) prints it; stored in C(info.json), so that a
+        reused PID is not taken for the holder.
+    type: str
+    default: ""
+  dead_holder:
+    description:
+      - A holder the caller found dead on its controller, as read from C(info.json) (keys C(controller),
+        C(controller_pid), C(since)). With O(state=present), a lock that still names exactly this holder is
+        broken with a warning and taken, whatever its age. A lock that names anything else is handled as usual.
+    type: dict
 attributes:
   check_mode:
     description: Can run in check_mode and return changed status prediction without modifying target.
@@ -118,11 +151,20 @@ since:
   type: str
   sample: "2026-03-01T12:00:00Z"
 broken:
-  description: The stale lock that was broken (its info.json fields), V(null) when none was.
+  description: The lock that was broken (its info.json fields but the token), V(null) when none was.
   returned: success
   type: dict
-  sample: {holder: bob@ci, since: "2026-03-01T09:00:00Z", ttl: 3600}
+  sample: {holder: bob@ci, since: "2026-03-01T09:00:00Z", ttl: 3600, controller: ci, controller_pid: 4100}
+broken_because:
+  description: Why the lock was broken, V(null) when none was.
+  returned: success
+  type: str
+  choices: [stale, dead, force]
+  sample: dead
 """
+
+import json
+import os
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.sovereign.mlops.plugins.module_utils._ledger import (
@@ -135,6 +177,44 @@ from ansible_collections.sovereign.mlops.plugins.module_utils._ledger import (
 )
 
 
+def _identity(info):
+    """(controller, pid, since) of a lock's holder, as compared with dead_holder."""
+    pid = info.get("controller_pid")
+    try:
+        pid = int(pid) if pid is not None else None
+    except (TypeError, ValueError):
+        pid = None
+    return (str(info.get("controller") or ""), pid, str(info.get("since") or ""))
+
+
+def describe_process(info):
+    """' (ansible-playbook pid N on controller C)' when the lock names them, else ''."""
+    controller, pid, _since = _identity(info)
+    if not controller or pid is None:
+        return ""
+    return f" (ansible-playbook pid {pid} on {controller})"
+
+
+def _record_controller(path, info, params):
+    """Add the holder's controller and ansible-playbook PID to the info.json we just wrote."""
+    if not params["controller"] and params["controller_pid"] is None:
+        return info
+    info = dict(
+        info,
+        controller=params["controller"],
+        controller_pid=params["controller_pid"],
+        controller_pid_started=params["controller_pid_started"],
+    )
+    tmp = os.path.join(path, "info.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(info, handle, sort_keys=True)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, os.path.join(path, "info.json"))
+    return info
+
+
 def present(module, result):
     p = module.params
     path = p["path"]
@@ -144,20 +224,34 @@ def present(module, result):
         module.exit_json(**result)
     if info is not None:
         age = lock_age(info)
-        if not is_stale(info):
+        who = describe_holder(info, age) + describe_process(info)
+        dead = p["dead_holder"]
+        if dead is not None and _identity(info) == _identity(dead) and _identity(info)[1] is not None:
+            result["broken_because"] = "dead"
+            module.warn(
+                f"breaking the fleet deploy lock {path} held by {who}: that ansible-playbook is no longer running "
+                "on its controller, so its run was killed before it could release the lock."
+            )
+        elif p["force"]:
+            result["broken_because"] = "force"
+            module.warn(f"breaking the fleet deploy lock {path} held by {who}, as asked (force / deploy_break_lock).")
+        elif is_stale(info):
+            result["broken_because"] = "stale"
+            module.warn(
+                f"breaking a stale fleet deploy lock {path} held by {who}: it is older than "
+                "its TTL, so its run is taken to be dead."
+            )
+        else:
             module.fail_json(
-                msg=f"the fleet deploy lock {path} is held by {describe_holder(info, age)}. Another deploy or "
-                "rollback is running; wait for it to finish. If you are sure its run is dead, see "
-                "docs/runbooks/deployment-failed.md (deploy_lock state=absent force=true).",
+                msg=f"the fleet deploy lock {path} is held by {who}. Another deploy or "
+                "rollback is running; wait for it to finish. A re-run from the holder's controller breaks the lock "
+                "by itself once that ansible-playbook is dead; if you are sure a run on another controller is dead, "
+                "add -e deploy_break_lock=true (see docs/runbooks/deployment-failed.md).",
                 holder=info.get("holder"),
                 since=info.get("since"),
                 **{k: v for k, v in result.items() if k not in ("holder", "since")},
             )
         result["broken"] = {k: v for k, v in info.items() if k != "token"}
-        module.warn(
-            f"breaking a stale fleet deploy lock {path} held by {describe_holder(info, age)}: it is older than "
-            "its TTL, so its run is taken to be dead."
-        )
     result["changed"] = True
     if module.check_mode:
         result.update(holder=p["holder"], since=None)
@@ -174,8 +268,10 @@ def present(module, result):
             holder=other.get("holder"),
             since=other.get("since"),
             broken=result["broken"],
+            broken_because=result["broken_because"],
             changed=result["broken"] is not None,
         )
+    taken = _record_controller(path, taken, p)
     result.update(token=taken["token"], holder=taken["holder"], since=taken["since"])
     module.exit_json(**result)
 
@@ -189,7 +285,8 @@ def absent(module, result):
     result.update(holder=info.get("holder"), since=info.get("since"))
     if not p["force"] and info.get("token") != p["token"]:
         module.warn(
-            f"left the fleet deploy lock {path} in place: it is held by {describe_holder(info, lock_age(info))}, "
+            f"left the fleet deploy lock {path} in place: it is held by {describe_holder(info, lock_age(info))}"
+            f"{describe_process(info)}, "
             "not by this run (our lock was broken as stale and taken again, or no token was given)."
         )
         module.exit_json(**result)
@@ -210,6 +307,10 @@ def main():
             note=dict(type="str", default=""),
             token=dict(type="str", no_log=False),
             force=dict(type="bool", default=False),
+            controller=dict(type="str", default=""),
+            controller_pid=dict(type="int"),
+            controller_pid_started=dict(type="str", default=""),
+            dead_holder=dict(type="dict"),
         ),
         required_if=[("state", "present", ("holder",))],
         supports_check_mode=True,
@@ -219,7 +320,7 @@ def main():
         module.fail_json(msg="ttl must be a positive number of seconds, got {}".format(p["ttl"]))
     if p["path"].rstrip("/") in ("", "/"):
         module.fail_json(msg="path must be a lock directory, not /")
-    result = dict(changed=False, token=None, holder=None, since=None, broken=None)
+    result = dict(changed=False, token=None, holder=None, since=None, broken=None, broken_because=None)
     try:
         if p["state"] == "present":
             present(module, result)

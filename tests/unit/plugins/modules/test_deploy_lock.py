@@ -19,10 +19,15 @@ NOW_ISO = _ledger.iso_from_epoch(time.time())
 OLD_ISO = "2020-01-01T00:00:00Z"
 
 
-def _make_lock(path, holder, since, ttl, token="theirs", info=True):
+def _make_lock(path, holder, since, ttl, token="theirs", info=True, **extra):
     os.mkdir(path)
     if info:
-        (path / "info.json").write_text(json.dumps(dict(holder=holder, since=since, ttl=ttl, token=token)))
+        (path / "info.json").write_text(json.dumps(dict(holder=holder, since=since, ttl=ttl, token=token, **extra)))
+
+
+# A fresh lock of a run on controller ctl, its ansible-playbook pid 4100 ("killed": existing="killed").
+KILLED = dict(controller="ctl", controller_pid=4100, controller_pid_started="Sat Nov 21 06:00:00 2026")
+DEAD = dict(controller="ctl", controller_pid=4100, since=NOW_ISO)
 
 
 # existing: None (no lock), "fresh" (held, within TTL), "stale" (held, past TTL), "noinfo" (dir without info.json,
@@ -117,6 +122,93 @@ CASES = [
         changed=True,
         held_by="bob@ci",
     ),
+    # Liveness (docs/adr/0502): the caller found the holder's ansible-playbook dead on its controller.
+    dict(
+        id="break-dead-holder",
+        existing="killed",
+        args=dict(holder="alice@ctl", controller="ctl", controller_pid=4200, dead_holder=DEAD),
+        failed=False,
+        changed=True,
+        warning="held by bob@ci since",
+        warning2="(ansible-playbook pid 4100 on ctl): that ansible-playbook is no longer running",
+        held_by="alice@ctl",
+        broken="bob@ci",
+        because="dead",
+        recorded=dict(controller="ctl", controller_pid=4200),
+    ),
+    dict(
+        id="dead-holder-other-pid-refuses",
+        existing="killed",
+        args=dict(holder="alice@ctl", dead_holder=dict(DEAD, controller_pid=4101)),
+        failed=True,
+        msg="is held by bob@ci since",
+        msg2="(ansible-playbook pid 4100 on ctl)",
+        held_by="bob@ci",
+    ),
+    dict(
+        id="dead-holder-other-controller-refuses",
+        existing="killed",
+        args=dict(holder="alice@ctl", dead_holder=dict(DEAD, controller="elsewhere")),
+        failed=True,
+        msg="add -e deploy_break_lock=true",
+        held_by="bob@ci",
+    ),
+    dict(
+        id="dead-holder-retaken-since-refuses",
+        existing="killed",
+        args=dict(holder="alice@ctl", dead_holder=dict(DEAD, since=OLD_ISO)),
+        failed=True,
+        msg="is held by bob@ci",
+        held_by="bob@ci",
+    ),
+    dict(
+        id="dead-holder-needs-a-pid",
+        existing="fresh",
+        args=dict(holder="alice@ctl", dead_holder=dict(controller="", controller_pid=None, since=NOW_ISO)),
+        failed=True,
+        msg="is held by bob@ci",
+        held_by="bob@ci",
+    ),
+    dict(
+        id="force-breaks-a-live-lock",
+        existing="fresh",
+        args=dict(holder="alice@ctl", force=True),
+        failed=False,
+        changed=True,
+        warning="breaking the fleet deploy lock",
+        warning2="as asked (force / deploy_break_lock)",
+        held_by="alice@ctl",
+        broken="bob@ci",
+        because="force",
+    ),
+    dict(
+        id="check-break-dead",
+        existing="killed",
+        args=dict(holder="alice@ctl", dead_holder=DEAD),
+        check=True,
+        failed=False,
+        changed=True,
+        held_by="bob@ci",
+        because="dead",
+    ),
+    dict(
+        id="release-not-ours-names-the-process",
+        existing="killed",
+        args=dict(state="absent", token="mine"),
+        failed=False,
+        changed=False,
+        warning="(ansible-playbook pid 4100 on ctl)",
+        held_by="bob@ci",
+    ),
+    dict(
+        id="take-records-the-controller",
+        existing=None,
+        args=dict(holder="alice@ctl", controller="ctl", controller_pid=4200, controller_pid_started="Sat"),
+        failed=False,
+        changed=True,
+        held_by="alice@ctl",
+        recorded=dict(controller="ctl", controller_pid=4200, controller_pid_started="Sat"),
+    ),
     dict(id="bad-ttl", existing=None, args=dict(holder="a@b", ttl=0), failed=True, msg="ttl must be a positive"),
     dict(id="holder-required", existing=None, args=dict(), failed=True, msg="holder"),
 ]
@@ -132,18 +224,28 @@ def test_deploy_lock(tmp_path, capsys, case):
         _make_lock(path, "bob@ci", OLD_ISO, 60)
     elif existing == "noinfo":
         _make_lock(path, None, None, None, info=False)
+    elif existing == "killed":
+        _make_lock(path, "bob@ci", NOW_ISO, 1800, **KILLED)
     elif existing == "ours":
         _make_lock(path, "bob@ci", NOW_ISO, 600, token="mine")
     result = run_module(deploy_lock.main, dict(path=str(path), **case["args"]), capsys, check_mode=case.get("check"))
 
     assert bool(result.get("failed")) is case["failed"], result
-    if "msg" in case:
-        assert case["msg"] in result["msg"]
+    for key in ("msg", "msg2"):
+        if key in case:
+            assert case[key] in result["msg"]
     if "changed" in case:
         assert result["changed"] is case["changed"]
-    if "warning" in case:
-        # ansible-core >= 2.19 returns warnings as structured events: search their JSON.
-        assert case["warning"] in json.dumps(result.get("warnings", [])), result
+    for key in ("warning", "warning2"):
+        if key in case:
+            # ansible-core >= 2.19 returns warnings as structured events: search their JSON.
+            assert case[key] in json.dumps(result.get("warnings", [])), result
+    if "because" in case:
+        assert result["broken_because"] == case["because"]
+    if "recorded" in case:
+        info = _ledger.read_lock(str(path))
+        assert {k: info.get(k) for k in case["recorded"]} == case["recorded"]
+        assert result["token"] == info["token"]
     if "broken" in case:
         assert result["broken"]["holder"] == case["broken"]
         assert "token" not in result["broken"]
