@@ -18,6 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 WHEELHOUSE = ROOT / ".cache" / "wheelhouse"
 CONSTRAINTS = ROOT / "requirements" / "constraints.txt"
 RUNTIME = ROOT / "runtime"
+# Pure-Python packages a host set needs that are published only as sdists (`pip download
+# --only-binary` rejects them): built into wheels here first, where pip download finds them.
+SDIST_ONLY = ("antlr4-python3-runtime",)  # hydra-core's pin, for dvc (hosts-dvc.in)
 
 
 def requirement_sets() -> dict[str, Path]:
@@ -51,12 +54,29 @@ def main() -> int:
     WHEELHOUSE.mkdir(parents=True, exist_ok=True)
     for old in WHEELHOUSE.glob("*.whl"):
         old.unlink()
+    built = WHEELHOUSE / ".sdist-wheels"
+    built.mkdir(exist_ok=True)
+    for old in built.glob("*.whl"):
+        old.unlink()
+    pip("wheel", "-q", "--no-deps", "-w", str(built), "-c", str(CONSTRAINTS), *SDIST_ONLY)
     for name, requirements in requirement_sets().items():
         target = WHEELHOUSE / name
         if target.exists():
             for old in target.glob("*.whl"):
                 old.unlink()
-        pip("download", "-q", "--only-binary=:all:", "-d", str(target), "-c", str(CONSTRAINTS), "-r", str(requirements))
+        pip(
+            "download",
+            "-q",
+            "--only-binary=:all:",
+            "--find-links",
+            str(built),
+            "-d",
+            str(target),
+            "-c",
+            str(CONSTRAINTS),
+            "-r",
+            str(requirements),
+        )
         if name == "runtime" and (RUNTIME / "pyproject.toml").exists():
             pip("wheel", "-q", "--no-deps", "-w", str(target), str(RUNTIME))
         for wheel in target.glob("*.whl"):
