@@ -115,7 +115,12 @@ def format_status(rows):
 
 
 def parse_ledger(host, text):
-    """Records of one host's ledger text; unparsable lines skipped; `host` filled in when missing."""
+    """Records of one host's ledger text; unparsable lines skipped; `host` filled in when missing.
+
+    The line format is the collection's (plugins/module_utils/_ledger.py, parse_ledger): this package is installed
+    on its own (`pip install ./ops`) and cannot import the collection's private module_utils, so the few lines are
+    repeated here on purpose, and tests/unit/ops/test_ledger_format.py proves both parsers agree on a table of
+    lines. Change both, or neither."""
     records = []
     for line in (text or "").splitlines():
         line = line.strip()
@@ -142,8 +147,21 @@ def merge_history(ledgers, limit=None):
     return out[:limit] if limit else out
 
 
+def short_data_rev(record):
+    """The DATA cell of `history`: the first 8 characters of the record's data_rev (a git commit), else of its
+    data_md5 prefixed `md5:`; `-` when the record names no data version ("" or absent: older records)."""
+    rev = str(record.get("data_rev") or "")
+    if rev:
+        return rev[:8]
+    md5 = str(record.get("data_md5") or "")
+    return f"md5:{md5[:8]}" if md5 else "-"
+
+
 def format_history(records):
-    lines = [f"{'TIME':<21} {'HOST':<16} {'ACTION':<9} {'RESULT':<8} {'COLOR':<14} {'MODEL':<22} {'WHO':<20} REASON"]
+    lines = [
+        f"{'TIME':<21} {'HOST':<16} {'ACTION':<9} {'RESULT':<8} {'COLOR':<14} {'MODEL':<22} {'DATA':<12} "
+        f"{'WHO':<20} REASON"
+    ]
     for r in records:
         move = f"{r.get('previous_color') or '?'}->{r.get('color') or '?'}"
         model = f"{r.get('model_name') or '?'} v{r.get('model_version') or '?'}"
@@ -152,6 +170,6 @@ def format_history(records):
         reason = str(r.get("reason") or "")[:100]
         lines.append(
             f"{cell['time']:<21} {cell['host']:<16} {action:<9} {cell['result']:<8} {move:<14} {model:<22} "
-            f"{cell['who']:<20} {reason}"
+            f"{short_data_rev(r):<12} {cell['who']:<20} {reason}"
         )
     return "\n".join(lines)

@@ -86,6 +86,14 @@ def read_text(path):
 # -- ledger ------------------------------------------------------------------------------------------------------
 
 
+# The ledger's line format, shared by contract (not by import) with ops/sovereign_ops/fleet.py, which parses the
+# same text on the controller: one JSON object per line; blank, unparsable (a torn last line) or non-object lines
+# are skipped. tests/unit/ops/test_ledger_format.py proves both parsers agree on a table of lines.
+# The lineage fields of a record: the data version that trained the model (the registry version's ``data.rev``
+# and ``data.md5`` tags, else its run's) and the MLflow run; "" when unknown (a model trained without DVC).
+LINEAGE_FIELDS = ("data_rev", "data_md5", "run_id")
+
+
 def parse_ledger(text):
     """Records of a ledger's text, in file order; unparsable or non-object lines are skipped."""
     records = []
@@ -134,6 +142,24 @@ def last_record(records, **match):
         if all(record.get(k) == v for k, v in match.items()):
             return record
     return None
+
+
+def model_lineage(records, model):
+    """{data_rev, data_md5, run_id} of a color's configured ``model`` ({uri, version}, from its model.env), from
+    the newest record of that very model (same model_uri and model_version, any action or result: the data version
+    belongs to the model, not to the outcome) that carries lineage fields; "" for each when no record does (a
+    model deployed before the ledger recorded data versions, or installed by hand)."""
+    empty = dict.fromkeys(LINEAGE_FIELDS, "")
+    if not model or not model.get("uri"):
+        return empty
+    for record in reversed(records):
+        if (
+            "data_rev" in record
+            and str(record.get("model_uri") or "") == model["uri"]
+            and str(record.get("model_version") or "") == str(model.get("version") or "")
+        ):
+            return {key: str(record.get(key) or "") for key in LINEAGE_FIELDS}
+    return empty
 
 
 # -- host state and metrics ----------------------------------------------------------------------------------------
@@ -212,6 +238,14 @@ def metrics_registry(live_color, models, records, colors=COLORS):
         ["action"],
         registry=registry,
     )
+    # A separate family, not labels on model_info: its series stay as they were, and this one has at most one
+    # series per color (the data version changes only with the model).
+    data_info = Gauge(
+        "sovereign_deploy_model_data_info",
+        "The data version (DVC data.rev, data.md5) that trained each color's model, from the ledger (value 1)",
+        ["color", "data_rev", "data_md5"],
+        registry=registry,
+    )
     total = Gauge(
         "sovereign_deploy_operations",
         "Release operations recorded in this host's ledger, by action and result",
@@ -223,6 +257,9 @@ def metrics_registry(live_color, models, records, colors=COLORS):
         model = models.get(color)
         if model:
             info.labels(color=color, model=model["name"] or "", version=model["version"] or "").set(1)
+            lineage = model_lineage(records, model)
+            if lineage["data_rev"] or lineage["data_md5"]:
+                data_info.labels(color=color, data_rev=lineage["data_rev"], data_md5=lineage["data_md5"]).set(1)
     counts = {}
     for record in records:
         action = str(record.get("action") or "deploy")

@@ -17,6 +17,8 @@ description:
     a temporary file and a rename) from the host's actual state, so the metrics never drift from what the host
     serves. C(sovereign_deploy_live_color{color}) from the traffic switch's map file,
     C(sovereign_deploy_model_info{color,model,version}) from each color's C(<color>.model.env),
+    C(sovereign_deploy_model_data_info{color,data_rev,data_md5}) for each color whose model's data version the
+    ledger knows (see RV(models)),
     C(sovereign_deploy_last_timestamp_seconds{action}), C(sovereign_deploy_last_success{action}) and
     C(sovereign_deploy_operations{action,result}) from the ledger.
   - Without O(record) it only reads. It returns the last O(tail) records and, with O(refresh_metrics=true),
@@ -33,7 +35,11 @@ options:
   record:
     description:
       - The record to append. Keys are free; the playbooks write C(action), C(who), C(time), C(host), C(color),
-        C(previous_color), C(model_name), C(model_version), C(model_uri), C(model_sha256), C(result), C(reason).
+        C(previous_color), C(model_name), C(model_version), C(model_uri), C(model_sha256), C(result), C(reason),
+        and the lineage of the model C(data_rev), C(data_md5) (the DVC data version that trained it: the registry
+        version's C(data.rev) and C(data.md5) tags, else its run's) and C(run_id) (the MLflow run), V("") when
+        unknown.
+      - Lineage values that are not strings (V(null), numbers) are stored as strings, V(null) as V("").
       - C(time) (now, ISO 8601 UTC) and C(action) (V(deploy)) are added when missing.
     type: dict
   tail:
@@ -90,6 +96,10 @@ EXAMPLES = r"""
       previous_color: blue
       model_name: fraud
       model_version: "7"
+      model_uri: models:/fraud/7
+      data_rev: 528ab3d4e1c2f0a9b8c7d6e5f4a3b2c1d0e9f8a7
+      data_md5: 3d7fd59556f8375d55d9d9d60743a422.dir
+      run_id: 4ec69dfa0b1c4d2e8f3a5b6c7d8e9f01
       result: failed
       reason: "smoke test: latency_p99 81 ms > 50 ms"
 
@@ -97,6 +107,10 @@ EXAMPLES = r"""
   sovereign.mlops.deploy_ledger:
     tail: 5
   register: ledger
+
+- name: The data version that trained the blue color's model
+  ansible.builtin.debug:
+    msg: "{{ ledger.models.blue.data_rev | default('unknown', true) }}"
 """
 
 RETURN = r"""
@@ -115,7 +129,10 @@ live_color:
   type: str
 models:
   description:
-    - Each color's configured model C({uri, name, version, golden_file, golden}), V(null) for a color without one.
+    - Each color's configured model C({uri, name, version, golden_file, golden, data_rev, data_md5, run_id}),
+      V(null) for a color without one.
+    - C(data_rev), C(data_md5) and C(run_id) come from the newest ledger record of that very model (same
+      C(model_uri) and C(model_version)) that carries them, V("") when none does. The rollback records them.
     - C(golden_file) is the golden file the runtime uses for a local model (C(SOVEREIGN_RUNTIME_GOLDEN_FILE), else
       C(<file>.golden.json), C(<dir>/golden.json) or C(<dir>/extra_files/golden.json)), C(golden) its content
       (V(null) for registry models, whose golden file is inside the artifact). The rollback's smoke test uses it.
@@ -134,11 +151,13 @@ import traceback
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible_collections.sovereign.mlops.plugins.module_utils._ledger import (
+    LINEAGE_FIELDS,
     append_record,
     color_models,
     iso_from_epoch,
     map_value,
     metrics_registry,
+    model_lineage,
     read_golden,
     read_ledger,
     read_text,
@@ -180,6 +199,9 @@ def main():
         if record is not None:
             record = dict(record)
             record.setdefault("action", "deploy")
+            for key in LINEAGE_FIELDS:
+                if key in record:
+                    record[key] = "" if record[key] is None else str(record[key])
             if not record.get("time"):
                 record["time"] = iso_from_epoch(time.time())
             result["changed"] = True
@@ -196,6 +218,7 @@ def main():
         for model in models.values():
             if model is not None:
                 model["golden"] = read_golden(model["golden_file"])
+                model.update(model_lineage(records, model))
         result.update(live_color=live, models=models, records=records[-p["tail"] :] if p["tail"] else [])
 
         if write_prom:

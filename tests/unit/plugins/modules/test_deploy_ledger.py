@@ -137,6 +137,103 @@ def test_concurrent_appends_do_not_interleave(tmp_path):
     assert len(_ledger.read_ledger(path)) == 200
 
 
+# -- lineage: the data version of each color's model, from the ledger -----------------------------------------------
+
+REV1, REV2 = "1" * 40, "2" * 40
+MD5 = "3d7fd59556f8375d55d9d9d60743a422.dir"
+
+
+def _deploy(version, color="blue", uri=None, **extra):
+    return dict(RECORD, color=color, model_version=version, model_uri=uri or f"/m/{version}/model.pt", **extra)
+
+
+LINEAGE_CASES = [
+    dict(
+        id="newest-record-of-that-model-wins",
+        records=[
+            _deploy("1", data_rev=REV1, data_md5="a", run_id="r1", result="success"),
+            _deploy("2", color="green", data_rev=REV2, data_md5=MD5, run_id="r2", result="success"),
+            _deploy("1", data_rev=REV2, data_md5="b", run_id="r1b", result="failed"),
+        ],
+        # blue serves /m/1 (MODEL_ENV): its newest record, a failed redeploy, still names the model's data.
+        blue=dict(data_rev=REV2, data_md5="b", run_id="r1b"),
+        green=dict(data_rev=REV2, data_md5=MD5, run_id="r2"),
+    ),
+    dict(
+        id="other-color-same-model",
+        records=[_deploy("2", color="blue", data_rev=REV2, data_md5=MD5, run_id="r2")],
+        blue=dict(data_rev="", data_md5="", run_id=""),
+        green=dict(data_rev=REV2, data_md5=MD5, run_id="r2"),
+    ),
+    dict(
+        id="same-uri-other-version-does-not-match",
+        records=[_deploy("7", uri="/m/1/model.pt", data_rev=REV1, data_md5="a", run_id="r")],
+        blue=dict(data_rev="", data_md5="", run_id=""),
+        green=dict(data_rev="", data_md5="", run_id=""),
+    ),
+    dict(
+        id="records-before-lineage-are-skipped",
+        records=[_deploy("1", data_rev=REV1, data_md5="a", run_id="r1"), _deploy("1")],
+        blue=dict(data_rev=REV1, data_md5="a", run_id="r1"),
+        green=dict(data_rev="", data_md5="", run_id=""),
+    ),
+    dict(
+        id="trained-without-dvc",
+        records=[_deploy("1", data_rev="", data_md5="", run_id="r1"), _deploy("2", color="green", data_rev=None)],
+        blue=dict(data_rev="", data_md5="", run_id="r1"),
+        green=dict(data_rev="", data_md5="", run_id=""),
+    ),
+]
+
+
+@pytest.mark.parametrize("case", LINEAGE_CASES, ids=[c["id"] for c in LINEAGE_CASES])
+def test_color_lineage_from_the_ledger(host, capsys, case):
+    for record in case["records"]:
+        result = run_module(deploy_ledger.main, _args(host, record=record), capsys)
+        assert not result.get("failed"), result
+    for color in ("blue", "green"):
+        model = result["models"][color]
+        assert {k: model[k] for k in _ledger.LINEAGE_FIELDS} == case[color], color
+    prom = (host / "textfile" / "sovereign_deploy.prom").read_text()
+    for color in ("blue", "green"):
+        want = case[color]
+        labels = f'color="{color}",data_md5="{want["data_md5"]}",data_rev="{want["data_rev"]}"'
+        line = f"sovereign_deploy_model_data_info{{{labels}}} 1.0"
+        assert (line in prom) is bool(want["data_rev"] or want["data_md5"]), prom
+    assert prom.count("sovereign_deploy_model_data_info{") <= 2
+
+
+@pytest.mark.parametrize(
+    ("value", "stored"),
+    [("abc", "abc"), (None, ""), (7, "7"), ("", "")],
+)
+def test_lineage_values_are_stored_as_strings(host, capsys, value, stored):
+    run_module(deploy_ledger.main, _args(host, record=_deploy("1", data_rev=value, data_md5=value)), capsys)
+    written = json.loads((host / "ledger" / "deployments.jsonl").read_text())
+    assert (written["data_rev"], written["data_md5"]) == (stored, stored)
+    assert "run_id" not in written  # only the lineage keys given are normalised, none is added
+
+
+def test_rollback_records_the_target_colors_data_version(host, capsys):
+    """What rollback.yml does: read the ledger (models), then record the target color's lineage."""
+    run_module(deploy_ledger.main, _args(host, record=_deploy("1", data_rev=REV1, data_md5="a", run_id="r1")), capsys)
+    run_module(deploy_ledger.main, _args(host, record=_deploy("2", "green", data_rev=REV2, data_md5=MD5)), capsys)
+    state = run_module(deploy_ledger.main, _args(host, tail=50), capsys)
+    target = state["models"]["blue"]
+    record = dict(
+        action="rollback",
+        color="blue",
+        previous_color="green",
+        model_uri=target["uri"],
+        model_version=target["version"],
+        **{k: target[k] for k in _ledger.LINEAGE_FIELDS},
+    )
+    result = run_module(deploy_ledger.main, _args(host, record=record), capsys)
+    assert json.loads(result["line"])["data_rev"] == REV1
+    # ... and a later lookup of blue's model still finds it, now from the rollback record.
+    assert result["models"]["blue"]["data_rev"] == REV1
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
