@@ -28,8 +28,10 @@ description:
     with the symlink by C(renameat2(RENAME_EXCHANGE)) (Linux 3.15+), also atomic.
   - When O(path) is a single file, O(dest) is the file (or, when O(dest) is an existing directory, the file of
     the same name inside it), replaced by renaming a verified temporary file over it.
-  - A failure (unknown O(rev), O(path) not tracked, unknown remote, data missing on the remote, O(dest) not
-    writable) changes nothing in O(dest).
+  - A failure (unknown O(rev), O(path) not tracked, unknown remote, a remote that cannot be reached or refuses the
+    login, data missing on the remote, O(dest) not writable) changes nothing in O(dest). A remote that cannot be
+    reached (host name does not resolve, connection refused, timeout, SSH login refused, host key not trusted) is
+    reported as such, with the remote's name and url, never as data missing on it.
   - Runs only on Python 3 (as do all modules of this collection).
 options:
   repo:
@@ -67,6 +69,12 @@ options:
     description:
       - Options of the remote for this run, merged over the repository's configuration of O(remote) (or of the
         default remote), for example C(url), or credentials options of the remote's type.
+      - For an SSH remote (C(ssh://user@host[:port]/path), needs C(dvc-ssh)), C(keyfile) is the path of the
+        private key on the target host (checked before anything else), C(port) and C(user) override the url's,
+        and C(timeout) bounds the connection (DVC's default is 1800 seconds). The host key must be in
+        C(~/.ssh/known_hosts) of the user the module runs as.
+      - Keep secrets (C(password), C(passphrase), cloud keys) out of it where possible, or set C(no_log) on the
+        task: module arguments are logged otherwise.
     type: dict
   delete:
     description:
@@ -126,8 +134,9 @@ attributes:
       - The diff shows the data version and, for each file added, updated or removed, its path and md5 before and
         after; unchanged files are counted, not listed.
 requirements:
-  - dvc >= 3.0 (with the extras for the remote's type, for example C(dvc[s3]) or C(dvc[ssh])) in the Python
-    interpreter that runs the module on the target host
+  - dvc >= 3.0 (with the package for the remote's type, for example C(dvc-ssh) or C(dvc-s3)) in the Python
+    interpreter that runs the module on the target host; the C(sovereign.mlops.dvc_client) role installs
+    C(dvc) and C(dvc-ssh) into C(/opt/sovereign/dvc)
   - git on the target host when O(repo) is a URL
 notes:
   - The module runs on the target host, with the interpreter that has C(dvc) installed, so point
@@ -173,6 +182,20 @@ EXAMPLES = r"""
     dest: /srv/datasets/train
   check_mode: true
   diff: true
+
+- name: Sync from a DVC remote on the storage host over SSH (key only)
+  sovereign.mlops.dvc_sync:
+    repo: /srv/checkouts/datasets
+    rev: v2.3.0
+    path: data/train
+    dest: /srv/datasets/train
+    remote: storage
+    remote_config:
+      url: ssh://dvcstore@storage.example.internal/srv/dvc-remote
+      keyfile: /root/.ssh/dvc-storage  # on the target host, mode 0600
+      timeout: 30
+  vars:
+    ansible_python_interpreter: /opt/sovereign/dvc/bin/python  # sovereign.mlops.dvc_client
 
 - name: One model file from a second remote, keeping files others put in dest
   sovereign.mlops.dvc_sync:
@@ -267,7 +290,9 @@ import contextlib
 import grp
 import os
 import pwd
+import re
 import shutil
+import socket
 import stat
 import sys
 import traceback
@@ -314,6 +339,55 @@ def stdout_to_stderr():
         yield
 
 
+def connection_error(exc):
+    """The error in ``exc``'s chain that says the remote could not be reached or refused the login, else None.
+
+    DVC wraps transport errors: a directory listing it cannot load raises DataIndexDirError (from the
+    ConnectionRefusedError, socket.gaierror or asyncssh error below it), so the chain is searched. SFTP status errors
+    (no such file) are not connection errors: they mean the data is missing.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror, socket.herror)):
+            return exc
+        cls = type(exc)
+        if cls.__module__.startswith("asyncssh") and any(
+            c.__name__ in ("DisconnectError", "ChannelOpenError", "KeyImportError") for c in cls.__mro__
+        ):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def connection_hint(exc):
+    name = type(exc).__name__
+    if isinstance(exc, socket.gaierror):
+        return "the host name does not resolve from this host; check the host in the remote's url"
+    if isinstance(exc, ConnectionRefusedError):
+        return "nothing accepts connections on that host and port; check the url's host and port (remote_config port)"
+    if isinstance(exc, TimeoutError) or "Timeout" in name:
+        return (
+            "the host did not answer in time; check that it is up and reachable (firewall), or raise "
+            "remote_config timeout"
+        )
+    if name == "PermissionDenied":
+        return (
+            "the server refused the login; check the user (url or remote_config user) and that the key "
+            "(remote_config keyfile) is authorized for that user on the remote host"
+        )
+    if name == "HostKeyNotVerifiable":
+        return "the host key of the remote is not trusted; add it to ~/.ssh/known_hosts of the user the module runs as"
+    if name == "KeyImportError":
+        return "the private key (remote_config keyfile) cannot be read; check that it is a valid, unencrypted key"
+    return "check the url, port, user and credentials of the remote and that it is reachable from this host"
+
+
+def redact_url(url):
+    """A URL for a message, without a password in its userinfo."""
+    return re.sub(r"(//[^/@:]*):[^/@]*@", r"\1:***@", url) if isinstance(url, str) else url
+
+
 def hash_name_of(dvc_info):
     entry = dvc_info.get("entry")
     return entry.hash_info.name if entry is not None and entry.hash_info else "md5"
@@ -351,7 +425,7 @@ class Source:
             if not name:
                 return "the repository cache (the repository has no default remote and no remote was given)"
             url = (config["remote"].get(name) or {}).get("url")
-            return f"remote '{name}' ({url})"
+            return f"remote '{name}' ({redact_url(url)})"
         except Exception:  # only for a message
             return f"remote '{self.remote or 'default'}'"
 
@@ -390,7 +464,8 @@ class Source:
         self.kind = "directory"
         try:
             found = fs.find(self.path, detail=True)
-        except DataIndexDirError:
+        except DataIndexDirError as exc:
+            self.raise_if_unreachable(exc)
             raise SyncError(
                 f"the listing of directory '{self.path}' (DVC object {dvc_info.get('md5')}) is neither "
                 f"in the DVC cache nor on {self.describe_remote()}: push it with dvc push, or choose "
@@ -408,6 +483,16 @@ class Source:
     def rpath(self, rel):
         return f"{self.path}/{rel}" if rel else self.path
 
+    def unreachable(self, exc):
+        return SyncError(
+            f"cannot connect to {self.describe_remote()}: {type(exc).__name__}: {exc}; {connection_hint(exc)}"
+        )
+
+    def raise_if_unreachable(self, exc):
+        conn = connection_error(exc)
+        if conn is not None:
+            raise self.unreachable(conn) from None
+
     def missing(self, rel):
         return SyncError(
             f"{self.describe_remote()} has no data for '{self.rpath(rel)}' (md5 "
@@ -417,8 +502,12 @@ class Source:
     def fetch(self, rel, local_path):
         try:
             self.datafs.get_file(self.rpath(rel), local_path)
-        except FileNotFoundError:
+        except FileNotFoundError as exc:
+            self.raise_if_unreachable(exc)
             raise self.missing(rel) from None
+        except Exception as exc:
+            self.raise_if_unreachable(exc)
+            raise
 
     def sizes(self, rels):
         """Bytes of these tracked files, from DVC's listing or asked from the remote (check mode's byte count)."""
@@ -433,12 +522,14 @@ class Source:
                 if odb is None:
                     odb = odbs[item["hash"]] = self.fs.repo.cloud.get_remote_odb(self.remote, hash_name=item["hash"])
                 total += odb.fs.size(odb.oid_to_path(item["md5"])) or 0
-            except FileNotFoundError:
+            except FileNotFoundError as exc:
+                self.raise_if_unreachable(exc)
                 size = self._size_in_cache(item)
                 if size is None:
                     raise self.missing(rel) from None
                 total += size
             except Exception as exc:  # cloud-versioned remotes and the like: a lower bound then
+                self.raise_if_unreachable(exc)
                 self.module.warn(
                     f"could not get the size of {self.rpath(rel)} from the remote ({exc}); "
                     "bytes_transferred counts only the known sizes"
@@ -828,6 +919,13 @@ def main():
     if not p["path"].strip("/"):
         module.fail_json(msg="path must name a DVC-tracked directory or file inside the repository, not its root")
 
+    keyfile = (p["remote_config"] or {}).get("keyfile")
+    if keyfile and not os.path.isfile(os.path.expanduser(str(keyfile))):
+        module.fail_json(
+            msg=f"remote_config keyfile {keyfile} does not exist on the target host: the remote is reached from "
+            "there, so copy the private key to the host first (mode 0600)"
+        )
+
     attrs = wanted_attrs(module)
 
     source = result = failure = None
@@ -840,7 +938,9 @@ def main():
         except SyncError as exc:
             failure = dict(msg=str(exc))
         except Exception as exc:
-            failure = dict(msg=describe_error(exc, p), exception=traceback.format_exc())
+            conn = connection_error(exc) if source is not None else None
+            msg = str(source.unreachable(conn)) if conn is not None else describe_error(exc, p)
+            failure = dict(msg=msg, exception=traceback.format_exc())
         finally:
             if source is not None:
                 source.close()

@@ -3,17 +3,20 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """sovereign.mlops.dvc_sync against a real DVC repository with local directory remotes (dvc_fixtures/dvc_repo.py).
 
-Not covered here: an SSH (or cloud) remote on another host, which needs the lab; the module passes remote options
-to DVC unchanged, so only DVC's own transport differs there.
+Not covered here: an SSH (or cloud) remote on another host; molecule/dvc_sync runs one (a storage host serving the
+remote over SSH, a refused key, data missing on it). Here only SSH failures that need no server: a refused port, a
+host name that does not resolve, a missing key file.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -574,6 +577,90 @@ def test_plan_tree(tmp_path, tracked, local, delete, expect):
 
 def test_dir_md5_matches_dvc(env):
     assert utils.dir_md5(tree(V1)) == env.dir_md5["v1"]
+
+
+def _closed_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+SSH_FAILURES = [
+    pytest.param(
+        lambda tmp: dict(url=f"ssh://dvc@127.0.0.1:{_closed_port()}/srv/dvc"),
+        r"^cannot connect to remote 'ssh1' \(ssh://dvc@127\.0\.0\.1:\d+/srv/dvc\): ConnectionRefusedError: .*"
+        r"nothing accepts connections on that host and port",
+        id="port-refused",
+    ),
+    pytest.param(
+        lambda tmp: dict(url="ssh://dvc@no-such-host.invalid/srv/dvc"),
+        r"^cannot connect to remote 'ssh1' .*: gaierror: .*the host name does not resolve",
+        id="unknown-host",
+    ),
+    pytest.param(
+        lambda tmp: dict(url="ssh://dvc@127.0.0.1/srv/dvc", keyfile=str(tmp / "no-such-key")),
+        r"^remote_config keyfile .*/no-such-key does not exist on the target host",
+        id="missing-keyfile",
+    ),
+]
+
+
+# (path, check): check mode of a single file whose size DVC records needs no remote, so it does not fail.
+@pytest.mark.parametrize(("path", "check"), [("data", False), ("data", True), ("model.bin", False)])
+@pytest.mark.parametrize(("remote_config", "fails"), SSH_FAILURES)
+def test_unreachable_ssh_remote_is_named_and_changes_nothing(env, tmp_path, path, remote_config, fails, check):
+    """An SSH remote that cannot be reached is reported as such, not as data missing on it (no SSH server needed:
+    these fail before any login). The real SSH cases (refused key, data missing) run in molecule/dvc_sync."""
+    dest = str(tmp_path / "srv" / "ds")
+    failed, result = sync(env, dest, rev="v1", path=path)
+    assert not failed, result.get("msg")
+    before, before_beside = snapshot(dest), beside(dest)
+    failed, result = sync(
+        env, dest, rev="v2", path=path, check=check, remote="ssh1", remote_config=remote_config(tmp_path)
+    )
+    assert failed
+    assert re.search(fails, result["msg"]), result["msg"]
+    assert "has no data" not in result["msg"] and "neither in the DVC cache" not in result["msg"]
+    assert snapshot(dest) == before and beside(dest) == before_beside
+
+
+class _Chained(Exception):
+    pass
+
+
+def _chain(*excs):
+    for outer, inner in itertools.pairwise(excs):
+        outer.__cause__ = inner
+    return excs[0]
+
+
+@pytest.mark.parametrize(
+    ("exc", "found"),
+    [
+        (_chain(_Chained("wrapper"), ConnectionRefusedError(111, "refused")), ConnectionRefusedError),
+        (_chain(_Chained("wrapper"), socket.gaierror(-2, "Name or service not known")), socket.gaierror),
+        (_chain(FileNotFoundError(2, "no such object"), _Chained("an SFTP status error")), None),
+        (FileNotFoundError(2, "no such object"), None),
+        (ValueError("other"), None),
+    ],
+    ids=["refused", "dns", "missing-data", "plain-missing", "other"],
+)
+def test_connection_error_finds_transport_errors_in_the_chain_only(exc, found):
+    got = dvc_sync.connection_error(exc)
+    assert (type(got) if got is not None else None) is found
+
+
+def test_connection_error_knows_asyncssh_login_errors_but_not_sftp_status():
+    asyncssh = pytest.importorskip("asyncssh")
+    denied = asyncssh.PermissionDenied("Permission denied for user dvc on host storage")
+    assert dvc_sync.connection_error(_chain(_Chained("wrapper"), denied)) is denied
+    assert "refused the login" in dvc_sync.connection_hint(denied)
+    assert dvc_sync.connection_error(_chain(FileNotFoundError(2, "x"), asyncssh.SFTPNoSuchFile("x"))) is None
+
+
+def test_redact_url_hides_a_password():
+    assert dvc_sync.redact_url("ssh://dvc:s3cret@storage/srv") == "ssh://dvc:***@storage/srv"
+    assert dvc_sync.redact_url("ssh://dvc@storage:2222/srv") == "ssh://dvc@storage:2222/srv"
 
 
 def test_missing_dvc_is_reported_with_missing_required_lib(env, tmp_path, monkeypatch):
