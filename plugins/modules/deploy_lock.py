@@ -20,11 +20,11 @@ description:
     since when, unless the lock is older than its own TTL (a run that was killed before releasing it); then it
     breaks it with a warning naming the old holder and takes it. Giving the O(token) of a lock we already hold
     renews it (C(changed=false)).
-  - A lock whose C(ansible-playbook) is known to be dead is broken at once, without waiting for its TTL: the
+  - A lock whose C(ansible-playbook) is known to be dead is broken at once, without waiting for its TTL. The
     caller checks, on the controller, that the holder's process is gone and passes what it checked as
     O(dead_holder); the lock is broken, with a warning naming the dead holder, only while its C(info.json) still
     names that controller, PID and C(since) (see docs/adr/0502-deploy-lock-liveness.md). The release playbooks
-    do this check (C(playbooks/tasks/release_lock.yml)): a re-run on the controller of a killed run goes on, a
+    do this check (C(playbooks/tasks/release_lock.yml)); a re-run on the controller of a killed run goes on, a
     live holder or a holder on another controller still refuses.
   - O(force=true) with O(state=present) breaks any lock, with a warning naming its holder (the release
     playbooks' C(-e deploy_break_lock=true), for a holder on another controller known to be dead).
@@ -156,10 +156,11 @@ broken:
   type: dict
   sample: {holder: bob@ci, since: "2026-03-01T09:00:00Z", ttl: 3600, controller: ci, controller_pid: 4100}
 broken_because:
-  description: Why the lock was broken, V(null) when none was.
+  description:
+    - Why the lock was broken, V(null) when none was.
+    - V(stale) (older than its TTL), V(dead) (O(dead_holder) matched) or V(force) (O(force=true)).
   returned: success
   type: str
-  choices: [stale, dead, force]
   sample: dead
 """
 
