@@ -36,9 +36,9 @@ options:
     description:
       - The record to append. Keys are free; the playbooks write C(action), C(who), C(time), C(host), C(color),
         C(previous_color), C(model_name), C(model_version), C(model_uri), C(model_sha256), C(result), C(reason),
-        and the lineage of the model C(data_rev), C(data_md5) (the DVC data version that trained it: the registry
-        version's C(data.rev) and C(data.md5) tags, else its run's) and C(run_id) (the MLflow run), V("") when
-        unknown.
+        and the lineage of the model C(data_rev), C(data_md5) (the DVC data version that trained it, from the
+        registry version's C(data.rev) and C(data.md5) tags, else its run's) and C(run_id) (the MLflow run), V("")
+        when unknown.
       - Lineage values that are not strings (V(null), numbers) are stored as strings, V(null) as V("").
       - C(time) (now, ISO 8601 UTC) and C(action) (V(deploy)) are added when missing.
     type: dict

@@ -25,15 +25,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
 TASKS = ROOT / "playbooks" / "tasks" / "deploy_resolve_registry.yml"
-REV_V, MD5_V = "a" * 40, "aaaa0000aaaa0000aaaa0000aaaa0000.dir"  # on the model version
-REV_R, MD5_R = "b" * 40, "bbbb1111bbbb1111bbbb1111bbbb1111.dir"  # on the run
+REV_V = "a" * 40  # on the model version
+MD5_V = "aaaa0000aaaa0000aaaa0000aaaa0000.dir"
+REV_R = "b" * 40  # on the run
+MD5_R = "bbbb1111bbbb1111bbbb1111bbbb1111.dir"
 
 # name -> (version tags, run tags, with a run)
 VERSIONS = {
     "1": ({"data.rev": REV_V, "data.md5": MD5_V, "sha256": "ab" * 32}, {"data.rev": REV_R, "data.md5": MD5_R}, True),
     "2": ({}, {"data.rev": REV_R, "data.md5": MD5_R}, True),
     "3": ({"data.md5": MD5_V}, {"data.rev": REV_R, "data.md5": MD5_R}, True),
-    "4": ({}, {"mlflow.user": "ci"}, True),
+    # Empty tag values: MLflow's JSON leaves the "value" out of such a tag.
+    "4": ({"data.rev": ""}, {"mlflow.user": "ci", "data.md5": ""}, True),
     "5": ({}, {}, False),
 }
 

@@ -139,7 +139,8 @@ def test_concurrent_appends_do_not_interleave(tmp_path):
 
 # -- lineage: the data version of each color's model, from the ledger -----------------------------------------------
 
-REV1, REV2 = "1" * 40, "2" * 40
+REV1 = "1" * 40
+REV2 = "2" * 40
 MD5 = "3d7fd59556f8375d55d9d9d60743a422.dir"
 
 
