@@ -111,7 +111,12 @@ def rollback_command(args, hosts):
 
 
 def confirm(prompt, answer=None):
-    answer = input(prompt) if answer is None else answer
+    if answer is None:
+        try:
+            answer = input(prompt)
+        except EOFError:  # stdin closed (a script, cron, `< /dev/null`): nobody said yes
+            print(file=sys.stderr)
+            answer = ""
     return answer.strip().lower() in ("y", "yes")
 
 

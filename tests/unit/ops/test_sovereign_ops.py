@@ -263,6 +263,18 @@ def test_rollback_declined_runs_nothing(inv, monkeypatch, capsys):
     assert "nothing was changed" in capsys.readouterr().err
 
 
+def test_rollback_without_stdin_is_declined(inv, monkeypatch, capsys):
+    def closed(prompt):
+        raise EOFError
+
+    monkeypatch.setattr("builtins.input", closed)
+    ran = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: ran.append(cmd) or 0)
+    assert cli.main(["-i", str(inv(LAB)), "rollback"]) == 1
+    assert ran == []
+    assert "nothing was changed" in capsys.readouterr().err
+
+
 def test_rollback_yes_runs_the_playbook(inv, monkeypatch):
     ran = []
     monkeypatch.setattr(cli.subprocess, "call", lambda cmd: ran.append(cmd) or 0)
