@@ -18,8 +18,10 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -357,3 +359,270 @@ def test_fault_green_degrading_after_the_switch_is_switched_back(host):
     assert "green degraded after taking traffic" in out
     assert "traffic switched back to blue" in out
     _assert_blue_kept(host, out, "p99")
+
+
+def runtime_map_color(host):
+    """The live color HAProxy routes to now (its runtime map, through the admin socket), not the map file's."""
+    script = (
+        "import socket; s = socket.socket(socket.AF_UNIX); s.connect('/run/haproxy/admin.sock'); "
+        f"s.sendall(b'show map {MAP}\\n'); print(s.makefile().read())"
+    )
+    out = host.check_output(f'python3 -c "{script}"')
+    return next(line.split()[-1] for line in out.splitlines() if " live " in f" {line} ")
+
+
+@pytest.mark.fault
+def test_fault_playbook_killed_mid_switch_then_rerun_converges(host):
+    """SIGKILL the whole ansible-playbook process group while green is being switched to (its blue_green_switch
+    holds the host's switch lock), under load; the same deploy run again breaks the dead run's fleet lock (same
+    controller, its ansible-playbook gone) and converges: green live in HAProxy's runtime map and file, one
+    success record, no lock left, not one failed request."""
+    extra = {"color": "green", "model": f"{MODELS}/v2/model.pt", "model_version": "2", **FAST}
+    switch_lock = "/run/sovereign/blue_green_switch.lock"
+    assert live_color(host) == "blue"
+    records_before = len(ledger(host))
+    host.check_output("rm -f /tmp/killgen.stop /tmp/killgen.json; systemctl reset-failed sovereign-killgen || true")
+    host.check_output(
+        f"systemd-run --unit sovereign-killgen --collect /usr/bin/python3 {LOADGEN} http://127.0.0.1:8000 demo 4 "
+        "2000 400000 420 /tmp/killgen.stop /tmp/killgen.json"
+    )
+
+    cmd = [ANSIBLE_PLAYBOOK, "-i", INVENTORY, str(PROJECT / "playbooks" / "deploy.yml"), "-e", json.dumps(extra)]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: the kill takes every worker and podman exec with it
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    # Trigger: the switch module holds the host's switch lock (green is ready, passed its smoke test and is being
+    # switched to). Watched from inside the container (10 ms polls, one podman exec) so the kill lands while the
+    # switch runs, not after it.
+    watcher = subprocess.Popen(
+        [
+            "podman",
+            "exec",
+            host.backend.name,
+            "timeout",
+            "400",
+            "sh",
+            "-c",
+            f"until grep -qs 'blue_green_switch to green' {switch_lock}; do sleep 0.01; done; cat {switch_lock}",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    killed_at = None
+    try:
+        while killed_at is None:
+            if watcher.poll() is not None:
+                if watcher.returncode == 0 and proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    killed_at = watcher.stdout.read().strip()
+                break
+            if proc.poll() is not None:
+                break
+            time.sleep(0.01)
+    finally:
+        if proc.poll() is None and killed_at is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        if watcher.poll() is None:
+            watcher.kill()
+        proc.wait(30)
+        reader.join(10)
+        watcher.wait(30)
+    output = "".join(lines)
+    print(f"killed deploy.yml (pid {proc.pid}) while the switch held {switch_lock}: {killed_at}\n{output[-3000:]}")
+    assert killed_at, f"the kill did not land in the switch (watcher rc {watcher.returncode}):\n{output[-4000:]}"
+    assert "TASK [Switch traffic to green]" in output
+    assert proc.returncode == -signal.SIGKILL
+    # What the killed run left: its fleet lock, naming this controller and its dead ansible-playbook.
+    left = json.loads(host.file(f"{LOCK}/info.json").content_string)
+    assert left["controller_pid"] == proc.pid, left
+
+    rc, out, rerun_s = play("deploy.yml", extra)
+    assert rc == 0, out[-3000:]
+    assert f"breaking the fleet deploy lock {LOCK} held by" in out
+    dead = f"(ansible-playbook pid {proc.pid} on {left['controller']}): that ansible-playbook is no longer running"
+    assert dead in out
+
+    assert live_color(host) == "green"
+    assert runtime_map_color(host) == "green"
+    assert frontend(host) == ("green", "2")
+    assert not host.file(LOCK).exists
+    assert host.run(f"flock -n {switch_lock} true").rc == 0, "the switch lock is still held"
+    new = ledger(host)[records_before:]
+    assert [(r["action"], r["result"], r["color"], r["previous_color"]) for r in new] == [
+        ("deploy", "success", "green", "blue")
+    ], new
+    assert (new[0]["model_name"], new[0]["model_version"]) == ("demo", "2")
+    # Either path converges: the killed run's switch module finished on the host (podman exec outlives its
+    # client) and the re-run found green live with v2 (restarted nothing), or it had not switched yet.
+    resumed = "an interrupted run had switched to it" in new[0]["reason"]
+    print("re-run", "resumed the switched green (no restart)" if resumed else "deployed green again")
+    prom = host.file(METRICS).content_string
+    assert 'sovereign_deploy_live_color{color="green"} 1.0' in prom
+
+    host.check_output("touch /tmp/killgen.stop")
+    deadline = time.monotonic() + 420
+    while not host.file("/tmp/killgen.json").exists:
+        assert time.monotonic() < deadline, host.run("journalctl -u sovereign-killgen -n 30 --no-pager").stdout
+        time.sleep(2)
+    load = json.loads(host.file("/tmp/killgen.json").content_string)
+    print(f"re-run {rerun_s:.1f}s; load:", json.dumps({k: v for k, v in load.items() if k != "p99_by_second"}))
+    assert load["failures"] == 0, load["error_samples"]
+    assert load["by_color"].get("green", 0) > 0
+    assert load["by_color"].get("blue", 0) > 0
+
+
+# -- sovereign-ops over real SSH -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ssh_inventory(host, tmp_path_factory):
+    """An inventory that reaches this scenario's container over real SSH (its podman IP, port 22): a throwaway
+    ed25519 key authorized for root for the test's duration, its host keys from ssh-keyscan checked strictly.
+    The host keeps its molecule name, so ledger records and the playbook's hosts match."""
+    name = host.backend.name
+    base = tmp_path_factory.mktemp("ssh")
+    key = base / "id_ed25519"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "sovereign-ops-test", "-f", str(key)], check=True
+    )
+    pub = (base / "id_ed25519.pub").read_text().strip()
+    host.check_output(
+        f"install -d -m 0700 /root/.ssh && printf '%s\\n' '{pub}' >> /root/.ssh/authorized_keys && "
+        "chmod 0600 /root/.ssh/authorized_keys && systemctl is-active ssh"
+    )
+    address = subprocess.run(
+        ["podman", "inspect", "-f", "{{.NetworkSettings.IPAddress}}", name], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert address, f"podman has no IP address for {name}"
+    known_hosts = base / "known_hosts"
+    deadline = time.monotonic() + 60
+    while True:
+        scan = subprocess.run(["ssh-keyscan", "-T", "5", address], capture_output=True, text=True, check=False)
+        if scan.stdout.strip():
+            break
+        assert time.monotonic() < deadline, f"ssh-keyscan {address}: {scan.stderr}"
+        time.sleep(2)
+    known_hosts.write_text(scan.stdout)
+    inventory = base / "hosts.yml"
+    inventory.write_text(
+        json.dumps(  # JSON is YAML
+            {
+                "all": {
+                    "children": {
+                        "inference": {
+                            "hosts": {
+                                name: {
+                                    "ansible_host": address,
+                                    "ansible_user": "root",
+                                    "ansible_ssh_private_key_file": str(key),
+                                    "ansible_ssh_common_args": f"-o UserKnownHostsFile={known_hosts} "
+                                    "-o StrictHostKeyChecking=yes -o IdentitiesOnly=yes",
+                                    "ansible_python_interpreter": "/usr/bin/python3",
+                                }
+                            }
+                        }
+                    }
+                }
+            },
+            indent=1,
+        )
+    )
+    yield inventory
+    host.run("sed -i '/ sovereign-ops-test$/d' /root/.ssh/authorized_keys")
+
+
+def ops(inventory, *args, answer=None):
+    """Run this checkout's sovereign-ops (python -m sovereign_ops) as a person would; returns (rc, stdout, stderr)."""
+    env = dict(os.environ, PYTHONPATH=str(PROJECT / "ops"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "sovereign_ops", "-i", str(inventory), *args],
+        input=answer,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=PROJECT,
+        check=False,
+    )
+    print(f"--- sovereign-ops {' '.join(args)} -> rc {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_sovereign_ops_over_ssh(host, ssh_inventory):
+    name = host.backend.name
+    before_live = live_color(host)
+    other = "green" if before_live == "blue" else "blue"
+    models = {
+        color: dict(
+            line.split("=", 1)
+            for line in host.file(f"/etc/sovereign/runtime/{color}.model.env").content_string.splitlines()
+            if line.startswith("SOVEREIGN_RUNTIME_MODEL_")
+        )
+        for color in ("blue", "green")
+    }
+
+    # status: live color (HAProxy's and the file's agree) and each color's model, over SSH.
+    rc, out, err = ops(ssh_inventory, "status", "--json")
+    assert rc == 0, err
+    (row,) = json.loads(out)
+    assert (row["host"], row["ok"], row["live"]) == (name, True, before_live), row
+    for color in ("blue", "green"):
+        assert row["colors"][color]["version"] == models[color]["SOVEREIGN_RUNTIME_MODEL_VERSION"]
+        assert row["colors"][color]["model"] == "demo"
+        assert row["colors"][color]["ready"] is True
+    rc, out, err = ops(ssh_inventory, "status")
+    assert rc == 0, err
+    table = out.splitlines()[-1].split()
+    assert table[:2] == [name, before_live], out
+    assert f"demo v{models['blue']['SOVEREIGN_RUNTIME_MODEL_VERSION']} (ready)" in out
+
+    # history: the host's ledger, newest first (the deploy and rollback of the test above are in it).
+    records = ledger(host)
+    assert records, "the ledger is empty: run after test_deploy_and_rollback_under_load_lose_no_request"
+    rc, out, err = ops(ssh_inventory, "history", "-n", "0", "--json")
+    assert rc == 0, err
+    shown = json.loads(out)
+    assert [(r["time"], r["action"], r["result"], r["color"]) for r in shown] == [
+        (r["time"], r["action"], r["result"], r["color"]) for r in reversed(records)
+    ]
+    rc, out, err = ops(ssh_inventory, "history", "-n", "2")
+    assert rc == 0, err
+    assert len(out.splitlines()) == 3, out  # header + 2 records
+    last = records[-1]
+    assert f"{last['previous_color']}->{last['color']}" in out.splitlines()[1]
+    assert last["action"] in out.splitlines()[1]
+
+    # rollback, declined: nothing runs, nothing changes.
+    before = snapshot(host)
+    rc, out, err = ops(ssh_inventory, "rollback", answer="n\n")
+    assert rc == 1
+    assert "aborted; nothing was changed" in err
+    assert snapshot(host) == before
+    rc, out, err = ops(ssh_inventory, "rollback", answer="")  # stdin closed: nobody said yes
+    assert rc == 1
+    assert "aborted; nothing was changed" in err
+    assert snapshot(host) == before
+
+    # rollback, confirmed: rollback.yml over SSH flips the live color and records it.
+    rc, out, err = ops(ssh_inventory, "rollback", answer="y\n")
+    assert rc == 0, (out + err)[-3000:]
+    assert f"Roll back {name} to each host's previous color?" in out
+    assert live_color(host) == other
+    assert runtime_map_color(host) == other
+    assert frontend(host)[0] == other
+    new = ledger(host)[len(records) :]
+    assert [(r["action"], r["result"], r["previous_color"], r["color"], r["host"]) for r in new] == [
+        ("rollback", "success", before_live, other, name)
+    ], new
+    assert not host.file(LOCK).exists
+    rc, out, err = ops(ssh_inventory, "status", "--json")
+    assert rc == 0, err
+    assert json.loads(out)[0]["live"] == other
