@@ -21,11 +21,11 @@ help: ## list targets
 bootstrap: ## install packages, podman config, .venv, base image, wheelhouse (idempotent)
 	@bash scripts/bootstrap.sh
 
-lab: bootstrap ## bring up the local lab (containers over SSH) and converge site.yml on it
+lab: bootstrap ## bring up the local lab (containers over SSH), converge site.yml, train and deploy the churn example
 	@mkdir -p inventories/lab
 	ansible-playbook playbooks/lab.yml
 
-lab-down: ## remove everything the lab made: containers, network, keys, inventory
+lab-down: ## remove everything the lab made: containers, network, keys, inventory, .lab/ (training workspace)
 	@if [ -x $(VENV)/bin/ansible-playbook ]; then ansible-playbook playbooks/lab_down.yml; \
 	 else bash scripts/lab-down-fallback.sh; fi
 
