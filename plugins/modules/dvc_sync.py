@@ -74,7 +74,7 @@ options:
         and C(timeout) bounds the connection (DVC's default is 1800 seconds). The host key must be in
         C(~/.ssh/known_hosts) of the user the module runs as.
       - Keep secrets (C(password), C(passphrase), cloud keys) out of it where possible, or set C(no_log) on the
-        task: module arguments are logged otherwise.
+        task, as module arguments are logged otherwise.
     type: dict
   delete:
     description:
@@ -287,6 +287,7 @@ link:
 """
 
 import contextlib
+import errno
 import grp
 import os
 import pwd
@@ -339,6 +340,9 @@ def stdout_to_stderr():
         yield
 
 
+NETWORK_ERRNOS = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ETIMEDOUT, errno.ECONNREFUSED}
+
+
 def connection_error(exc):
     """The error in ``exc``'s chain that says the remote could not be reached or refused the login, else None.
 
@@ -350,6 +354,8 @@ def connection_error(exc):
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror, socket.herror)):
+            return exc
+        if isinstance(exc, OSError) and exc.errno in NETWORK_ERRNOS:
             return exc
         cls = type(exc)
         if cls.__module__.startswith("asyncssh") and any(
@@ -364,6 +370,8 @@ def connection_hint(exc):
     name = type(exc).__name__
     if isinstance(exc, socket.gaierror):
         return "the host name does not resolve from this host; check the host in the remote's url"
+    if isinstance(exc, OSError) and exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN):
+        return "no route to the host from this host; check the url's host and that the host is up"
     if isinstance(exc, ConnectionRefusedError):
         return "nothing accepts connections on that host and port; check the url's host and port (remote_config port)"
     if isinstance(exc, TimeoutError) or "Timeout" in name:
@@ -920,7 +928,8 @@ def main():
         module.fail_json(msg="path must name a DVC-tracked directory or file inside the repository, not its root")
 
     keyfile = (p["remote_config"] or {}).get("keyfile")
-    if keyfile and not os.path.isfile(os.path.expanduser(str(keyfile))):
+    # A "~/..." keyfile is left to DVC (it expands it); an absolute or relative one is checked here.
+    if keyfile and not str(keyfile).startswith("~") and not os.path.isfile(str(keyfile)):
         module.fail_json(
             msg=f"remote_config keyfile {keyfile} does not exist on the target host: the remote is reached from "
             "there, so copy the private key to the host first (mode 0600)"

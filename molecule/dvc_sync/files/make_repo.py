@@ -9,9 +9,10 @@ Makes WORKDIR/repo (git, ``dvc init``, default remote ``storage`` = REMOTE_URL, 
 * ``v3-unpushed``: e.bin added to ``data/ds``, weights.bin changed, both outputs marked ``push: false`` so
   ``dvc push --all-tags`` leaves their new data off the remote (the "data missing on the remote" cases).
 
-and WORKDIR/repo.tar.gz (a clone of it for the data host: git history, no DVC cache) and WORKDIR/expected.json (per tag: commit sha, DVC's
-``.dir`` md5 of data/ds, ``{relpath: md5}`` of its files, md5 and size of weights.bin), written last: its existence
-means the repository is complete. Content is pseudo-random but fixed (seeded), so md5s are the same every run.
+and WORKDIR/repo.tar.gz (a clone of it for the data host: git history, no DVC cache) and WORKDIR/expected.json
+(per tag: commit sha, DVC's ``.dir`` md5 of data/ds, ``{relpath: md5}`` of its files, md5 and size of weights.bin),
+written last: its existence means the repository is complete. Content is pseudo-random but fixed (seeded), so md5s
+are the same every run.
 Pushing is the converge's job (``dvc push -r storage --all-tags``).
 """
 
