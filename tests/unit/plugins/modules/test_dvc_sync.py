@@ -640,10 +640,11 @@ def _chain(*excs):
         (_chain(_Chained("wrapper"), ConnectionRefusedError(111, "refused")), ConnectionRefusedError),
         (_chain(_Chained("wrapper"), socket.gaierror(-2, "Name or service not known")), socket.gaierror),
         (_chain(FileNotFoundError(2, "no such object"), _Chained("an SFTP status error")), None),
+        (_chain(_Chained("wrapper"), OSError(errno.EHOSTUNREACH, "Connect call failed")), OSError),
         (FileNotFoundError(2, "no such object"), None),
         (ValueError("other"), None),
     ],
-    ids=["refused", "dns", "missing-data", "plain-missing", "other"],
+    ids=["refused", "dns", "missing-data", "no-route", "plain-missing", "other"],
 )
 def test_connection_error_finds_transport_errors_in_the_chain_only(exc, found):
     got = dvc_sync.connection_error(exc)
