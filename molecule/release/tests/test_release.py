@@ -150,6 +150,61 @@ def test_deploy_refused_while_the_lock_is_held(host):
         host.check_output(f"rm -rf {LOCK}")
 
 
+def _dead_pid():
+    """The PID of a process of this controller that has exited (a dead ansible-playbook's, as far as a lock knows)."""
+    proc = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True, check=True)
+    return int(proc.stdout)
+
+
+@pytest.mark.parametrize(
+    ("holder", "extra", "ok", "expected"),
+    [
+        # This pytest process stands for a live ansible-playbook of this controller: still refused.
+        pytest.param("live", {}, False, "is held by alice@ctl since", id="live-holder-on-this-controller-refuses"),
+        pytest.param("dead", {}, True, "that ansible-playbook is no longer running", id="dead-holder-is-broken"),
+        pytest.param(
+            "elsewhere", {}, False, "if you are sure a run on another controller is dead", id="other-controller-refuses"
+        ),
+        pytest.param(
+            "elsewhere",
+            {"deploy_break_lock": True},
+            True,
+            "as asked (force / deploy_break_lock)",
+            id="other-controller-with-deploy_break_lock",
+        ),
+    ],
+)
+def test_lock_liveness_on_this_controller(host, holder, extra, ok, expected):
+    """The fleet lock's liveness check (docs/adr/0502) with the real playbook; check mode, so a lock that would be
+    broken is left in place and nothing is deployed."""
+    import socket
+
+    pid = {"live": os.getpid(), "dead": _dead_pid(), "elsewhere": os.getpid()}[holder]
+    started = subprocess.run(["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True, text=True, check=False)
+    info = dict(
+        holder="alice@ctl",
+        since=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        ttl=1800,
+        token="someone-elses",
+        note="deploy green",
+        controller="some-other-controller" if holder == "elsewhere" else socket.gethostname(),
+        controller_pid=pid,
+        controller_pid_started=" ".join(started.stdout.split()) if holder != "dead" else "Thu Jan  1 00:00:00 2026",
+    )
+    host.check_output(f"mkdir -p {LOCK} && printf '%s\\n' '{json.dumps(info)}' > {LOCK}/info.json")
+    try:
+        before = snapshot(host)
+        rc, out, _seconds = play(
+            "deploy.yml", {"color": "green", "model": f"{MODELS}/v2/model.pt", **FAST, **extra}, check=True
+        )
+        assert (rc == 0) is ok, out[-3000:]
+        assert expected in out
+        assert f"(ansible-playbook pid {pid} on {info['controller']})" in out
+        assert snapshot(host) == before
+    finally:
+        host.check_output(f"rm -rf {LOCK}")
+
+
 # -- the registry: a real MLflow server on the controller ----------------------------------------------------------
 
 
