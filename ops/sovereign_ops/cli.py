@@ -34,12 +34,12 @@ def connect(host, timeout=10):
     return conn
 
 
-def run_on(host, command, stdin=None, timeout=30):
+def run_on(host, command, timeout=30):
     """(rc, stdout, stderr) of COMMAND on HOST (sudo when the inventory says ansible_become)."""
     try:
         conn = connect(host)
         runner = conn.sudo if host.become else conn.run
-        result = runner(command, hide=True, warn=True, in_stream=stdin, timeout=timeout)
+        result = runner(command, hide=True, warn=True, timeout=timeout)
         conn.close()
         return result.return_code, result.stdout, result.stderr
     except inventory.InventoryError:
@@ -48,20 +48,18 @@ def run_on(host, command, stdin=None, timeout=30):
         return 255, "", f"{type(exc).__name__}: {exc}"
 
 
-def on_all(hosts, command, stdin_text=None, workers=16):
+def on_all(hosts, command, workers=16):
     """{host name: (rc, stdout, stderr)}, in parallel."""
-    import io
 
     def one(host):
-        stream = io.StringIO(stdin_text) if stdin_text is not None else None
-        return host.name, run_on(host, command, stdin=stream)
+        return host.name, run_on(host, command)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(workers, len(hosts) or 1)) as pool:
         return dict(pool.map(one, hosts))
 
 
 def cmd_status(args, hosts):
-    results = on_all(hosts, "python3 -", stdin_text=fleet.STATUS_SNIPPET)
+    results = on_all(hosts, fleet.status_command())
     rows = [fleet.parse_status(h.name, *results[h.name]) for h in hosts]
     print(json.dumps(rows, indent=1) if args.json else fleet.format_status(rows))
     return 0 if all(r["ok"] for r in rows) else 1

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import shlex
 
-# Run on each host as `python3 -` (read-only): prints one JSON object.
+# Run on each host as `python3 -c SNIPPET` (read-only): prints one JSON object.
 STATUS_SNIPPET = r"""
 import json, os, socket, urllib.request
 CONFIG = "/etc/sovereign/runtime"
@@ -68,6 +69,12 @@ print(json.dumps(out))
 """
 
 LEDGER = "/var/lib/sovereign/deployments.jsonl"
+
+
+def status_command():
+    """The shell command that runs STATUS_SNIPPET on a host. The snippet goes on the command line, not on
+    stdin: Fabric (invoke) feeds an in_stream to the remote one byte per 10 ms poll, ~25 s for this snippet."""
+    return "python3 -c " + shlex.quote(STATUS_SNIPPET)
 
 
 def parse_status(host, rc, stdout, stderr=""):

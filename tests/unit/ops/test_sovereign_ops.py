@@ -4,6 +4,8 @@ SSH paths are exercised against the lab, see docs/adr/0501-release-flow.md)."""
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
 import textwrap
 
 import pytest
@@ -184,6 +186,20 @@ def test_parse_status(rc, stdout, stderr, ok, live, error):
 
 def test_status_snippet_compiles():
     compile(fleet.STATUS_SNIPPET, "<status>", "exec")
+
+
+def test_status_command_runs_in_a_shell_without_stdin():
+    """The command `status` sends is complete on its own (no stdin) and survives the remote shell's quoting: run
+    it in a local shell; this machine has no traffic switch, so no live color."""
+    proc = subprocess.run(
+        ["sh", "-c", fleet.status_command()], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["hostname"] == socket.gethostname()
+    assert set(out["colors"]) == {"blue", "green"}
+    row = fleet.parse_status("local", proc.returncode, proc.stdout)
+    assert row["live"] is None
 
 
 @pytest.mark.parametrize(
