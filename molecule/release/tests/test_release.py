@@ -35,6 +35,9 @@ METRICS = "/var/lib/prometheus/node-exporter/sovereign_deploy.prom"
 LOCK = "/var/lib/sovereign/deploy.lock"
 MAP = "/etc/haproxy/sovereign/live.map"
 LOADGEN = "/usr/local/lib/sovereign-loadgen.py"
+# The lineage a deploy records (playbooks/tasks/deploy_resolve_*.yml): a git commit and a DVC directory md5.
+DATA_REV = "1" * 40
+DATA_MD5 = "d41d8cd98f00b204e9800998ecf8427e.dir"
 
 # Loosened for a small shared test machine (the production defaults are 50 ms / 100 ms).
 FAST = {
@@ -261,6 +264,8 @@ def mlflow_server(tmp_path_factory):
             client.create_model_version("demo", source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
         client.set_registered_model_alias("demo", "champion", "2")
         client.set_model_version_tag("demo", "2", "sha256", "ab" * 32)
+        client.set_model_version_tag("demo", "2", "data.rev", DATA_REV)
+        client.set_model_version_tag("demo", "2", "data.md5", DATA_MD5)
         yield url
     finally:
         os.killpg(proc.pid, 15)
@@ -273,6 +278,7 @@ def mlflow_server(tmp_path_factory):
         pytest.param(
             "models:/demo@champion", f"Deploying demo version 2 (models:/demo/2, sha256 {'ab' * 32})", True, id="alias"
         ),
+        pytest.param("models:/demo@champion", f"Trained on data rev {DATA_REV}", True, id="alias-data-rev"),
         pytest.param("models:/demo/latest", "Deploying demo version 3 (models:/demo/3", True, id="latest"),
         pytest.param("models:/demo@nope", "MLflow has no models:/demo@nope", False, id="unknown-alias"),
         pytest.param("models:/demo/9", "MLflow has no models:/demo/9", False, id="unknown-version"),
@@ -304,7 +310,16 @@ def test_deploy_and_rollback_under_load_lose_no_request(host):
     assert frontend(host) == ("blue", "1")
 
     rc, out, deploy_s = play(
-        "deploy.yml", {"color": "green", "model": f"{MODELS}/v2/model.pt", "model_version": "2", **FAST}
+        "deploy.yml",
+        {
+            "color": "green",
+            "model": f"{MODELS}/v2/model.pt",
+            "model_version": "2",
+            # A path model's lineage, given by the user (registry models carry it in their tags).
+            "deploy_data_rev": DATA_REV,
+            "deploy_data_md5": DATA_MD5,
+            **FAST,
+        },
     )
     assert rc == 0, out[-3000:]
     assert "breaking a stale fleet deploy lock /var/lib/sovereign/deploy.lock held by crashed@ci-runner" in out
@@ -336,6 +351,7 @@ def test_deploy_and_rollback_under_load_lose_no_request(host):
     assert (deploy["color"], deploy["previous_color"]) == ("green", "blue")
     assert (deploy["model_name"], deploy["model_version"]) == ("demo", "2")
     assert len(deploy["model_sha256"]) == 64
+    assert (deploy["data_rev"], deploy["data_md5"], deploy["run_id"]) == (DATA_REV, DATA_MD5, "")
     assert deploy["who"] and deploy["time"] and deploy["host"]
     assert (rollback["action"], rollback["result"], rollback["color"], rollback["previous_color"]) == (
         "rollback",
@@ -343,11 +359,17 @@ def test_deploy_and_rollback_under_load_lose_no_request(host):
         "blue",
         "green",
     )
+    # blue's v1 came from the role, not from a deploy: its data version is unknown, and said so.
+    assert (rollback["data_rev"], rollback["data_md5"]) == ("", "")
     prom = host.file(METRICS)
     assert prom.mode == 0o644
     assert 'sovereign_deploy_live_color{color="blue"} 1.0' in prom.content_string
     assert 'sovereign_deploy_model_info{color="green",model="demo",version="2"} 1.0' in prom.content_string
     assert 'sovereign_deploy_last_success{action="deploy"} 1.0' in prom.content_string
+    assert (
+        f'sovereign_deploy_model_data_info{{color="green",data_md5="{DATA_MD5}",data_rev="{DATA_REV}"}} 1.0'
+        in prom.content_string
+    )
     assert not host.file(LOCK).exists
 
 
