@@ -38,7 +38,11 @@ class Host:
         self.prefix = shlex.split(prefix)
 
     def sh(self, command, check=True):
-        proc = subprocess.run([*self.prefix, "sh", "-c", command], capture_output=True, text=True, check=False)
+        # ssh joins its arguments into one string for the remote shell; podman exec passes them as they are.
+        argv = ["sh", "-c", command]
+        if os.path.basename(self.prefix[0]) == "ssh":
+            argv = [shlex.join(argv)]
+        proc = subprocess.run([*self.prefix, *argv], capture_output=True, text=True, check=False)
         if check and proc.returncode:
             raise RuntimeError(f"{command}: rc {proc.returncode}: {proc.stderr.strip()}")
         return proc.stdout
@@ -46,10 +50,10 @@ class Host:
     def live(self):
         return self.sh("awk '$1 == \"live\" {print $2}' /etc/haproxy/sovereign/live.map").strip()
 
-    def start_load(self, name, seconds, threads=4):
+    def start_load(self, name, seconds, model, threads=4):
         self.sh(f"rm -f /tmp/{name}.json /tmp/{name}.stop; systemctl reset-failed bench-{name} 2>/dev/null; true")
         self.sh(
-            f"systemd-run --unit bench-{name} --collect /usr/bin/python3 {LOADGEN} http://127.0.0.1:8000 demo "
+            f"systemd-run --unit bench-{name} --collect /usr/bin/python3 {LOADGEN} http://127.0.0.1:8000 {model} "
             f"{threads} 1 10000000 {seconds} /tmp/{name}.stop /tmp/{name}.json"
         )
 
@@ -64,9 +68,19 @@ class Host:
         raise RuntimeError(f"load generator {name} did not finish")
 
 
-def playbook(args, path, extra):
+def playbook(args, path, extra, check=False):
     exe = shutil.which("ansible-playbook") or str(pathlib.Path(sys.executable).with_name("ansible-playbook"))
-    cmd = [exe, "-i", args.inventory, "-l", args.host, str(path), "-e", json.dumps(extra)]
+    cmd = [
+        exe,
+        "-i",
+        args.inventory,
+        "-l",
+        args.host,
+        str(path),
+        "-e",
+        json.dumps(extra),
+        *(["--check"] if check else []),
+    ]
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wall = time.monotonic() - start
@@ -84,6 +98,13 @@ def main():
     parser.add_argument("--switches", type=int, default=20)
     parser.add_argument("--steady-seconds", type=float, default=20)
     parser.add_argument("--watch-seconds", type=float, default=5)
+    parser.add_argument("--model", default="demo", help="served model name the load generator calls")
+    parser.add_argument(
+        "--no-setup",
+        action="store_true",
+        help="use the models both colors already serve (both must be ready); skips the degraded-green measure, "
+        "which deploys molecule/release's test models",
+    )
     parser.add_argument("--out")
     args = parser.parse_args()
     os.environ.setdefault("ANSIBLE_CONFIG", str(ROOT / "ansible.cfg"))
@@ -92,30 +113,42 @@ def main():
 
     # Both colors must be ready with a real model: (re)deploy v2 into the idle color, then roll back, so blue
     # (v1) is live and green (v2) is a warm standby.
-    if host.live() != "blue":
-        playbook(args, ROOT / "playbooks" / "rollback.yml", {"rollback_to": "blue"})
-    wall, _ = playbook(
-        args,
-        ROOT / "playbooks" / "deploy.yml",
-        {"color": "green", "model": f"{MODELS}/v2/model.pt", "model_version": "2", **fast},
-    )
-    print(f"setup deploy.yml (green v2): {wall:.1f}s", file=sys.stderr)
-    playbook(args, ROOT / "playbooks" / "rollback.yml", {})
+    if args.no_setup:
+        ready = host.sh(
+            "for p in 8001 8002; do curl -s -o /dev/null -w '%{http_code} ' http://127.0.0.1:$p/v2/health/ready; done"
+        )
+        if ready.split() != ["200", "200"]:
+            raise RuntimeError(f"--no-setup needs both colors ready; /v2/health/ready answered {ready.strip()}")
+    else:
+        if host.live() != "blue":
+            playbook(args, ROOT / "playbooks" / "rollback.yml", {"rollback_to": "blue"})
+        wall, _ = playbook(
+            args,
+            ROOT / "playbooks" / "deploy.yml",
+            {"color": "green", "model": f"{MODELS}/v2/model.pt", "model_version": "2", **fast},
+        )
+        print(f"setup deploy.yml (green v2): {wall:.1f}s", file=sys.stderr)
+        playbook(args, ROOT / "playbooks" / "rollback.yml", {})
 
     results = {}
     # 2a. steady p99
-    host.start_load("steady", args.steady_seconds + 60)
+    host.start_load("steady", args.steady_seconds + 60, args.model)
     time.sleep(args.steady_seconds)
     steady = host.stop_load("steady")
+    switches = {"bench_host": args.host, "bench_switches": args.switches}
+    # 2c. control: the same playbook in check mode (every step of the module up to the flip: state, both health
+    # checks), so what Ansible and the module cost on cores shared with the load is told apart from the flip.
+    host.start_load("control", 600, args.model)
+    time.sleep(2)
+    playbook(
+        args, ROOT / "benchmarks" / "switch" / "switches.yml", {**switches, "bench_start": host.live()}, check=True
+    )
+    control = host.stop_load("control")
     # 1 + 2b. switches under load
-    host.start_load("switching", 600)
+    host.start_load("switching", 600, args.model)
     time.sleep(2)
     start = time.monotonic()
-    playbook(
-        args,
-        ROOT / "benchmarks" / "switch" / "switches.yml",
-        {"bench_host": args.host, "bench_switches": args.switches, "bench_start": host.live()},
-    )
+    playbook(args, ROOT / "benchmarks" / "switch" / "switches.yml", {**switches, "bench_start": host.live()})
     switch_wall = time.monotonic() - start
     switching = host.stop_load("switching")
     results["switches"] = dict(
@@ -129,6 +162,9 @@ def main():
     results["p99_ms"] = dict(
         steady=steady["p99_ms"],
         during_switches=switching["p99_ms"],
+        during_check_mode=control["p99_ms"],
+        ratio=round(switching["p99_ms"] / steady["p99_ms"], 2),
+        ratio_check_mode=round(control["p99_ms"] / steady["p99_ms"], 2),
         steady_p50=steady["p50_ms"],
         switching_p50=switching["p50_ms"],
         steady_rps=steady["rps"],
@@ -142,6 +178,8 @@ def main():
         wall, _ = playbook(args, ROOT / "playbooks" / "rollback.yml", {"rollback_to": target})
         walls.append(round(wall, 2))
     results["rollback_wall_s"] = walls
+    if args.no_setup:
+        return report(results, args)
     # 4. degraded green -> traffic back on blue (a probe on the host records the color every 50 ms).
     host.sh("rm -f /tmp/probe.log")
     host.sh(
@@ -181,6 +219,10 @@ def main():
         {"color": "green", "model": f"{MODELS}/v2/model.pt", "model_version": "2", **fast},
     )
     playbook(args, ROOT / "playbooks" / "rollback.yml", {})
+    return report(results, args)
+
+
+def report(results, args):
     print(json.dumps(results, indent=1))
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
