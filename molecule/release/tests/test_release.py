@@ -86,6 +86,26 @@ def ledger(host):
     return [json.loads(line) for line in f.content_string.splitlines() if line.strip()] if f.exists else []
 
 
+def start_load(host, name, min_requests):
+    """The load generator as a transient unit sovereign-NAME: 4 keep-alive clients through :8000, until
+    stop_load (and at least MIN_REQUESTS) or 420 s."""
+    host.check_output(f"rm -f /tmp/{name}.stop /tmp/{name}.json; systemctl reset-failed sovereign-{name} || true")
+    host.check_output(
+        f"systemd-run --unit sovereign-{name} --collect /usr/bin/python3 {LOADGEN} http://127.0.0.1:8000 demo 4 "
+        f"{min_requests} 400000 420 /tmp/{name}.stop /tmp/{name}.json"
+    )
+
+
+def stop_load(host, name):
+    """Stops the load generator NAME and returns its report (requests, failures, by_color, ...)."""
+    host.check_output(f"touch /tmp/{name}.stop")
+    deadline = time.monotonic() + 420
+    while not host.file(f"/tmp/{name}.json").exists:
+        assert time.monotonic() < deadline, host.run(f"journalctl -u sovereign-{name} -n 30 --no-pager").stdout
+        time.sleep(2)
+    return json.loads(host.file(f"/tmp/{name}.json").content_string)
+
+
 def snapshot(host):
     """Everything a refused deploy must leave alone."""
     return dict(
@@ -302,11 +322,7 @@ def test_registry_model_is_resolved_once_on_the_controller(host, mlflow_server, 
 def test_deploy_and_rollback_under_load_lose_no_request(host):
     # A stale lock (a killed run from long ago) is broken with a warning naming its holder.
     set_lock(host, "crashed@ci-runner", "2020-01-01T00:00:00Z", 60)
-    host.check_output("rm -f /tmp/loadgen.stop /tmp/loadgen.json; systemctl reset-failed sovereign-loadgen || true")
-    host.check_output(
-        f"systemd-run --unit sovereign-loadgen --collect /usr/bin/python3 {LOADGEN} http://127.0.0.1:8000 demo 4 "
-        "20000 400000 420 /tmp/loadgen.stop /tmp/loadgen.json"
-    )
+    start_load(host, "loadgen", 20000)
     assert frontend(host) == ("blue", "1")
 
     rc, out, deploy_s = play(
@@ -332,12 +348,7 @@ def test_deploy_and_rollback_under_load_lose_no_request(host):
     assert frontend(host) == ("blue", "1")
     print(f"deploy.yml {deploy_s:.1f}s, rollback.yml {rollback_s:.1f}s (wall, including ansible-playbook start)")
 
-    host.check_output("touch /tmp/loadgen.stop")
-    deadline = time.monotonic() + 420
-    while not host.file("/tmp/loadgen.json").exists:
-        assert time.monotonic() < deadline, host.run("journalctl -u sovereign-loadgen -n 30 --no-pager").stdout
-        time.sleep(2)
-    load = json.loads(host.file("/tmp/loadgen.json").content_string)
+    load = stop_load(host, "loadgen")
     print("load:", json.dumps({k: v for k, v in load.items() if k != "p99_by_second"}))
     assert load["failures"] == 0, load["error_samples"]
     assert load["requests"] >= 20000
@@ -458,11 +469,7 @@ def test_fault_playbook_killed_mid_switch_then_rerun_converges(host):
     switch_lock = "/run/sovereign/blue_green_switch.lock"
     assert live_color(host) == "blue"
     records_before = len(ledger(host))
-    host.check_output("rm -f /tmp/killgen.stop /tmp/killgen.json; systemctl reset-failed sovereign-killgen || true")
-    host.check_output(
-        f"systemd-run --unit sovereign-killgen --collect /usr/bin/python3 {LOADGEN} http://127.0.0.1:8000 demo 4 "
-        "2000 400000 420 /tmp/killgen.stop /tmp/killgen.json"
-    )
+    start_load(host, "killgen", 2000)
 
     cmd = [ANSIBLE_PLAYBOOK, "-i", INVENTORY, str(PROJECT / "playbooks" / "deploy.yml"), "-e", json.dumps(extra)]
     proc = subprocess.Popen(
@@ -544,12 +551,7 @@ def test_fault_playbook_killed_mid_switch_then_rerun_converges(host):
     prom = host.file(METRICS).content_string
     assert 'sovereign_deploy_live_color{color="green"} 1.0' in prom
 
-    host.check_output("touch /tmp/killgen.stop")
-    deadline = time.monotonic() + 420
-    while not host.file("/tmp/killgen.json").exists:
-        assert time.monotonic() < deadline, host.run("journalctl -u sovereign-killgen -n 30 --no-pager").stdout
-        time.sleep(2)
-    load = json.loads(host.file("/tmp/killgen.json").content_string)
+    load = stop_load(host, "killgen")
     print(f"re-run {rerun_s:.1f}s; load:", json.dumps({k: v for k, v in load.items() if k != "p99_by_second"}))
     assert load["failures"] == 0, load["error_samples"]
     assert load["by_color"].get("green", 0) > 0
