@@ -48,6 +48,21 @@ def test_env_files_are_private(host, color):
         assert f.mode == 0o640
 
 
+def test_mlflow_credentials_are_root_only(host):
+    f = host.file("/etc/sovereign/runtime/mlflow-credentials.env")
+    assert (f.user, f.group, f.mode) == ("root", "root", 0o600)
+
+
+@pytest.mark.parametrize("color", COLORS)
+def test_runtime_gets_the_mlflow_credentials_verbatim(host, color):
+    """The password of converge.yml holds every character systemd's EnvironmentFile parser treats specially."""
+    pid = host.check_output(f"systemctl show -p MainPID --value sovereign-runtime@{color}")
+    environ = host.check_output(f"tr '\\0' '\\n' < /proc/{pid}/environ")
+    env = dict(line.split("=", 1) for line in environ.splitlines() if "=" in line)
+    assert env["MLFLOW_TRACKING_USERNAME"] == "reader"
+    assert env["MLFLOW_TRACKING_PASSWORD"] == "p\"a$HOME`x`'s \\ #pw"
+
+
 @pytest.mark.parametrize(("color", "port"), COLORS.items())
 def test_ready_and_metadata(host, color, port):
     assert host.run(f"curl -sf http://127.0.0.1:{port}/v2/health/ready").rc == 0
