@@ -696,7 +696,8 @@ class Sync:
             history = [v for v in self.old_manifest.get("history", []) if isinstance(v, str)]
             if not plan["changed"]:
                 if cache.hashed and current:
-                    self._save(layout, current_root, current, history)  # refreshes the md5 cache; not a change
+                    # Refreshes the md5 cache; not a change.
+                    self._save(layout, current, history, manifest_files(current_root, self.source.tracked))
                 return result
             version = self._build(layout, current_root, plan)
             aside, warning = swap_in(layout, version)
@@ -707,7 +708,7 @@ class Sync:
             elif current:
                 history = [current, *(v for v in history if v != current)]
             history = prune(layout, version, history, self.keep)
-            self._save(layout, layout.sibling(version), version, history)
+            self._save(layout, version, history, manifest_files(layout.sibling(version), self.source.tracked))
             result["dest"] = layout.sibling(version)
             return result
 
@@ -742,19 +743,10 @@ class Sync:
             raise
         return version
 
-    def _save(self, layout, root, version, history):
+    def _save(self, layout, version, history, files):
         s = self.source
         save_manifest(
-            layout,
-            dict(
-                repo=s.repo,
-                rev=s.sha,
-                path=s.path,
-                md5=s.md5,
-                version=version,
-                history=history,
-                files=manifest_files(root, s.tracked),
-            ),
+            layout, dict(repo=s.repo, rev=s.sha, path=s.path, md5=s.md5, version=version, history=history, files=files)
         )
 
     # -- single files --------------------------------------------------------------------------------------------
@@ -793,18 +785,7 @@ class Sync:
                 )
             if plan["changed"] or cache.hashed:
                 files = manifest_files(layout.parent, {layout.name: item})
-                save_manifest(
-                    layout,
-                    dict(
-                        repo=source.repo,
-                        rev=source.sha,
-                        path=source.path,
-                        md5=source.md5,
-                        version="file",
-                        history=[],
-                        files={"": files[layout.name]},
-                    ),
-                )
+                self._save(layout, "file", [], {"": files[layout.name]})
             return result
 
     def _plan_file(self, dest):
