@@ -10,25 +10,21 @@ system and site cache directories all point into the test's temporary directory)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import yaml
+from mlflow_testserver import MlflowServer
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE = ROOT / "examples" / "churn"
@@ -46,49 +42,6 @@ from sovereign_runtime.protocol import TensorSpec  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # A real MLflow server (the pattern of tests/unit/runtime/conftest.py, with the example's own flags)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class MlflowServer:
-    url: str
-    proc: subprocess.Popen
-    workdir: Path
-
-    @classmethod
-    def launch(cls, work: Path) -> MlflowServer:
-        port = free_port()
-        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{work}/mlflow.db"]
-        cmd += ["--serve-artifacts", "--artifacts-destination", str(work / "artifacts")]
-        cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-        env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
-        with open(work / "server.log", "wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, cwd=work, start_new_session=True)
-        return cls(f"http://127.0.0.1:{port}", proc, work)
-
-    def healthy(self) -> bool:
-        with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
-            return resp.status == 200
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            with contextlib.suppress(OSError):
-                if self.healthy():
-                    return
-            time.sleep(0.1)
-        self.kill()
-        raise AssertionError("mlflow server never got healthy:\n" + (self.workdir / "server.log").read_text()[-3000:])
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # a throwaway registry: no graceful stop needed
-        self.proc.wait(10)
 
 
 @pytest.fixture

@@ -7,21 +7,18 @@ mlflow's import side effects stay apart, see the Makefile's UNIT_GROUPS). The ta
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+from mlflow_testserver import MlflowServer
 
 ROOT = Path(__file__).resolve().parents[3]
 TASKS = ROOT / "playbooks" / "tasks" / "deploy_resolve_registry.yml"
@@ -70,27 +67,10 @@ def registry(tmp_path_factory):
         pytest.skip("ansible-playbook is not installed")
     if importlib.util.find_spec("mlflow") is None:
         pytest.skip("mlflow is not installed")
-    work = tmp_path_factory.mktemp("mlflow")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{work}/mlflow.db"]
-    cmd += ["--default-artifact-root", str(work / "artifacts"), "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--workers", "1"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    with open(work / "server.log", "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, cwd=work, start_new_session=True)
+    server = MlflowServer.launch(tmp_path_factory.mktemp("mlflow"))
+    url = server.url
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("mlflow server never got healthy:\n" + (work / "server.log").read_text()[-3000:])
-            time.sleep(0.5)
+        server.wait_ready()
         experiment = _api(url, "experiments/create", {"name": "lineage"})["experiment_id"]
         _api(url, "registered-models/create", {"name": "demo"})
         runs = {}
@@ -110,8 +90,7 @@ def registry(tmp_path_factory):
         _api(url, "registered-models/alias", {"name": "demo", "alias": "no_dvc", "version": "4"})
         yield url, runs
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # a throwaway registry
-        proc.wait(10)
+        server.kill()
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from typing import Any
 import pytest
 import torch
 from filelock import FileLock
+from mlflow_testserver import MlflowServer
 
 ROOT = Path(__file__).resolve().parents[3]
 SRC = ROOT / "runtime" / "src"
@@ -223,12 +223,6 @@ def client_for():
 # Real processes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def http(method: str, url: str, body: bytes | None = None, timeout: float = 10) -> Response:
     req = urllib.request.Request(url, data=body, method=method, headers={"content-type": "application/json"})
     try:
@@ -264,42 +258,6 @@ def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGKILL)
     proc.wait(10)
-
-
-@dataclass
-class MlflowServer:
-    url: str
-    proc: subprocess.Popen
-    workdir: Path
-
-    @classmethod
-    def launch(cls, work: Path) -> MlflowServer:
-        """A real MLflow tracking server + model registry on loopback, sqlite backend, proxied artifacts."""
-        port = free_port()
-        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{work}/mlflow.db"]
-        cmd += ["--artifacts-destination", str(work / "artifacts"), "--host", "127.0.0.1", "--port", str(port)]
-        env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
-        with open(work / "server.log", "wb") as log:
-            proc = subprocess.Popen(
-                [*cmd, "--workers", "1"], stdout=log, stderr=log, env=env, cwd=work, start_new_session=True
-            )
-        return cls(f"http://127.0.0.1:{port}", proc, work)
-
-    def wait_ready(self) -> None:
-        try:
-            wait_until(
-                lambda: self.proc.poll() is None and http("GET", f"{self.url}/health", timeout=2).status == 200,
-                120,
-                self.url,
-            )
-        except AssertionError:
-            self.kill()
-            raise AssertionError((self.workdir / "server.log").read_text()[-3000:]) from None
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # a throwaway registry: no need for its 10 s graceful stop
-        self.proc.wait(10)
 
 
 _PRESTARTED: list[MlflowServer] = []

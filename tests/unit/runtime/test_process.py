@@ -15,7 +15,7 @@ from conftest import IN, http, infer_body, runtime_command, runtime_env, stop, w
 
 def test_serve_sigterm_drains_in_flight_and_exits_0(models):
     port = 0
-    from conftest import free_port
+    from mlflow_testserver import free_port
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -68,7 +68,7 @@ def test_serve_sigterm_drains_in_flight_and_exits_0(models):
 
 
 def test_serve_golden_failure_stays_unready_then_exits_0(models):
-    from conftest import free_port
+    from mlflow_testserver import free_port
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -91,7 +91,7 @@ def test_serve_golden_failure_stays_unready_then_exits_0(models):
 
 
 def test_serve_load_failure_exits_1(tmp_path):
-    from conftest import free_port
+    from mlflow_testserver import free_port
 
     cmd = [*runtime_command(), "serve", "--model-uri", str(tmp_path / "missing"), "--port", str(free_port())]
     proc = subprocess.run(cmd, env=runtime_env(), capture_output=True, text=True, timeout=60)

@@ -7,7 +7,8 @@ import asyncio
 import json
 
 import torch
-from conftest import IN, OUT, free_port, infer_body, make_engine
+from conftest import IN, OUT, infer_body, make_engine
+from mlflow_testserver import free_port
 from sovereign_runtime.zenoh_bridge import ZenohBridge, zenoh_config
 
 

@@ -1,0 +1,62 @@
+"""A real, throwaway `mlflow server` for tests (sqlite backend, proxied local artifacts, loopback, one worker),
+shared by tests/unit/runtime, tests/unit/examples and tests/unit/playbooks (on sys.path through pytest's
+`pythonpath` setting in pyproject.toml)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class MlflowServer:
+    url: str
+    proc: subprocess.Popen
+    workdir: Path
+
+    @classmethod
+    def launch(cls, work: Path) -> MlflowServer:
+        """Started, not waited for (it boots in 10-25 s here): call wait_ready() before using it."""
+        port = free_port()
+        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{work}/mlflow.db"]
+        cmd += ["--serve-artifacts", "--artifacts-destination", str(work / "artifacts")]
+        cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+        # The venv's console scripts first; no MLFLOW_* setting of the caller's environment leaks in.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+        with open(work / "server.log", "wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, cwd=work, start_new_session=True)
+        return cls(f"http://127.0.0.1:{port}", proc, work)
+
+    def healthy(self) -> bool:
+        with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
+            return resp.status == 200
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                if self.healthy():
+                    return
+            time.sleep(0.1)
+        self.kill()
+        raise AssertionError("mlflow server never got healthy:\n" + (self.workdir / "server.log").read_text()[-3000:])
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # a throwaway registry: no graceful stop needed
+        self.proc.wait(10)
