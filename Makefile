@@ -23,10 +23,10 @@ bootstrap: ## install packages, podman config, .venv, base image, wheelhouse (id
 
 lab: bootstrap ## bring up the local lab (containers over SSH), converge site.yml, train and deploy the churn example
 	@mkdir -p inventories/lab
-	ansible-playbook playbooks/lab.yml
+	ansible-playbook -i inventories/lab playbooks/lab.yml
 
 lab-down: ## remove everything the lab made: containers, network, keys, inventory, .lab/ (training workspace)
-	@if [ -x $(VENV)/bin/ansible-playbook ]; then ansible-playbook playbooks/lab_down.yml; \
+	@if [ -x $(VENV)/bin/ansible-playbook ]; then ansible-playbook -i inventories/lab playbooks/lab_down.yml; \
 	 else bash scripts/lab-down-fallback.sh; fi
 
 test: bootstrap ## everything CI runs: lint, sanity, unit, every molecule scenario

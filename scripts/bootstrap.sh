@@ -15,8 +15,10 @@ die() { printf 'bootstrap: %s\n' "$*" >&2; exit 1; }
 [ "${ID:-}" = debian ] && [ "${VERSION_ID:-}" = 12 ] || die "needs Debian 12 (found ${PRETTY_NAME:-unknown})"
 
 # 1. Debian packages ---------------------------------------------------------------------------
-APT_PACKAGES=(podman runc debootstrap busybox-static haproxy rsync git make openssh-client python3-venv
-              ca-certificates curl jq)
+# netavark + aardvark-dns: name resolution between containers on a user network (ADR 0005);
+# iptables: netavark's port forwarding. haproxy: its binary validates and runs test configs.
+APT_PACKAGES=(podman runc netavark aardvark-dns iptables debootstrap busybox-static haproxy rsync git make
+              openssh-client python3-venv ca-certificates curl jq)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -28,13 +30,11 @@ if [ ${#missing[@]} -gt 0 ]; then
 else
   say "Debian packages: present"
 fi
-# The host's haproxy service is not used (tests run their own); keep it from holding :8000 etc.
-if [ -d /run/systemd/system ] && systemctl is-enabled --quiet haproxy 2>/dev/null; then
-  systemctl disable --now haproxy >/dev/null 2>&1 || true
-fi
+# The machine's own haproxy service is left alone: tests start their own haproxy processes on free
+# loopback ports, and Debian's stock haproxy.cfg listens on none.
 
 # 2. podman ------------------------------------------------------------------------------------
-say "checking that podman runs containers"
+say "checking that podman runs containers and resolves their names"
 bash scripts/podman-check.sh
 
 # 3. Python virtual environment ------------------------------------------------------------------

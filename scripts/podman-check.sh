@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Checks that podman can start a container; only if it cannot, writes the fallback configuration
-# this kind of VM needs and says why. Exits non-zero, naming the cause and the fix, if it still fails.
+# this kind of VM needs and says why. Then checks that containers on a user network find each other
+# by name (netavark + aardvark-dns, ADR 0005), switching podman's network backend only when that is
+# safe. Exits non-zero, naming the cause and the fix, if either still fails.
 set -euo pipefail
 
 PROBE_IMAGE=localhost/sovereign-probe:1
@@ -23,8 +25,10 @@ probe() {
 build_probe_image
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
+check_dns() { bash "$(dirname "$0")/podman-dns-check.sh"; }
 if probe "$log"; then
   echo "podman: runs containers"
+  check_dns
   exit 0
 fi
 
@@ -50,6 +54,7 @@ cgroup_manager = "cgroupfs"
 CONF
 if probe "$log"; then
   echo "podman: runs containers with the fallback configuration"
+  check_dns
   exit 0
 fi
 echo "podman still cannot start a container with the fallback configuration:" >&2
