@@ -25,7 +25,6 @@ description:
   - Finally it drains the previous color, waiting until its backend has no current session or O(drain_timeout)
     passes (a timeout is a warning, not a failure; the previous color keeps running as a warm standby).
   - The whole operation holds a per-host C(flock) on O(lock_path), so two switches on one host never interleave.
-  - Runs only on Python 3 (as do all modules of this collection).
 options:
   color:
     description:
@@ -33,21 +32,6 @@ options:
     type: str
     required: true
     choices: [blue, green]
-  admin_socket:
-    description:
-      - Path of HAProxy's admin socket (C(stats socket ... level admin)).
-    type: path
-    default: /run/haproxy/admin.sock
-  map_file:
-    description:
-      - The map file that holds the live color, exactly as written in C(haproxy.cfg)'s C(map()) converter.
-    type: path
-    default: /etc/haproxy/sovereign/live.map
-  map_key:
-    description:
-      - The key of the live-color entry in O(map_file).
-    type: str
-    default: live
   colors:
     description:
       - Where each color's runtime listens, used for the direct health check.
@@ -108,15 +92,17 @@ options:
       - Seconds to wait for HAProxy to answer one admin-socket command.
     type: float
     default: 5
+extends_documentation_fragment:
+  - sovereign.mlops._attributes
+  - sovereign.mlops._traffic_switch
+  - sovereign.mlops._traffic_switch.admin_socket
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details:
       - In check mode the module reads the live color, runs the direct and HAProxy health checks (and fails like
         a real run would), and reports whether it would switch. It changes nothing and takes no lock.
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: full
     details:
       - The diff shows the map file before and after (the live-color entry).

@@ -25,7 +25,6 @@ description:
     rewrites the metrics.
   - Needs the C(prometheus_client) Python package on the host (Debian C(python3-prometheus-client)) whenever it
     writes metrics.
-  - Runs only on Python 3 (as do all modules of this collection).
 options:
   path:
     description:
@@ -62,24 +61,15 @@ options:
       - Where the runtime's C(<color>.model.env) files are (C(inference_runtime_config_dir)).
     type: path
     default: /etc/sovereign/runtime
-  map_file:
-    description:
-      - The traffic switch's live-color map file.
-    type: path
-    default: /etc/haproxy/sovereign/live.map
-  map_key:
-    description:
-      - The key of the live-color entry in O(map_file).
-    type: str
-    default: live
+extends_documentation_fragment:
+  - sovereign.mlops._attributes
+  - sovereign.mlops._traffic_switch
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details:
       - In check mode nothing is written; RV(line) shows the record that would be appended.
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: none
 seealso:
   - module: sovereign.mlops.deploy_lock

@@ -31,7 +31,6 @@ description:
   - O(state=absent) releases the lock only when O(token) matches (a lock broken and retaken by someone else
     while we ran is left alone, with a warning), or unconditionally with O(force=true) (a person breaking a
     lock they know is dead; see docs/runbooks/deployment-failed.md).
-  - Runs only on Python 3 (as do all modules of this collection).
 options:
   path:
     description:
@@ -93,15 +92,15 @@ options:
         C(controller_pid), C(since)). With O(state=present), a lock that still names exactly this holder is
         broken with a warning and taken, whatever its age. A lock that names anything else is handled as usual.
     type: dict
+extends_documentation_fragment:
+  - sovereign.mlops._attributes
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details:
       - In check mode the module reads the lock and reports whether it would take, break, refuse or release it,
         failing exactly like a real run would when the lock is held by someone else. It changes nothing.
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: none
 notes:
   - The lock is advisory; it keeps two runs of the release playbooks apart. It does not stop a person running

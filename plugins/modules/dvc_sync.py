@@ -32,7 +32,6 @@ description:
     login, data missing on the remote, O(dest) not writable) changes nothing in O(dest). A remote that cannot be
     reached (host name does not resolve, connection refused, timeout, SSH login refused, host key not trusted) is
     reported as such, with the remote's name and url, never as data missing on it.
-  - Runs only on Python 3 (as do all modules of this collection).
 options:
   repo:
     description:
@@ -118,9 +117,10 @@ options:
       - Seconds to wait for another sync of the same O(dest) (a C(flock) on C(.<name>.dvc-sync.lock)) to finish.
     type: float
     default: 300
+extends_documentation_fragment:
+  - sovereign.mlops._attributes
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details:
       - In check mode the module lists the tracked version, compares it with O(dest) and reports what would be
@@ -128,7 +128,6 @@ attributes:
         asked from the remote, so data missing on the remote is reported as an error, as a real run would). It
         writes nothing, on O(dest) or beside it, and takes no lock.
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: full
     details:
       - The diff shows the data version and, for each file added, updated or removed, its path and md5 before and

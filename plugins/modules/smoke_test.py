@@ -26,7 +26,6 @@ description:
     Percentiles use the nearest-rank method, so with 20 requests p99 is the slowest one.
   - On failure, RV(ignore:msg) names the first check (in the order above) that failed.
   - The module only reads. It never changes anything (C(changed) is always false) and runs in check mode too.
-  - Runs only on Python 3 (as do all modules of this collection).
 options:
   url:
     description:
@@ -99,14 +98,14 @@ options:
       - Extra HTTP headers sent with every request (for example an authorization header).
     type: dict
     default: {}
+extends_documentation_fragment:
+  - sovereign.mlops._attributes
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details:
       - The module only sends read-only requests, so it runs normally in check mode and reports the same result.
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: none
 notes:
   - The inference requests are real requests to the runtime; inference must be free of side effects (OIP
