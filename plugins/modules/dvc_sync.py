@@ -285,28 +285,27 @@ link:
   sample: /srv/datasets/train
 """
 
-import contextlib
-import errno
 import grp
 import os
 import pwd
-import re
 import shutil
-import socket
 import stat
-import sys
 import traceback
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
-from ansible_collections.sovereign.mlops.plugins.module_utils._dvc_sync import (
+from ansible_collections.sovereign.mlops.plugins.module_utils._dvc import (
+    DVC_IMPORT_ERROR,
+    TrackedData,
+    stdout_to_stderr,
+)
+from ansible_collections.sovereign.mlops.plugins.module_utils._dvc_sync_errors import SyncError, explain
+from ansible_collections.sovereign.mlops.plugins.module_utils._versioned_dest import (
     DestLock,
     HashCache,
     Layout,
-    SyncError,
     attrs_ok,
     build_version,
     check_writable_parent,
-    dir_md5,
     file_md5,
     file_mode,
     fsync_dir,
@@ -320,242 +319,6 @@ from ansible_collections.sovereign.mlops.plugins.module_utils._dvc_sync import (
     set_attrs,
     swap_in,
 )
-
-DVC_IMPORT_ERROR = None
-try:
-    import dvc.api
-    import dvc.config
-    import dvc.exceptions
-    import dvc.scm
-    from dvc_data.index import DataIndexDirError
-except ImportError:
-    DVC_IMPORT_ERROR = traceback.format_exc()
-
-
-@contextlib.contextmanager
-def stdout_to_stderr():
-    """DVC may print; the module's stdout must carry only its JSON result."""
-    with contextlib.redirect_stdout(sys.stderr):
-        yield
-
-
-NETWORK_ERRNOS = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ETIMEDOUT, errno.ECONNREFUSED}
-
-
-def connection_error(exc):
-    """The error in ``exc``'s chain that says the remote could not be reached or refused the login, else None.
-
-    DVC wraps transport errors: a directory listing it cannot load raises DataIndexDirError (from the
-    ConnectionRefusedError, socket.gaierror or asyncssh error below it), so the chain is searched. SFTP status errors
-    (no such file) are not connection errors: they mean the data is missing.
-    """
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror, socket.herror)):
-            return exc
-        if isinstance(exc, OSError) and exc.errno in NETWORK_ERRNOS:
-            return exc
-        cls = type(exc)
-        if cls.__module__.startswith("asyncssh") and any(
-            c.__name__ in ("DisconnectError", "ChannelOpenError", "KeyImportError") for c in cls.__mro__
-        ):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-def connection_hint(exc):
-    name = type(exc).__name__
-    if isinstance(exc, socket.gaierror):
-        return "the host name does not resolve from this host; check the host in the remote's url"
-    if isinstance(exc, OSError) and exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN):
-        return "no route to the host from this host; check the url's host and that the host is up"
-    if isinstance(exc, ConnectionRefusedError):
-        return "nothing accepts connections on that host and port; check the url's host and port (remote_config port)"
-    if isinstance(exc, TimeoutError) or "Timeout" in name:
-        return (
-            "the host did not answer in time; check that it is up and reachable (firewall), or raise "
-            "remote_config timeout"
-        )
-    if name == "PermissionDenied":
-        return (
-            "the server refused the login; check the user (url or remote_config user) and that the key "
-            "(remote_config keyfile) is authorized for that user on the remote host"
-        )
-    if name == "HostKeyNotVerifiable":
-        return "the host key of the remote is not trusted; add it to ~/.ssh/known_hosts of the user the module runs as"
-    if name == "KeyImportError":
-        return "the private key (remote_config keyfile) cannot be read; check that it is a valid, unencrypted key"
-    return "check the url, port, user and credentials of the remote and that it is reachable from this host"
-
-
-def redact_url(url):
-    """A URL for a message, without a password in its userinfo."""
-    return re.sub(r"(//[^/@:]*):[^/@]*@", r"\1:***@", url) if isinstance(url, str) else url
-
-
-def hash_name_of(dvc_info):
-    entry = dvc_info.get("entry")
-    return entry.hash_info.name if entry is not None and entry.hash_info else "md5"
-
-
-class Source:
-    """The tracked version: what DVC says O(path) holds at O(rev), and how to download one file of it."""
-
-    def __init__(self, module):
-        p = module.params
-        self.module = module
-        self.repo = p["repo"]
-        self.path = p["path"].strip("/")
-        self.requested_rev = p["rev"]
-        self.remote = p["remote"]
-        rev = p["rev"]
-        if rev is None and os.path.isdir(self.repo):
-            rev = "HEAD"  # a local checkout's default would be its workspace; a sync is always of a commit
-        kwargs = dict(rev=rev)
-        if self.remote:
-            kwargs["remote"] = self.remote
-        if p["remote_config"]:
-            kwargs["remote_config"] = p["remote_config"]
-        self.fs = dvc.api.DVCFileSystem(self.repo, **kwargs)
-        self.datafs = None
-        self.sha = None
-        self.kind = None
-        self.md5 = None
-        self.tracked = {}
-
-    def describe_remote(self):
-        try:
-            config = self.fs.repo.config
-            name = self.remote or config["core"].get("remote")
-            if not name:
-                return "the repository cache (the repository has no default remote and no remote was given)"
-            url = (config["remote"].get(name) or {}).get("url")
-            return f"remote '{name}' ({redact_url(url)})"
-        except Exception:  # only for a message
-            return f"remote '{self.remote or 'default'}'"
-
-    def load(self):
-        """List the tracked files with their md5; raises SyncError with a message for the user."""
-        fs = self.fs
-        self.sha = fs.repo.get_rev()
-        # Downloads go straight to the repository's DataFileSystem (as DVCFileSystem.get does for DVC-tracked
-        # files), which DVC itself uses from many threads; DVCFileSystem.get_file would first probe git.
-        self.datafs = fs.repo.datafs
-        at = f"{self.repo} at {self.requested_rev or 'the default revision'}"
-        try:
-            info = fs.info(self.path)
-        except FileNotFoundError:
-            raise SyncError(
-                f"path '{self.path}' does not exist in {at}; give a path relative to the repository root"
-            ) from None
-        dvc_info = info.get("dvc_info") or {}
-        if not dvc_info.get("isout"):
-            hint = ""
-            if info.get("type") == "directory":
-                outs = [name for name, i in fs.find(self.path, detail=True).items() if i.get("dvc_info")]
-                if outs:
-                    hint = f" (it is a git directory that holds DVC outputs such as {outs[0]}: sync each one)"
-            raise SyncError(
-                f"path '{self.path}' is not tracked by DVC in {at}{hint}; give a path that has a .dvc "
-                "file or is an output of dvc.yaml, or a path inside one"
-            )
-        if info["type"] != "directory":
-            self.kind = "file"
-            self.md5 = dvc_info["md5"]
-            self.tracked[""] = dict(
-                md5=self.md5, hash=hash_name_of(dvc_info), size=dvc_info.get("size"), isexec=dvc_info.get("isexec")
-            )
-            return
-        self.kind = "directory"
-        try:
-            found = fs.find(self.path, detail=True)
-        except DataIndexDirError as exc:
-            self.raise_if_unreachable(exc)
-            raise SyncError(
-                f"the listing of directory '{self.path}' (DVC object {dvc_info.get('md5')}) is neither "
-                f"in the DVC cache nor on {self.describe_remote()}: push it with dvc push, or choose "
-                "the remote that has it"
-            ) from None
-        prefix = self.path + "/"
-        for name, finfo in found.items():
-            fdvc = finfo.get("dvc_info") or {}
-            if fdvc.get("isout"):
-                self.tracked[name[len(prefix) :]] = dict(
-                    md5=fdvc["md5"], hash=hash_name_of(fdvc), size=fdvc.get("size"), isexec=fdvc.get("isexec")
-                )
-        self.md5 = dvc_info.get("md5") or dir_md5({rel: item["md5"] for rel, item in self.tracked.items()})
-
-    def rpath(self, rel):
-        return f"{self.path}/{rel}" if rel else self.path
-
-    def unreachable(self, exc):
-        return SyncError(
-            f"cannot connect to {self.describe_remote()}: {type(exc).__name__}: {exc}; {connection_hint(exc)}"
-        )
-
-    def raise_if_unreachable(self, exc):
-        conn = connection_error(exc)
-        if conn is not None:
-            raise self.unreachable(conn) from None
-
-    def missing(self, rel):
-        return SyncError(
-            f"{self.describe_remote()} has no data for '{self.rpath(rel)}' (md5 "
-            f"{self.tracked[rel]['md5']}); push it with dvc push, or choose the remote that has it"
-        )
-
-    def fetch(self, rel, local_path):
-        try:
-            self.datafs.get_file(self.rpath(rel), local_path)
-        except FileNotFoundError as exc:
-            self.raise_if_unreachable(exc)
-            raise self.missing(rel) from None
-        except Exception as exc:
-            self.raise_if_unreachable(exc)
-            raise
-
-    def sizes(self, rels):
-        """Bytes of these tracked files, from DVC's listing or asked from the remote (check mode's byte count)."""
-        total, odbs = 0, {}
-        for rel in rels:
-            item = self.tracked[rel]
-            if item.get("size") is not None:
-                total += item["size"]
-                continue
-            try:
-                odb = odbs.get(item["hash"])
-                if odb is None:
-                    odb = odbs[item["hash"]] = self.fs.repo.cloud.get_remote_odb(self.remote, hash_name=item["hash"])
-                total += odb.fs.size(odb.oid_to_path(item["md5"])) or 0
-            except FileNotFoundError as exc:
-                self.raise_if_unreachable(exc)
-                size = self._size_in_cache(item)
-                if size is None:
-                    raise self.missing(rel) from None
-                total += size
-            except Exception as exc:  # cloud-versioned remotes and the like: a lower bound then
-                self.raise_if_unreachable(exc)
-                self.module.warn(
-                    f"could not get the size of {self.rpath(rel)} from the remote ({exc}); "
-                    "bytes_transferred counts only the known sizes"
-                )
-        return total
-
-    def _size_in_cache(self, item):
-        try:
-            return os.path.getsize(self.fs.repo.cache.local.oid_to_path(item["md5"]))
-        except Exception:  # no local cache (a URL repo) or not in it
-            return None
-
-    def close(self):
-        from dvc.repo.open_repo import clean_repos
-
-        try:
-            self.fs.close()
-        finally:
-            clean_repos()  # the temporary clones DVC made for a URL repo
 
 
 def parse_mode(module, name):
@@ -835,42 +598,6 @@ class Sync:
                 os.unlink(tmp)
 
 
-def describe_error(exc, p):
-    """A message for the errors DVC and the filesystem raise, naming the fix."""
-    at = f"{p['repo']} at rev '{p['rev'] or 'default'}'"
-    if isinstance(exc, dvc.scm.RevError):
-        return (
-            f"unknown git revision '{p['rev']}' in {p['repo']}: give a branch, tag or commit sha that exists "
-            f"there ({exc})"
-        )
-    if isinstance(exc, dvc.scm.CloneError):
-        return (
-            f"cannot clone {p['repo']}: check the URL and the git credentials of the target host, or give the "
-            f"path of a local checkout ({exc})"
-        )
-    if isinstance(exc, dvc.exceptions.NotDvcRepoError):
-        return f"{p['repo']} is not a DVC repository (no .dvc directory): {exc}"
-    if isinstance(exc, dvc.config.RemoteNotFoundError):
-        return (
-            f"DVC remote '{p['remote']}' is not defined in {at}: use a remote name from its .dvc/config, or "
-            f"define it for this run with remote_config: {{url: ...}} ({exc})"
-        )
-    if isinstance(exc, dvc.config.NoRemoteError):
-        return (
-            f"{at} has no default DVC remote: give remote (and remote_config with its url if the repository "
-            f"does not define it) ({exc})"
-        )
-    if isinstance(exc, dvc.config.ConfigError):
-        return f"invalid DVC remote configuration (remote, remote_config) for {at}: {exc}"
-    if isinstance(exc, PermissionError):
-        return f"dest {p['dest']} is not writable: {exc}; run with become or fix the permissions"
-    if isinstance(exc, (NotADirectoryError, FileExistsError)):
-        return f"dest {p['dest']} cannot be created: {exc}; choose a dest under a directory"
-    if isinstance(exc, dvc.exceptions.DvcException):
-        return f"DVC failed for {at}: {exc}"
-    return f"dvc_sync failed for {at}: {type(exc).__name__}: {exc}"
-
-
 def main():
     module = AnsibleModule(
         argument_spec=dict(
@@ -920,15 +647,14 @@ def main():
     source = result = failure = None
     with stdout_to_stderr():  # one redirect for the whole run: DVC works in threads, redirects do not nest there
         try:
-            source = Source(module)
+            source = TrackedData(p["repo"], p["path"], p["rev"], p["remote"], p["remote_config"], warn=module.warn)
             source.load()
             sync = Sync(module, source, attrs)
             result = sync.run_directory() if source.kind == "directory" else sync.run_file()
         except SyncError as exc:
             failure = dict(msg=str(exc))
         except Exception as exc:
-            conn = connection_error(exc) if source is not None else None
-            msg = str(source.unreachable(conn)) if conn is not None else describe_error(exc, p)
+            msg = explain(exc, p, source.describe_remote if source is not None else None)
             failure = dict(msg=msg, exception=traceback.format_exc())
         finally:
             if source is not None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import itertools
 import os
 import re
 import shutil
@@ -30,7 +29,7 @@ pytest.importorskip("dvc", reason="dvc is not installed (pip install dvc==3.67.1
 # DVC 3.67 itself trips pygtrie's deprecation of _NoneStep.value; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:_NoneStep.value:DeprecationWarning")
 
-from ansible_collections.sovereign.mlops.plugins.module_utils import _dvc_sync as utils  # noqa: E402
+from ansible_collections.sovereign.mlops.plugins.module_utils import _versioned_dest as utils  # noqa: E402
 from ansible_collections.sovereign.mlops.plugins.modules import dvc_sync  # noqa: E402
 from ansible_collections.sovereign.mlops.tests.unit.plugins.modules.dvc_fixtures.dvc_repo import (  # noqa: E402
     V1,
@@ -622,46 +621,6 @@ def test_unreachable_ssh_remote_is_named_and_changes_nothing(env, tmp_path, path
     assert re.search(fails, result["msg"]), result["msg"]
     assert "has no data" not in result["msg"] and "neither in the DVC cache" not in result["msg"]
     assert snapshot(dest) == before and beside(dest) == before_beside
-
-
-class _Chained(Exception):
-    pass
-
-
-def _chain(*excs):
-    for outer, inner in itertools.pairwise(excs):
-        outer.__cause__ = inner
-    return excs[0]
-
-
-@pytest.mark.parametrize(
-    ("exc", "found"),
-    [
-        (_chain(_Chained("wrapper"), ConnectionRefusedError(111, "refused")), ConnectionRefusedError),
-        (_chain(_Chained("wrapper"), socket.gaierror(-2, "Name or service not known")), socket.gaierror),
-        (_chain(FileNotFoundError(2, "no such object"), _Chained("an SFTP status error")), None),
-        (_chain(_Chained("wrapper"), OSError(errno.EHOSTUNREACH, "Connect call failed")), OSError),
-        (FileNotFoundError(2, "no such object"), None),
-        (ValueError("other"), None),
-    ],
-    ids=["refused", "dns", "missing-data", "no-route", "plain-missing", "other"],
-)
-def test_connection_error_finds_transport_errors_in_the_chain_only(exc, found):
-    got = dvc_sync.connection_error(exc)
-    assert (type(got) if got is not None else None) is found
-
-
-def test_connection_error_knows_asyncssh_login_errors_but_not_sftp_status():
-    asyncssh = pytest.importorskip("asyncssh")
-    denied = asyncssh.PermissionDenied("Permission denied for user dvc on host storage")
-    assert dvc_sync.connection_error(_chain(_Chained("wrapper"), denied)) is denied
-    assert "refused the login" in dvc_sync.connection_hint(denied)
-    assert dvc_sync.connection_error(_chain(FileNotFoundError(2, "x"), asyncssh.SFTPNoSuchFile("x"))) is None
-
-
-def test_redact_url_hides_a_password():
-    assert dvc_sync.redact_url("ssh://dvc:s3cret@storage/srv") == "ssh://dvc:***@storage/srv"
-    assert dvc_sync.redact_url("ssh://dvc@storage:2222/srv") == "ssh://dvc@storage:2222/srv"
 
 
 def test_missing_dvc_is_reported_with_missing_required_lib(env, tmp_path, monkeypatch):

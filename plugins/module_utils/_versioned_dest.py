@@ -1,10 +1,12 @@
 # Copyright: sovereign.mlops maintainers
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""Filesystem side of ``sovereign.mlops.dvc_sync``: hashing, the manifest cache, planning and the atomic swap.
+"""The dest side of ``sovereign.mlops.dvc_sync``: versions beside dest, hashing, the manifest cache, planning and
+the atomic swap.
 
 Private to the sovereign.mlops collection (leading underscore): no stability promise to anyone else.
-Nothing here imports DVC; the module passes what DVC told it (paths, md5s) and a ``fetch`` callable.
+Nothing here calls DVC (that is _dvc.py): the module passes what DVC told it (paths, md5s) and a ``fetch`` callable.
+Only the hash of DVC 2-era repositories (md5-dos2unix) is taken from dvc_data, when such a repository is synced.
 
 Layout beside ``dest`` (see docs/adr/0301-dvc-sync-atomic-swap.md), for ``dest=/srv/data/ds``::
 
@@ -31,6 +33,8 @@ import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from ansible_collections.sovereign.mlops.plugins.module_utils._dvc_sync_errors import SyncError
+
 MANIFEST_FORMAT = 1
 CHUNK = 1024 * 1024
 
@@ -38,10 +42,6 @@ CHUNK = 1024 * 1024
 AT_FDCWD = -100
 RENAME_EXCHANGE = 2
 _RENAMEAT2_SYSCALL = {"x86_64": 316, "aarch64": 276, "ppc64le": 357, "s390x": 347, "riscv64": 276}
-
-
-class SyncError(Exception):
-    """An error the module reports with fail_json: ``str(exc)`` names the problem and the fix."""
 
 
 # -- hashing -----------------------------------------------------------------------------------------------------
