@@ -10,6 +10,10 @@ module: blue_green_switch
 short_description: Make a color live on a host's HAProxy traffic switch
 version_added: 0.1.0
 author: sovereign.mlops maintainers (!UNKNOWN)
+extends_documentation_fragment:
+  - sovereign.mlops._attributes
+  - sovereign.mlops._traffic_switch
+  - sovereign.mlops._traffic_switch.admin_socket
 description:
   - Flips the live color (C(blue) or C(green)) of one inference host's HAProxy traffic switch, as templated by
     the C(sovereign.mlops.traffic_switch) role (see docs/adr/0201-traffic-switch-haproxy-map.md).
@@ -92,10 +96,6 @@ options:
       - Seconds to wait for HAProxy to answer one admin-socket command.
     type: float
     default: 5
-extends_documentation_fragment:
-  - sovereign.mlops._attributes
-  - sovereign.mlops._traffic_switch
-  - sovereign.mlops._traffic_switch.admin_socket
 attributes:
   check_mode:
     support: full

@@ -10,6 +10,9 @@ module: deploy_ledger
 short_description: Record a release operation in a host's ledger and refresh its deploy metrics
 version_added: 0.1.0
 author: sovereign.mlops maintainers (!UNKNOWN)
+extends_documentation_fragment:
+  - sovereign.mlops._attributes
+  - sovereign.mlops._traffic_switch
 description:
   - Appends one record (a JSON object on one line) to the host's deployment ledger, under an C(flock), fsync'd.
     The playbooks record every deploy and rollback, failed ones included (C(result=failed) and a C(reason)).
@@ -61,9 +64,6 @@ options:
       - Where the runtime's C(<color>.model.env) files are (C(inference_runtime_config_dir)).
     type: path
     default: /etc/sovereign/runtime
-extends_documentation_fragment:
-  - sovereign.mlops._attributes
-  - sovereign.mlops._traffic_switch
 attributes:
   check_mode:
     support: full

@@ -10,6 +10,8 @@ module: deploy_lock
 short_description: Take or release the fleet-wide deploy lock
 version_added: 0.1.0
 author: sovereign.mlops maintainers (!UNKNOWN)
+extends_documentation_fragment:
+  - sovereign.mlops._attributes
 description:
   - The fleet deploy lock of C(playbooks/deploy.yml) and C(playbooks/rollback.yml) is one directory on one host
     (by convention the first inference host), created with C(mkdir), which is atomic, as kamal does. It holds
@@ -92,8 +94,6 @@ options:
         C(controller_pid), C(since)). With O(state=present), a lock that still names exactly this holder is
         broken with a warning and taken, whatever its age. A lock that names anything else is handled as usual.
     type: dict
-extends_documentation_fragment:
-  - sovereign.mlops._attributes
 attributes:
   check_mode:
     support: full

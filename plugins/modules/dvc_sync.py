@@ -10,6 +10,8 @@ module: dvc_sync
 short_description: Make a host path equal to a DVC-tracked dataset at a git revision
 version_added: 0.1.0
 author: sovereign.mlops maintainers (!UNKNOWN)
+extends_documentation_fragment:
+  - sovereign.mlops._attributes
 description:
   - Makes O(dest) on the target host hold exactly what a DVC-tracked O(path) of the DVC repository O(repo) holds
     at the git revision O(rev), downloading from the DVC remote with DVC's own Python API
@@ -117,8 +119,6 @@ options:
       - Seconds to wait for another sync of the same O(dest) (a C(flock) on C(.<name>.dvc-sync.lock)) to finish.
     type: float
     default: 300
-extends_documentation_fragment:
-  - sovereign.mlops._attributes
 attributes:
   check_mode:
     support: full

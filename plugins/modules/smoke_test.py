@@ -10,6 +10,8 @@ module: smoke_test
 short_description: Smoke-test an Open Inference Protocol (v2) model endpoint
 version_added: 0.1.0
 author: sovereign.mlops maintainers (!UNKNOWN)
+extends_documentation_fragment:
+  - sovereign.mlops._attributes
 description:
   - Sends O(requests) inference requests (C(POST {url}/v2/models/{model_name}/infer)) to one runtime, usually a
     color's own port (not the traffic switch), and checks, in this order
@@ -98,8 +100,6 @@ options:
       - Extra HTTP headers sent with every request (for example an authorization header).
     type: dict
     default: {}
-extends_documentation_fragment:
-  - sovereign.mlops._attributes
 attributes:
   check_mode:
     support: full
