@@ -167,11 +167,15 @@ def _first_reason(stderr):
     """The most telling line of ansible-inventory's stderr: the first 'Failed to parse ...' cause, else the
     first error or warning, on one line."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    reason = lines[-1] if lines else "no message"
     for prefix in ("[WARNING]: Failed to parse", "[ERROR]:", "[WARNING]:", "ERROR!"):
-        for line in lines:
-            if line.startswith(prefix):
-                return line.split(":", 1)[1].strip() if line.startswith("[") else line
-    return lines[-1] if lines else "no message"
+        found = [line for line in lines if line.startswith(prefix)]
+        if found:
+            reason = found[0].split(":", 1)[1].strip() if found[0].startswith("[") else found[0]
+            break
+    if "Standard error from inventory script:" in lines[:-1]:  # what a failing dynamic inventory said
+        reason += f" (it said: {lines[lines.index('Standard error from inventory script:') + 1]})"
+    return reason
 
 
 def _classify(path, rc, stderr, vault):

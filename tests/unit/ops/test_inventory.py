@@ -224,7 +224,13 @@ def empty_group(base):
 ERRORS = [
     pytest.param(no_such_path, [], "no inventory at {base}/missing.yml: give -i PATH", id="no-such-path"),
     pytest.param(broken_yaml, [], "ansible-inventory cannot read the inventory {base}/hosts.yml", id="unreadable"),
-    pytest.param(failing_script, [], "ansible-inventory cannot read the inventory", id="dynamic-inventory-fails"),
+    pytest.param(
+        failing_script,
+        [],
+        "ansible-inventory cannot read the inventory {base}/dynamic.sh (rc 1): Failed to parse inventory with 'script'"
+        " plugin: Inventory script returned non-zero exit code 1. (it said: cloud API said 403)",
+        id="dynamic-inventory-fails",
+    ),
     pytest.param(
         yaml_with_vault_file,
         ["--vault-password-file", "{base}/wrong"],
