@@ -5,10 +5,13 @@ real SSH; the inventory kinds and errors are in test_inventory.py, the host side
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
+import sys
 import textwrap
+import threading
 
 import pytest
 from sovereign_ops import cli, fleet, inventory
@@ -328,3 +331,83 @@ def test_rollback_gives_ansible_playbook_the_vault_password(inv, tmp_path, monke
     argv = [a.format(base=tmp_path) for a in argv]
     assert cli.main(["-i", str(base), *argv, "rollback", "--yes", "--ansible-playbook", str(fake)]) == 0
     assert (tmp_path / "ansible-playbook.got").read_text().strip() == password
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def not_ssh():
+    """A TCP server that accepts and hangs up: something listens on the port, but no SSH server."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    stop = threading.Event()
+
+    def serve():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+                conn.close()
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join(5)
+    server.close()
+
+
+@pytest.mark.parametrize(
+    ("address", "port", "message"),
+    [
+        pytest.param(
+            "127.0.0.1",
+            "free",
+            "unreachable over SSH at 127.0.0.1:{port} (connection refused): is sshd running, ansible_host/ansible_port",
+            id="connection-refused",
+        ),
+        pytest.param(
+            "127.0.0.1", "not_ssh", "no SSH server answered at 127.0.0.1:{port} (Error reading SSH", id="not-ssh"
+        ),
+        pytest.param(
+            "no-such-host.invalid", 22, "cannot resolve no-such-host.invalid: set ansible_host", id="unresolvable"
+        ),
+    ],
+)
+def test_unreachable_host_is_a_one_line_row(request, address, port, message):
+    """Real connection attempts (no SSH server needed to fail): the row says what and what to check, on one
+    line, and nothing else reaches stderr (paramiko's traceback logging is silenced)."""
+    port = _free_port() if port == "free" else request.getfixturevalue("not_ssh") if port == "not_ssh" else port
+    host = inventory.Host(name="h", vars={"ansible_host": address, "ansible_port": port}, groups={"inference"})
+    rc, out, err = cli.run_on(host, fleet.status_command())
+    assert rc == 255
+    assert "\n" not in err
+    assert err.startswith(message.format(port=port)), err
+    row = fleet.parse_status("h", rc, out, err)
+    assert row["error"] == err
+
+
+def test_no_traceback_from_paramiko_when_the_cli_runs(tmp_path, not_ssh):
+    """As a person runs it (a process of its own, no pytest log capture): paramiko's transport thread logs its
+    failure with a traceback unless sovereign-ops silences it; only the row must say it."""
+    inv = tmp_path / "hosts.ini"
+    inv.write_text(f"[inference]\nh ansible_host=127.0.0.1 ansible_port={not_ssh}\n")
+    env = dict(os.environ, PYTHONPATH=str(cli.Path(cli.__file__).parents[1]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "sovereign_ops", "-i", str(inv), "status"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr == ""
+    assert f"PROBLEM: no SSH server answered at 127.0.0.1:{not_ssh}" in proc.stdout
