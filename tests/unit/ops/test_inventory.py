@@ -176,12 +176,18 @@ def test_inventory_kinds(tmp_path, build, vault_args, expected, note):
         assert inv.notes == []
 
 
-def test_vault_password_from_the_environment(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("build", "attr", "value"),
+    [(yaml_with_vault_file, "port", 2299), (yaml_inline_vault_user, "user", "vaulted-user")],
+    ids=["vault-file", "inline-connection-setting"],
+)
+def test_vault_password_from_the_environment(tmp_path, monkeypatch, build, attr, value):
+    """ANSIBLE_VAULT_PASSWORD_FILE (as ansible.cfg's vault_password_file) reaches both Ansible children."""
     (tmp_path / "pw").write_text(PASSWORD + "\n")
-    path = yaml_with_vault_file(tmp_path)
+    path = build(tmp_path)
     monkeypatch.setenv("ANSIBLE_VAULT_PASSWORD_FILE", str(tmp_path / "pw"))
     inv = inventory.load(path)
-    assert inv.hosts["infer-01"].port == 2299
+    assert getattr(inv.hosts["infer-01"], attr) == value
     assert inv.notes == []
 
 
