@@ -3,8 +3,8 @@
 
 Prints (and writes as JSON with --out):
   1. failed requests across N consecutive blue<->green switches (sovereign.mlops.blue_green_switch) under
-     keep-alive load through :8000;
-  2. p99 through :8000 during those switches vs steady p99 (same load, no switching);
+     keep-alive load through the frontend (:8000 unless the host contract fact says otherwise);
+  2. p99 through the frontend during those switches vs steady p99 (same load, no switching);
   3. playbooks/rollback.yml wall time on a warm host (ansible-playbook start included);
   4. time from a degraded green taking traffic to traffic back on blue (deploy.yml with the runtime's test-only
      chaos latency knob; dominated by deploy_watch_seconds, given).
@@ -29,6 +29,9 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "ops"))
+from sovereign_ops import probe  # noqa: E402 (the checkout's CLI package: one reader of the host contract)
+
 LOADGEN = "/usr/local/lib/sovereign-loadgen.py"
 MODELS = "/var/lib/sovereign/models"
 
@@ -36,6 +39,7 @@ MODELS = "/var/lib/sovereign/models"
 class Host:
     def __init__(self, prefix):
         self.prefix = shlex.split(prefix)
+        self.paths = None
 
     def sh(self, command, check=True):
         # ssh joins its arguments into one string for the remote shell; podman exec passes them as they are.
@@ -47,13 +51,29 @@ class Host:
             raise RuntimeError(f"{command}: rc {proc.returncode}: {proc.stderr.strip()}")
         return proc.stdout
 
+    def read_contract(self):
+        """Ports and paths from the host contract fact, as sovereign-ops reads them; the roles' defaults only
+        when the host has no fact, and then it says so."""
+        text = self.sh(f"cat {probe.FACT} 2>/dev/null || true")
+        fact = json.loads(text) if text.strip() else None
+        self.paths = probe.resolve(fact)
+        if self.paths["defaulted"]:
+            print(
+                f"host contract: {', '.join(self.paths['defaulted'])} not in {probe.FACT}; defaults used",
+                file=sys.stderr,
+            )
+        return self.paths
+
+    def frontend(self):
+        return f"http://127.0.0.1:{self.paths['frontend_port']}"
+
     def live(self):
-        return self.sh("awk '$1 == \"live\" {print $2}' /etc/haproxy/sovereign/live.map").strip()
+        return probe.map_value(self.sh(f"cat {shlex.quote(self.paths['map_file'])}"), self.paths["map_key"])
 
     def start_load(self, name, seconds, model, threads=4):
         self.sh(f"rm -f /tmp/{name}.json /tmp/{name}.stop; systemctl reset-failed bench-{name} 2>/dev/null; true")
         self.sh(
-            f"systemd-run --unit bench-{name} --collect /usr/bin/python3 {LOADGEN} http://127.0.0.1:8000 {model} "
+            f"systemd-run --unit bench-{name} --collect /usr/bin/python3 {LOADGEN} {self.frontend()} {model} "
             f"{threads} 1 10000000 {seconds} /tmp/{name}.stop /tmp/{name}.json"
         )
 
@@ -109,14 +129,14 @@ def main():
     args = parser.parse_args()
     os.environ.setdefault("ANSIBLE_CONFIG", str(ROOT / "ansible.cfg"))
     host = Host(args.exec)
+    host.read_contract()
     fast = {"deploy_smoke_max_p99_ms": 1000, "deploy_watch_seconds": 5, "deploy_watch_max_p99_ms": 1000}
 
     # Both colors must be ready with a real model: (re)deploy v2 into the idle color, then roll back, so blue
     # (v1) is live and green (v2) is a warm standby.
     if args.no_setup:
-        ready = host.sh(
-            "for p in 8001 8002; do curl -s -o /dev/null -w '%{http_code} ' http://127.0.0.1:$p/v2/health/ready; done"
-        )
+        urls = " ".join(f"http://{c['host']}:{c['port']}/v2/health/ready" for c in host.paths["colors"].values())
+        ready = host.sh(f"for u in {urls}; do curl -s -o /dev/null -w '%{{http_code}} ' $u; done")
         if ready.split() != ["200", "200"]:
             raise RuntimeError(f"--no-setup needs both colors ready; /v2/health/ready answered {ready.strip()}")
     else:
@@ -184,7 +204,7 @@ def main():
     host.sh("rm -f /tmp/probe.log")
     host.sh(
         "systemd-run --unit bench-probe --collect /bin/sh -c 'while true; do "
-        "c=$(curl -s -o /dev/null -D - --max-time 2 http://127.0.0.1:8000/v2/health/ready | "
+        f"c=$(curl -s -o /dev/null -D - --max-time 2 {host.frontend()}/v2/health/ready | "
         'tr -d "\\r" | awk -F": " "tolower(\\$1)==\\"x-sovereign-color\\" {print \\$2}"); '
         "echo $(date +%s.%N) $c >> /tmp/probe.log; sleep 0.05; done'"
     )

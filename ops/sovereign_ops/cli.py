@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import getpass
 import json
+import logging
 import os
-import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,9 @@ def connect(host, timeout=10):
     import paramiko
     from fabric import Connection
 
+    # paramiko logs a transport thread's failure as a traceback on stderr; the row says it in one line.
+    logging.getLogger("paramiko").addHandler(logging.NullHandler())
+    logging.getLogger("paramiko").propagate = False
     host.check_templates()
     connect_kwargs = {"timeout": timeout}
     if host.key_file:
@@ -34,8 +39,48 @@ def connect(host, timeout=10):
     return conn
 
 
+def ssh_error(host, exc):
+    """One line naming what went wrong reaching HOST over SSH, and what to check."""
+    import paramiko
+    from invoke.exceptions import AuthFailure, CommandTimedOut
+
+    where = f"{host.address}:{host.port}"
+    text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve {host.address}: set ansible_host to a reachable name or address"
+    if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
+        return (
+            f"unreachable over SSH at {where} (connection refused): is sshd running, ansible_host/ansible_port right?"
+        )
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return f"unreachable over SSH at {where} (no answer in 10 s): check ansible_host/ansible_port and the network"
+    if isinstance(exc, paramiko.BadHostKeyException):
+        return f"the host key of {where} differs from known_hosts: if the host was rebuilt, replace its entry"
+    if isinstance(exc, paramiko.AuthenticationException):
+        key = host.key_file or "ssh-agent/default keys"
+        user = host.user or getpass.getuser()
+        return f"SSH login as {user} on {where} refused (key: {key}): check ansible_user, ansible_ssh_private_key_file"
+    if isinstance(exc, paramiko.SSHException) and "protocol banner" in text:
+        return f"no SSH server answered at {where} ({text}): check ansible_host/ansible_port"
+    if isinstance(exc, paramiko.SSHException) and "not found in known_hosts" in text:
+        return (
+            f"the host key of {where} is not in {host.known_hosts or 'known_hosts'}: check it, then add it "
+            f"(ssh-keyscan -p {host.port} {host.address})"
+        )
+    if isinstance(exc, AuthFailure):
+        return f"sudo on {host.name} asks for a password: allow {host.user} NOPASSWD sudo, or connect as root"
+    if isinstance(exc, CommandTimedOut):
+        return f"the command on {host.name} ran past {exc.timeout} s: is the host overloaded?"
+    if isinstance(exc, FileNotFoundError) and host.key_file:
+        return f"the private key {host.key_file} does not exist: fix ansible_ssh_private_key_file"
+    if isinstance(exc, OSError):
+        return f"unreachable over SSH at {where} ({text}): check ansible_host/ansible_port and the network"
+    return f"SSH to {where} failed ({type(exc).__name__}: {text})"
+
+
 def run_on(host, command, timeout=30):
-    """(rc, stdout, stderr) of COMMAND on HOST (sudo when the inventory says ansible_become)."""
+    """(rc, stdout, stderr) of COMMAND on HOST (sudo when the inventory says ansible_become); a host that cannot
+    be reached is rc 255 with a one-line reason, not an exception."""
     try:
         conn = connect(host)
         runner = conn.sudo if host.become else conn.run
@@ -45,7 +90,7 @@ def run_on(host, command, timeout=30):
     except inventory.InventoryError:
         raise
     except Exception as exc:  # an unreachable host is a row, not a crash
-        return 255, "", f"{type(exc).__name__}: {exc}"
+        return 255, "", ssh_error(host, exc)
 
 
 def on_all(hosts, command, workers=16):
@@ -58,25 +103,33 @@ def on_all(hosts, command, workers=16):
         return dict(pool.map(one, hosts))
 
 
+def notes(lines):
+    for line in lines:
+        if line:
+            print(f"sovereign-ops: note: {line}", file=sys.stderr)
+
+
 def cmd_status(args, hosts):
-    results = on_all(hosts, fleet.status_command())
+    results = on_all(hosts, fleet.status_command(args.fact))
     rows = [fleet.parse_status(h.name, *results[h.name]) for h in hosts]
     print(json.dumps(rows, indent=1) if args.json else fleet.format_status(rows))
+    notes(row["note"] for row in rows)
     return 0 if all(r["ok"] for r in rows) else 1
 
 
 def cmd_history(args, hosts):
-    results = on_all(hosts, f"cat {fleet.LEDGER} 2>/dev/null || true")
-    ledgers, errors = {}, []
+    results = on_all(hosts, fleet.ledger_command(args.fact))
+    ledgers, errors, found = {}, [], []
     for h in hosts:
-        rc, out, err = results[h.name]
-        if rc != 0:
-            errors.append(f"{h.name}: {(err or out).strip()[:200]}")
-        ledgers[h.name] = fleet.parse_ledger(h.name, out if rc == 0 else "")
+        ledgers[h.name], error, note = fleet.ledger_answer(h.name, *results[h.name])
+        if error:
+            errors.append(f"{h.name}: {error}")
+        found.append(note)
     records = fleet.merge_history(ledgers, args.number)
     print(json.dumps(records, indent=1) if args.json else fleet.format_history(records))
+    notes(found)
     for error in errors:
-        print(f"warning: could not read the ledger of {error}", file=sys.stderr)
+        print(f"sovereign-ops: warning: could not read the ledger of {error}", file=sys.stderr)
     return 1 if errors else 0
 
 
@@ -93,11 +146,7 @@ def find_playbook(name):
 
 
 def rollback_command(args, hosts):
-    ansible = (
-        args.ansible_playbook
-        or shutil.which("ansible-playbook")
-        or str(Path(sys.executable).with_name("ansible-playbook"))
-    )
+    ansible = args.ansible_playbook or inventory.ansible_tool("ansible-playbook")
     cmd = [ansible, "-i", args.inventory, args.playbook or find_playbook("rollback")]
     if args.limit:
         cmd += ["--limit", args.limit]
@@ -125,17 +174,34 @@ def cmd_rollback(args, hosts):
     if not args.yes and not confirm(f"Roll back {names} to {target}? This moves live traffic. [y/N] "):
         print("aborted; nothing was changed", file=sys.stderr)
         return 1
+    vault_argv, fds = args.vault.args()  # the password asked for the inventory is not asked again
+    cmd += vault_argv
     print("+ " + " ".join(cmd), file=sys.stderr)
-    return subprocess.call(cmd)
+    try:
+        return subprocess.call(cmd, pass_fds=fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="sovereign-ops", description=__doc__)
+    default = inventory.default_inventory()
     parser.add_argument(
-        "-i", "--inventory", default=inventory.default_inventory(), help="Ansible YAML inventory (file or directory)"
+        "-i",
+        "--inventory",
+        default=default,
+        required=default is None,
+        help="Ansible inventory, as ansible-playbook takes it (default: $SOVEREIGN_OPS_INVENTORY, $ANSIBLE_INVENTORY)",
     )
     parser.add_argument("-g", "--group", default="inference", help="inventory group of the inference hosts")
     parser.add_argument("-l", "--limit", help="comma-separated hosts or groups within the group")
+    vault = parser.add_argument_group("vault (passed to ansible-inventory and ansible-playbook)")
+    vault.add_argument("--vault-password-file", "--vault-pass-file", action="append", default=[], metavar="FILE")
+    vault.add_argument("--vault-id", action="append", default=[], metavar="ID")
+    vault.add_argument("-J", "--ask-vault-pass", "--ask-vault-password", action="store_true")
+    parser.add_argument("--ansible-inventory", help="ansible-inventory executable (default: this venv's, else PATH)")
+    parser.add_argument("--fact", help=argparse.SUPPRESS)  # another contract fact path on the hosts (tests)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("status", help="live color, model per color and health of every host (parallel, read-only)")
     p.add_argument("--json", action="store_true")
@@ -148,18 +214,33 @@ def build_parser():
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.add_argument("--to", choices=["blue", "green"], help="the color to roll back to (default: each host's previous)")
     p.add_argument("--playbook", help="path of rollback.yml (default: found in this checkout, else the collection's)")
-    p.add_argument("--ansible-playbook", help="ansible-playbook executable (default: from PATH)")
+    p.add_argument("--ansible-playbook", help="ansible-playbook executable (default: this venv's, else PATH)")
     p.set_defaults(func=cmd_rollback)
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    args.vault = inventory.Vault(password_files=args.vault_password_file, ids=args.vault_id, ask=args.ask_vault_pass)
     try:
-        hosts = inventory.select(inventory.load(args.inventory), args.group, args.limit)
+        inv = inventory.load(args.inventory, args.vault, args.ansible_inventory)
+        notes(inv.notes)
+        hosts = inventory.select(inv, args.group, args.limit)
         return args.func(args, hosts)
-    except (inventory.InventoryError, OSError) as exc:
+    except inventory.InventoryError as exc:
         print(f"sovereign-ops: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sovereign-ops: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # every error is one line; the traceback only on request
+        if os.environ.get("SOVEREIGN_OPS_DEBUG"):
+            raise
+        print(
+            f"sovereign-ops: unexpected error ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "run with SOVEREIGN_OPS_DEBUG=1 for the traceback and report it",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -3,92 +3,71 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import shlex
 
-# Run on each host as `python3 -c SNIPPET` (read-only): prints one JSON object.
-STATUS_SNIPPET = r"""
-import json, os, socket, urllib.request
-CONFIG = "/etc/sovereign/runtime"
-MAP = "/etc/haproxy/sovereign/live.map"
-SOCK = "/run/haproxy/admin.sock"
-PORTS = {"blue": 8001, "green": 8002}
-out = {"hostname": socket.gethostname(), "live_file": None, "live_haproxy": None, "colors": {}}
-try:
-    for line in open(MAP, encoding="utf-8"):
-        parts = line.split("#", 1)[0].split()
-        if len(parts) >= 2 and parts[0] == "live":
-            out["live_file"] = parts[1]
-except OSError as exc:
-    out["map_error"] = str(exc)
-try:
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(2)
-    s.connect(SOCK)
-    s.sendall(("show map " + MAP + "\n").encode())
-    data = b""
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    for line in data.decode().splitlines():
-        parts = line.split()
-        if len(parts) >= 3 and parts[1] == "live":
-            out["live_haproxy"] = parts[2]
-except OSError as exc:
-    out["haproxy_error"] = str(exc)
-for color, port in PORTS.items():
-    info = {"model": None, "version": None, "uri": None, "ready": False, "health": None}
+from . import probe
+
+FACT = probe.FACT
+
+
+def _command(mode, fact=None):
+    """The shell command that runs probe.py (the whole file) on a host in MODE. The source goes on the command
+    line, not on stdin: Fabric (invoke) feeds an in_stream to the remote one byte per 10 ms poll (~25 s)."""
+    source = pathlib.Path(probe.__file__).read_text(encoding="utf-8")
+    return shlex.join(["python3", "-c", source, mode, *([fact] if fact else [])])
+
+
+def status_command(fact=None):
+    return _command("status", fact)
+
+
+def ledger_command(fact=None):
+    return _command("ledger", fact)
+
+
+def answer(rc, stdout, stderr=""):
+    """(probe's JSON answer, None) or (None, one-line error) for one host's run of a probe command."""
+    if rc != 0:
+        text = (stderr or stdout or "").strip()
+        last = text.splitlines()[-1][:200] if text else f"exit {rc}"
+        if rc == 127 or "python3: not found" in text or "python3: command not found" in text:
+            return None, "python3 not found on the host: install it (Ansible needs it there too)"
+        return None, last
     try:
-        for line in open(os.path.join(CONFIG, color + ".model.env"), encoding="utf-8"):
-            key, _, value = line.strip().partition("=")
-            if key == "SOVEREIGN_RUNTIME_MODEL_NAME":
-                info["model"] = value
-            elif key == "SOVEREIGN_RUNTIME_MODEL_VERSION":
-                info["version"] = value
-            elif key == "SOVEREIGN_RUNTIME_MODEL_URI":
-                info["uri"] = value
-    except OSError:
-        pass
-    try:
-        with urllib.request.urlopen("http://127.0.0.1:%d/v2/health/ready" % port, timeout=2) as r:
-            info["ready"] = r.status == 200
-            info["health"] = "ready"
-    except urllib.error.HTTPError as exc:
-        try:
-            body = json.loads(exc.read() or b"{}")
-        except ValueError:
-            body = {}
-        info["health"] = body.get("state") or ("HTTP %d" % exc.code)
-        if body.get("reason"):
-            info["health"] += ": " + str(body["reason"])[:80]
-    except OSError as exc:
-        info["health"] = "down (%s)" % getattr(exc, "reason", exc)
-    out["colors"][color] = info
-print(json.dumps(out))
-"""
-
-LEDGER = "/var/lib/sovereign/deployments.jsonl"
+        data = json.loads(stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None, f"unreadable answer: {stdout.strip()[:120]!r}"
+    if not isinstance(data, dict):
+        return None, f"unreadable answer: {stdout.strip()[:120]!r}"
+    if data.get("contract_error"):
+        return None, (
+            f"host contract fact unusable: {data['contract_error']}; re-run the roles that publish it "
+            "(playbooks/site.yml) or fix the file"
+        )
+    return data, None
 
 
-def status_command():
-    """The shell command that runs STATUS_SNIPPET on a host. The snippet goes on the command line, not on
-    stdin: Fabric (invoke) feeds an in_stream to the remote one byte per 10 ms poll, ~25 s for this snippet."""
-    return "python3 -c " + shlex.quote(STATUS_SNIPPET)
+def contract_note(host, contract):
+    """A one-line note when a host's paths and ports came (partly) from the built-in defaults, else None."""
+    if not contract or not contract.get("defaulted"):
+        return None
+    if contract.get("source") == "defaults":
+        what = f"no host contract fact at {contract.get('path') or FACT}"
+    else:
+        what = f"the host contract fact has no {', '.join(contract['defaulted'])}"
+    return f"{host}: {what}; used the built-in defaults for it (converge playbooks/site.yml to publish the fact)"
 
 
 def parse_status(host, rc, stdout, stderr=""):
     """One row of `status` from the snippet's output (or the failure to run it)."""
-    row = dict(host=host, ok=False, error=None, live=None, colors={})
-    if rc != 0:
-        text = (stderr or stdout or "").strip()
-        row["error"] = text.splitlines()[-1][:200] if text else f"exit {rc}"
+    row = dict(host=host, ok=False, error=None, live=None, colors={}, contract=None, note=None)
+    data, error = answer(rc, stdout, stderr)
+    if error:
+        row["error"] = error
         return row
-    try:
-        data = json.loads(stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        row["error"] = f"unreadable answer: {stdout.strip()[:120]!r}"
-        return row
+    row["contract"] = data.get("contract")
+    row["note"] = contract_note(host, row["contract"])
     live_file, live_haproxy = data.get("live_file"), data.get("live_haproxy")
     row["live"] = live_haproxy or live_file
     row["colors"] = data.get("colors") or {}
@@ -141,6 +120,15 @@ def parse_ledger(host, text):
             record.setdefault("host", host)
             records.append(record)
     return records
+
+
+def ledger_answer(host, rc, stdout, stderr=""):
+    """(records, error or None, note or None) of one host's run of ledger_command()."""
+    data, error = answer(rc, stdout, stderr)
+    if error:
+        return [], error, None
+    note = contract_note(host, data.get("contract"))
+    return parse_ledger(host, data.get("ledger_text") or ""), data.get("ledger_error"), note
 
 
 def merge_history(ledgers, limit=None):

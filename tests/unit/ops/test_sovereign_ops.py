@@ -1,12 +1,17 @@
-"""sovereign-ops: inventory parsing, status parsing, ledger merging and the rollback command (no SSH here: the
-SSH paths are exercised against the lab, see docs/adr/0501-release-flow.md)."""
+"""sovereign-ops: connection settings from the inventory (read by the real ansible-inventory), status parsing,
+ledger merging and the rollback command (no SSH here: molecule/release's test_sovereign_ops_over_ssh runs it over
+real SSH; the inventory kinds and errors are in test_inventory.py, the host side in test_probe.py)."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import socket
 import subprocess
+import sys
 import textwrap
+import threading
 
 import pytest
 from sovereign_ops import cli, fleet, inventory
@@ -117,7 +122,7 @@ def inv(tmp_path):
 )
 def test_inventory_connection_settings(inv, text, extra, host, expected):
     path = inv(text, **extra)
-    hosts = inventory.load(path)
+    hosts = inventory.load(path).hosts
     for attr, value in expected.items():
         assert getattr(hosts[host], attr) == value, attr
 
@@ -138,16 +143,19 @@ def test_select(inv, group, limit, names):
 
 @pytest.mark.parametrize(
     ("group", "limit", "message"),
-    [("nope", None, "no host in group 'nope'"), ("inference", "ops-01", "matches no host")],
+    [
+        ("nope", None, "no host in group 'nope' (groups with hosts: gpu_hosts, inference, mlflow)"),
+        ("inference", "ops-01", "matches no host"),
+    ],
 )
 def test_select_errors(inv, group, limit, message):
-    with pytest.raises(inventory.InventoryError, match=message):
+    with pytest.raises(inventory.InventoryError, match=re.escape(message)):
         inventory.select(inventory.load(inv(LAB)), group, limit)
 
 
 def test_templated_connection_setting_is_refused(inv):
     text = LAB.replace('"/work/main/.lab/ssh/id_ed25519"', '"{{ lab_ssh_key }}"')
-    host = inventory.load(inv(text))["infer-01"]
+    host = inventory.load(inv(text)).hosts["infer-01"]
     with pytest.raises(inventory.InventoryError, match="is a template"):
         host.check_templates()
 
@@ -184,10 +192,6 @@ def test_parse_status(rc, stdout, stderr, ok, live, error):
     assert "h" in fleet.format_status([row])
 
 
-def test_status_snippet_compiles():
-    compile(fleet.STATUS_SNIPPET, "<status>", "exec")
-
-
 def test_status_command_runs_in_a_shell_without_stdin():
     """The command `status` sends is complete on its own (no stdin) and survives the remote shell's quoting: run
     it in a local shell; this machine has no traffic switch, so no live color."""
@@ -200,6 +204,8 @@ def test_status_command_runs_in_a_shell_without_stdin():
     assert set(out["colors"]) == {"blue", "green"}
     row = fleet.parse_status("local", proc.returncode, proc.stdout)
     assert row["live"] is None
+    if out["contract"]["source"] == "defaults":  # this machine has no host contract fact: the row says so
+        assert row["note"].startswith("local: no host contract fact at /etc/ansible/facts.d/sovereign.fact;")
 
 
 @pytest.mark.parametrize(
@@ -273,7 +279,7 @@ def test_confirm(answer, yes):
 def test_rollback_declined_runs_nothing(inv, monkeypatch, capsys):
     monkeypatch.setattr("builtins.input", lambda prompt: "n")
     ran = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: ran.append(cmd) or 0)
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, **kw: ran.append(cmd) or 0)
     assert cli.main(["-i", str(inv(LAB)), "rollback"]) == 1
     assert ran == []
     assert "nothing was changed" in capsys.readouterr().err
@@ -285,7 +291,7 @@ def test_rollback_without_stdin_is_declined(inv, monkeypatch, capsys):
 
     monkeypatch.setattr("builtins.input", closed)
     ran = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: ran.append(cmd) or 0)
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, **kw: ran.append(cmd) or 0)
     assert cli.main(["-i", str(inv(LAB)), "rollback"]) == 1
     assert ran == []
     assert "nothing was changed" in capsys.readouterr().err
@@ -293,7 +299,7 @@ def test_rollback_without_stdin_is_declined(inv, monkeypatch, capsys):
 
 def test_rollback_yes_runs_the_playbook(inv, monkeypatch):
     ran = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: ran.append(cmd) or 0)
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, **kw: ran.append(cmd) or 0)
     assert cli.main(["-i", str(inv(LAB)), "rollback", "--yes"]) == 0
     assert len(ran) == 1
     assert "rollback" in ran[0][3]
@@ -302,3 +308,106 @@ def test_rollback_yes_runs_the_playbook(inv, monkeypatch):
 def test_unknown_inventory_is_a_clean_error(capsys, tmp_path):
     assert cli.main(["-i", str(tmp_path / "missing.yml"), "status"]) == 2
     assert "sovereign-ops:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "password"),
+    [
+        pytest.param(["--vault-password-file", "{base}/pw"], "from-file", id="password-file"),
+        pytest.param(["--ask-vault-pass"], "typed-once", id="ask-once-then-a-pipe"),
+    ],
+)
+def test_rollback_gives_ansible_playbook_the_vault_password(inv, tmp_path, monkeypatch, argv, password):
+    """The vault options reach ansible-playbook; an asked password is asked once (for the inventory) and handed
+    to ansible-playbook on a pipe. The stand-in ansible-playbook records the file it was given and reads it."""
+    base = inv(LAB)
+    (tmp_path / "pw").write_text("from-file\n")
+    monkeypatch.setattr(inventory.getpass, "getpass", lambda prompt: "typed-once")
+    fake = tmp_path / "ansible-playbook"
+    fake.write_text(
+        '#!/bin/sh\nwhile [ $# -gt 0 ]; do [ "$1" = --vault-password-file ] && cat "$2" > "$0.got"; shift; done\n'
+    )
+    fake.chmod(0o755)
+    argv = [a.format(base=tmp_path) for a in argv]
+    assert cli.main(["-i", str(base), *argv, "rollback", "--yes", "--ansible-playbook", str(fake)]) == 0
+    assert (tmp_path / "ansible-playbook.got").read_text().strip() == password
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def not_ssh():
+    """A TCP server that accepts and hangs up: something listens on the port, but no SSH server."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    stop = threading.Event()
+
+    def serve():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+                conn.close()
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join(5)
+    server.close()
+
+
+@pytest.mark.parametrize(
+    ("address", "port", "message"),
+    [
+        pytest.param(
+            "127.0.0.1",
+            "free",
+            "unreachable over SSH at 127.0.0.1:{port} (connection refused): is sshd running, ansible_host/ansible_port",
+            id="connection-refused",
+        ),
+        pytest.param(
+            "127.0.0.1", "not_ssh", "no SSH server answered at 127.0.0.1:{port} (Error reading SSH", id="not-ssh"
+        ),
+        pytest.param(
+            "no-such-host.invalid", 22, "cannot resolve no-such-host.invalid: set ansible_host", id="unresolvable"
+        ),
+    ],
+)
+def test_unreachable_host_is_a_one_line_row(request, address, port, message):
+    """Real connection attempts (no SSH server needed to fail): the row says what and what to check, on one
+    line, and nothing else reaches stderr (paramiko's traceback logging is silenced)."""
+    port = _free_port() if port == "free" else request.getfixturevalue("not_ssh") if port == "not_ssh" else port
+    host = inventory.Host(name="h", vars={"ansible_host": address, "ansible_port": port}, groups={"inference"})
+    rc, out, err = cli.run_on(host, fleet.status_command())
+    assert rc == 255
+    assert "\n" not in err
+    assert err.startswith(message.format(port=port)), err
+    row = fleet.parse_status("h", rc, out, err)
+    assert row["error"] == err
+
+
+def test_no_traceback_from_paramiko_when_the_cli_runs(tmp_path, not_ssh):
+    """As a person runs it (a process of its own, no pytest log capture): paramiko's transport thread logs its
+    failure with a traceback unless sovereign-ops silences it; only the row must say it."""
+    inv = tmp_path / "hosts.ini"
+    inv.write_text(f"[inference]\nh ansible_host=127.0.0.1 ansible_port={not_ssh}\n")
+    env = dict(os.environ, PYTHONPATH=str(cli.Path(cli.__file__).parents[1]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "sovereign_ops", "-i", str(inv), "status"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr == ""
+    assert f"PROBLEM: no SSH server answered at 127.0.0.1:{not_ssh}" in proc.stdout

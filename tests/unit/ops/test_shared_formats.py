@@ -1,15 +1,32 @@
-"""One ledger format, two parsers: the collection's (plugins/module_utils/_ledger.py, on the hosts) and the CLI's
-(ops/sovereign_ops/fleet.py, on the controller). sovereign-ops is a separate pip package (`pip install ./ops`)
-that cannot import the collection's private module_utils, so it repeats the few lines of the parser; this table
-proves both read every kind of line the same way, and that `history` shows the lineage the playbooks record."""
+"""One format, two readers: the collection's module_utils (on the hosts, inside modules) and sovereign-ops (the
+ledger parsed on the controller; the map and env files read by its probe on the host, where nothing of the
+collection exists). Why copies and not imports: docs/adr/0901-sovereign-ops-reads-through-ansible.md. These
+tables hold both readers to the same answers; change both, or neither."""
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
 from ansible_collections.sovereign.mlops.plugins.module_utils import _ledger
-from sovereign_ops import fleet
+from sovereign_ops import fleet, probe
+
+
+def _collection_files():
+    """The collection's map/env readers: module_utils/_files.py once the helpers are split out (issue 10),
+    module_utils/_ledger.py before."""
+    try:
+        return importlib.import_module("ansible_collections.sovereign.mlops.plugins.module_utils._files")
+    except ImportError:
+        return _ledger
+
+
+FILES = _collection_files()
+# Cases where _ledger.py's older readers disagree with systemd and HAProxy (and with _files.py and the probe).
+OLD_READER = pytest.mark.xfail(
+    FILES is _ledger, strict=True, reason="module_utils/_ledger.py's reader predates _files.py"
+)
 
 DEPLOY = dict(
     action="deploy",
@@ -77,3 +94,38 @@ def test_history_shows_the_short_data_rev(record, cell):
     start = header.index("DATA")
     assert row[start:].split()[0] == cell
     assert row[header.index("WHO") :].startswith(DEPLOY["who"])  # the columns after it stay aligned
+
+
+MAPS = [
+    pytest.param("live blue\n", "live", id="plain"),
+    pytest.param("# comment\nlive green\n", "live", id="comment"),
+    pytest.param("live blue\nlive green\n", "live", id="last-wins"),
+    pytest.param("  live   green  \n", "live", id="spaces"),
+    pytest.param("current green\nlive blue\n", "current", id="other-key"),
+    pytest.param("other blue\n", "live", id="absent"),
+    pytest.param("", "live", id="empty"),
+    pytest.param("live\n", "live", id="key-without-value", marks=OLD_READER),
+]
+
+
+@pytest.mark.parametrize(("text", "key"), MAPS)
+def test_map_readers_agree(text, key):
+    assert probe.map_value(text, key) == FILES.map_value(text, key)
+
+
+ENVS = [
+    pytest.param("SOVEREIGN_RUNTIME_MODEL_NAME=churn\n", id="bare"),
+    pytest.param("# managed\nSOVEREIGN_RUNTIME_MODEL_VERSION=7\n\n", id="comment-and-blank"),
+    pytest.param("SOVEREIGN_RUNTIME_MODEL_URI=models:/churn@champion\n", id="uri"),
+    pytest.param("SOVEREIGN_RUNTIME_MODEL_NAME='churn model'\n", id="single-quoted"),
+    pytest.param('SOVEREIGN_RUNTIME_MODEL_NAME="churn model"\n', id="double-quoted"),
+    pytest.param('SOVEREIGN_RUNTIME_MODEL_URI="/srv/m/\\"x\\".pt"\n', id="double-quoted-escapes", marks=OLD_READER),
+    pytest.param("A=1\nA=2\n", id="last-wins"),
+    pytest.param("SOVEREIGN_RUNTIME_MODEL_VERSION=\n", id="empty-value"),
+    pytest.param("no equals sign\nA=1\n", id="not-an-assignment"),
+]
+
+
+@pytest.mark.parametrize("text", ENVS)
+def test_env_readers_agree(text):
+    assert probe.parse_env(text) == FILES.parse_env(text)
