@@ -11,9 +11,9 @@ What it knows about:
 
 * the admin socket (``stats socket ... level admin``): one command per connection, answer read to EOF;
 * ``show map`` / ``set map`` / ``add map`` / ``del map`` for the live-color map entry;
-* ``show stat`` CSV (server status, backend current sessions);
-* the map file on disk (``<key> <value>`` lines), rewritten atomically
-  (temp file in the same directory + fsync + rename + fsync of the directory).
+* ``show stat`` CSV (server status, backend current sessions).
+
+The map file on disk (``<key> <value>`` lines) is parsed, rendered and written by ``_files``.
 
 The naming contract shared with ``roles/traffic_switch/templates/haproxy.cfg.j2``: backend
 ``be_<color>`` holding one server named ``<color>``.
@@ -21,13 +21,10 @@ The naming contract shared with ``roles/traffic_switch/templates/haproxy.cfg.j2`
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import errno
 import io
-import os
 import socket
-import tempfile
 
 
 def backend_name(color):
@@ -246,90 +243,3 @@ def backend_sessions(sock, color):
     if row is None:
         raise HAProxyError(f"HAProxy has no backend {backend_name(color)}.")
     return stat_int(row, "scur") + stat_int(row, "qcur")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# map file on disk
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def parse_map_text(text):
-    """``(key, value)`` pairs of a map file's text, skipping blank lines and ``#`` comments."""
-    entries = []
-    for line in (text or "").splitlines():
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        parts = stripped.split(None, 1)
-        entries.append((parts[0], parts[1].strip() if len(parts) > 1 else ""))
-    return entries
-
-
-def map_text_value(text, key):
-    """Value of ``key`` in a map file's text (last one wins), or None."""
-    values = [v for k, v in parse_map_text(text) if k == key]
-    return values[-1] if values else None
-
-
-def render_map_text(text, key, value):
-    """Map file text with ``key`` set to ``value``: the first ``key`` line is replaced, later duplicates dropped,
-    comments and other keys kept; appended when absent."""
-    out = []
-    done = False
-    for line in (text or "").splitlines():
-        stripped = line.strip()
-        if stripped and not stripped.startswith("#") and stripped.split(None, 1)[0] == key:
-            if not done:
-                out.append(f"{key} {value}")
-                done = True
-            continue
-        out.append(line)
-    if not done:
-        out.append(f"{key} {value}")
-    return "\n".join(out) + "\n"
-
-
-def read_text(path):
-    """File content, or None when the file does not exist."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return handle.read()
-    except FileNotFoundError:
-        return None
-
-
-def write_file_atomic(path, content, mode=0o644):
-    """Replace ``path`` with ``content`` atomically.
-
-    The text goes to a temporary file in the same directory, which is flushed and fsync'd, given the mode
-    and owner of the file it replaces (``mode`` when new), renamed over ``path`` and the directory fsync'd:
-    a reader (or a crash) sees the old file or the new one, never a torn one.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        current = os.stat(path)
-    except FileNotFoundError:
-        current = None
-    fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(content)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if current is not None:
-            os.chmod(tmp_path, current.st_mode & 0o7777)
-            if hasattr(os, "chown") and (current.st_uid, current.st_gid) != (os.getuid(), os.getgid()):
-                with contextlib.suppress(PermissionError):
-                    os.chown(tmp_path, current.st_uid, current.st_gid)
-        else:
-            os.chmod(tmp_path, mode)
-        os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_path)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

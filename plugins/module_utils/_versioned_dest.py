@@ -22,7 +22,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -30,10 +29,15 @@ import re
 import secrets
 import shutil
 import stat
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ansible_collections.sovereign.mlops.plugins.module_utils._dvc_sync_errors import SyncError
+from ansible_collections.sovereign.mlops.plugins.module_utils._files import (
+    FileLock,
+    LockTimeout,
+    fsync_dir,
+    write_atomic,
+)
 
 MANIFEST_FORMAT = 1
 CHUNK = 1024 * 1024
@@ -183,20 +187,7 @@ def load_manifest(layout):
 def save_manifest(layout, data):
     data = dict((k, v) for k, v in data.items() if not k.startswith("_"))
     data["format"] = MANIFEST_FORMAT
-    write_file_atomic(layout.manifest, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode("utf-8"))
-
-
-def write_file_atomic(path, data):
-    tmp = f"{path}.tmp-{secrets.token_hex(4)}"
-    try:
-        with open(tmp, "wb") as fobj:
-            fobj.write(data)
-            fobj.flush()
-            os.fsync(fobj.fileno())
-        os.rename(tmp, path)
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
+    write_atomic(layout.manifest, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode("utf-8"))
 
 
 class HashCache:
@@ -452,14 +443,6 @@ def fsync_tree(root):
         fsync_dir(dirpath)
 
 
-def fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 _renameat2 = None
 
 
@@ -570,27 +553,18 @@ class DestLock:
     def __init__(self, layout, timeout):
         self.layout = layout
         self.timeout = timeout
-        self.fd = None
+        self._lock = FileLock(layout.lock, timeout=timeout, mode=0o600, poll=0.1, make_dirs=False)
 
     def __enter__(self):
-        self.fd = os.open(self.layout.lock, os.O_RDWR | os.O_CREAT, 0o600)
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return self
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(self.fd)
-                    self.fd = None
-                    raise SyncError(
-                        f"another dvc_sync of {self.layout.dest} has held {self.layout.lock} for "
-                        f"{self.timeout}s; wait for it or raise lock_timeout"
-                    ) from None
-                time.sleep(0.1)
+        try:
+            self._lock.acquire()
+        except LockTimeout:
+            raise SyncError(
+                f"another dvc_sync of {self.layout.dest} has held {self.layout.lock} for "
+                f"{self.timeout}s; wait for it or raise lock_timeout"
+            ) from None
+        return self
 
     def __exit__(self, *args):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        self._lock.release()
         return False

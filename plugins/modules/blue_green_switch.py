@@ -194,6 +194,12 @@ import time
 import traceback
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.sovereign.mlops.plugins.module_utils._files import (
+    map_value,
+    read_text,
+    render_map,
+    write_atomic,
+)
 from ansible_collections.sovereign.mlops.plugins.module_utils._haproxy import (
     AdminSocket,
     HAProxyError,
@@ -201,15 +207,12 @@ from ansible_collections.sovereign.mlops.plugins.module_utils._haproxy import (
     backend_sessions,
     del_map_key,
     get_map_value,
-    map_text_value,
-    read_text,
-    render_map_text,
     server_is_usable,
     server_name,
     server_status,
     set_map_value,
-    write_file_atomic,
 )
+from ansible_collections.sovereign.mlops.plugins.module_utils._ledger import utc_now_iso
 from ansible_collections.sovereign.mlops.plugins.module_utils._oip import (
     TRANSPORT_ERRORS,
     URLError,
@@ -217,11 +220,7 @@ from ansible_collections.sovereign.mlops.plugins.module_utils._oip import (
     excerpt,
     http_get,
 )
-from ansible_collections.sovereign.mlops.plugins.module_utils._release_lock import (
-    HostLock,
-    LockTimeout,
-    utc_now_iso,
-)
+from ansible_collections.sovereign.mlops.plugins.module_utils._switch_lock import LockTimeout, SwitchLock
 
 COLORS = ("blue", "green")
 
@@ -311,7 +310,7 @@ class Switch:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.p["map_file"])
         else:
-            write_file_atomic(self.p["map_file"], text)
+            write_atomic(self.p["map_file"], text)
 
     def fail(self, msg):
         self.result.pop("diff", None)
@@ -369,7 +368,7 @@ class Switch:
 
         runtime_color = get_map_value(self.sock, map_file, key)
         file_text = read_text(map_file)
-        file_color = map_text_value(file_text, key) if file_text is not None else None
+        file_color = map_value(file_text, key) if file_text is not None else None
         self.result["previous_color"] = runtime_color
         self.result["file_color"] = file_color
         if runtime_color != file_color:
@@ -382,7 +381,7 @@ class Switch:
                 )
             )
 
-        new_text = render_map_text(file_text, key, self.color)
+        new_text = render_map(file_text, key, self.color)
         file_changes = file_text != new_text
         runtime_changes = runtime_color != self.color
         self.result["diff"] = dict(
@@ -431,7 +430,7 @@ class Switch:
             self.result["switched_at"] = utc_now_iso()
         try:
             if file_changes:
-                write_file_atomic(map_file, new_text)
+                write_atomic(map_file, new_text)
         except OSError as exc:
             note = "nothing was flipped"
             if runtime_changes:
@@ -529,7 +528,7 @@ def main():
     lock = (
         NullLock()
         if module.check_mode
-        else HostLock(p["lock_path"], timeout=p["lock_timeout"], purpose="blue_green_switch to {}".format(p["color"]))
+        else SwitchLock(p["lock_path"], timeout=p["lock_timeout"], purpose="blue_green_switch to {}".format(p["color"]))
     )
     try:
         with lock:

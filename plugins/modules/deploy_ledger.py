@@ -140,21 +140,19 @@ import time
 import traceback
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible_collections.sovereign.mlops.plugins.module_utils._deploy_metrics import metrics_registry, write_metrics
+from ansible_collections.sovereign.mlops.plugins.module_utils._files import map_value, read_text
 from ansible_collections.sovereign.mlops.plugins.module_utils._ledger import (
     LINEAGE_FIELDS,
     append_record,
     color_models,
     iso_from_epoch,
-    map_value,
-    metrics_registry,
     model_lineage,
     read_golden,
     read_ledger,
-    read_text,
-    write_metrics,
 )
 
-# _ledger imports prometheus_client lazily, only to write metrics; here we only look for it.
+# _deploy_metrics imports prometheus_client lazily, only to write metrics; here we only look for it.
 HAS_PROMETHEUS = importlib.util.find_spec("prometheus_client") is not None
 
 

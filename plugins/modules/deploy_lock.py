@@ -163,17 +163,15 @@ broken_because:
   sample: dead
 """
 
-import json
-import os
-
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.sovereign.mlops.plugins.module_utils._ledger import (
+from ansible_collections.sovereign.mlops.plugins.module_utils._fleet_lock import (
     describe_holder,
     is_stale,
     lock_age,
     read_lock,
     remove_lock,
     try_mkdir_lock,
+    write_info,
 )
 
 
@@ -205,13 +203,7 @@ def _record_controller(path, info, params):
         controller_pid=params["controller_pid"],
         controller_pid_started=params["controller_pid_started"],
     )
-    tmp = os.path.join(path, "info.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(info, handle, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, os.path.join(path, "info.json"))
+    write_info(path, info)
     return info
 
 

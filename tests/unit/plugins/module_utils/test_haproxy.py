@@ -1,7 +1,8 @@
 # Copyright: sovereign.mlops maintainers
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""Tables for plugins/module_utils/_haproxy.py: runtime-API parsing, map file text, atomic write, socket errors;
+"""Tables for plugins/module_utils/_haproxy.py: runtime-API parsing and socket errors (map file text
+and the atomic write: test_files.py);
 and the role's haproxy.cfg.j2 rendered with several variable sets and checked by ``haproxy -c``."""
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import os
 import pathlib
 import re
 import socket
-import stat
 import subprocess
 import tempfile
 
@@ -119,81 +119,6 @@ STATUSES = [
 @pytest.mark.parametrize("status,usable", STATUSES, ids=[str(s[0]) for s in STATUSES])
 def test_server_is_usable(status, usable):
     assert _haproxy.server_is_usable(status) is usable
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# map file text
-# ---------------------------------------------------------------------------------------------------------------
-
-RENDER = [
-    ("replace", "live blue\n", "live", "green", "live green\n"),
-    ("keep-comments-and-others", "# c\nother x\nlive blue\n", "live", "green", "# c\nother x\nlive green\n"),
-    ("append-when-absent", "other x\n", "live", "green", "other x\nlive green\n"),
-    ("new-file", None, "live", "blue", "live blue\n"),
-    ("empty-file", "", "live", "blue", "live blue\n"),
-    ("drop-duplicates", "live blue\nlive green\n", "live", "blue", "live blue\n"),
-    ("no-trailing-newline", "live blue", "live", "blue", "live blue\n"),
-    ("tabs", "live\tblue\n", "live", "green", "live green\n"),
-    ("prefix-key-untouched", "lively x\n", "live", "blue", "lively x\nlive blue\n"),
-]
-
-
-@pytest.mark.parametrize("text,key,value,expected", [c[1:] for c in RENDER], ids=[c[0] for c in RENDER])
-def test_render_map_text(text, key, value, expected):
-    assert _haproxy.render_map_text(text, key, value) == expected
-    assert _haproxy.map_text_value(expected, key) == value
-
-
-VALUES = [
-    ("simple", "live green\n", "green"),
-    ("comment", "# live blue\nlive green\n", "green"),
-    ("last-wins", "live blue\nlive green\n", "green"),
-    ("absent", "other x\n", None),
-    ("none", None, None),
-]
-
-
-@pytest.mark.parametrize("text,expected", [c[1:] for c in VALUES], ids=[c[0] for c in VALUES])
-def test_map_text_value(text, expected):
-    assert _haproxy.map_text_value(text, "live") == expected
-
-
-ATOMIC = [
-    ("new-file-default-mode", None, None, 0o644),
-    ("keeps-mode", "live blue\n", 0o640, 0o640),
-    ("keeps-mode-600", "live blue\n", 0o600, 0o600),
-]
-
-
-@pytest.mark.parametrize("old,old_mode,expected_mode", [c[1:] for c in ATOMIC], ids=[c[0] for c in ATOMIC])
-def test_write_file_atomic(tmp_path, old, old_mode, expected_mode):
-    path = tmp_path / "live.map"
-    if old is not None:
-        path.write_text(old)
-        os.chmod(path, old_mode)
-        old_inode = path.stat().st_ino
-    _haproxy.write_file_atomic(str(path), "live green\n")
-    assert path.read_text() == "live green\n"
-    assert stat.S_IMODE(path.stat().st_mode) == expected_mode
-    assert os.listdir(tmp_path) == ["live.map"]  # no temp file left behind
-    if old is not None:
-        assert path.stat().st_ino != old_inode  # replaced by rename, not rewritten in place
-
-
-def test_write_file_atomic_failure_leaves_old_file(tmp_path):
-    path = tmp_path / "live.map"
-    path.write_text("live blue\n")
-
-    with pytest.raises(TypeError):
-        _haproxy.write_file_atomic(str(path), object())  # not text: the write fails mid-way
-    assert path.read_text() == "live blue\n"
-    assert os.listdir(tmp_path) == ["live.map"]
-
-
-def test_read_text(tmp_path):
-    assert _haproxy.read_text(str(tmp_path / "nope")) is None
-    (tmp_path / "f").write_text("x")
-    assert _haproxy.read_text(str(tmp_path / "f")) == "x"
 
 
 # ---------------------------------------------------------------------------------------------------------------

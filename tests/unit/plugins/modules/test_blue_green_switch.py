@@ -480,8 +480,8 @@ def test_keep_alive_client_follows_switch(make_env, capsys):
 _HOLDER = r"""
 import sys
 sys.path.insert(0, sys.argv[2])
-from ansible_collections.sovereign.mlops.plugins.module_utils._release_lock import HostLock
-with HostLock(sys.argv[1], timeout=5, purpose='test holder'):
+from ansible_collections.sovereign.mlops.plugins.module_utils._switch_lock import SwitchLock
+with SwitchLock(sys.argv[1], timeout=5, purpose='test holder'):
     print('locked', flush=True)
     sys.stdin.read()
 """

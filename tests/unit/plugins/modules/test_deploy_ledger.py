@@ -236,33 +236,6 @@ def test_rollback_records_the_target_colors_data_version(host, capsys):
 
 
 @pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("A=1\nB=two words\n", {"A": "1", "B": "two words"}),
-        ("# c\n\nA='q'\nB=\"d\"\n", {"A": "q", "B": "d"}),
-        ("A=x=y\nnot a pair\n", {"A": "x=y"}),
-        ("", {}),
-    ],
-)
-def test_parse_env(text, expected):
-    assert _ledger.parse_env(text) == expected
-
-
-@pytest.mark.parametrize(
-    ("text", "key", "expected"),
-    [
-        ("live blue\n", "live", "blue"),
-        ("# comment\nlive green # trailing\n", "live", "green"),
-        ("live blue\nlive green\n", "live", "green"),
-        ("other blue\n", "live", None),
-        (None, "live", None),
-    ],
-)
-def test_map_value(text, key, expected):
-    assert _ledger.map_value(text, key) == expected
-
-
-@pytest.mark.parametrize(
     ("text", "epoch"),
     [
         ("2026-03-01T12:00:00Z", 1772366400),

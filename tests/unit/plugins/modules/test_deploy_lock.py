@@ -11,7 +11,7 @@ import os
 import time
 
 import pytest
-from ansible_collections.sovereign.mlops.plugins.module_utils import _ledger
+from ansible_collections.sovereign.mlops.plugins.module_utils import _fleet_lock, _ledger
 from ansible_collections.sovereign.mlops.plugins.modules import deploy_lock
 from ansible_collections.sovereign.mlops.tests.unit.plugins.modules.release_fixtures.harness import run_module
 
@@ -243,27 +243,27 @@ def test_deploy_lock(tmp_path, capsys, case):
     if "because" in case:
         assert result["broken_because"] == case["because"]
     if "recorded" in case:
-        info = _ledger.read_lock(str(path))
+        info = _fleet_lock.read_lock(str(path))
         assert {k: info.get(k) for k in case["recorded"]} == case["recorded"]
         assert result["token"] == info["token"]
     if "broken" in case:
         assert result["broken"]["holder"] == case["broken"]
         assert "token" not in result["broken"]
     if "held_by" in case:
-        info = _ledger.read_lock(str(path))
+        info = _fleet_lock.read_lock(str(path))
         if case["held_by"] is None and existing != "noinfo":
             assert info is None
         elif case["held_by"] is not None:
             assert info["holder"] == case["held_by"]
     if case["id"] == "take-free":
-        info = _ledger.read_lock(str(path))
+        info = _fleet_lock.read_lock(str(path))
         assert result["token"] == info["token"]
         assert info["ttl"] == 3600
         assert abs(_ledger.epoch_from_iso(info["since"]) - time.time()) < 5
 
 
 def _take(path, queue):
-    info = _ledger.try_mkdir_lock(path, f"pid-{os.getpid()}", 60)
+    info = _fleet_lock.try_mkdir_lock(path, f"pid-{os.getpid()}", 60)
     queue.put(info is not None)
 
 
@@ -288,4 +288,4 @@ def test_only_one_of_many_concurrent_takers_wins(tmp_path):
     ],
 )
 def test_staleness(since, ttl, now, stale):
-    assert _ledger.is_stale(dict(since=since, ttl=ttl), now=now) is stale
+    assert _fleet_lock.is_stale(dict(since=since, ttl=ttl), now=now) is stale
