@@ -20,10 +20,10 @@ description:
     proprietary kernel module, the installed C(libnvidia-ml) version, and per GPU the model and UUID the kernel
     module registered (C(/proc/driver/nvidia/gpus/*/information)).
   - B(Per GPU), through NVML with the Python package C(nvidia-ml-py) (C(import pynvml)) when it and the driver's
-    C(libnvidia-ml.so.1) are there, else C(nvidia-smi --query-gpu=... --format=csv,noheader,nounits). They give index, name,
-    UUID, PCI bus id, memory total, compute capability (and architecture), persistence mode, ECC mode and volatile
-    corrected/uncorrected ECC error counts, temperature, power limit. The CUDA version the driver supports comes
-    from NVML or C(nvidia-smi -q).
+    C(libnvidia-ml.so.1) are there, else C(nvidia-smi --query-gpu=... --format=csv,noheader,nounits). They give
+    index, name, UUID, PCI bus id, memory total, compute capability (and architecture), persistence mode, ECC mode
+    and volatile corrected/uncorrected ECC error counts, temperature, power limit. The CUDA version the driver
+    supports comes from NVML or C(nvidia-smi -q).
   - A host without NVIDIA GPUs returns RV(ansible_facts.sovereign_gpu.gpu_count=0) and no problems; that is not an
     error.
   - What is wrong is reported as facts, not as a failure, in RV(ansible_facts.sovereign_gpu.problems), each naming
