@@ -133,7 +133,7 @@ def test_parse_smi_query(output, gpus, lost, other):
 
 
 def test_lost_cells_keep_the_evidence():
-    rows, _, _ = _nvidia.parse_smi_query(LOST_ROW)
+    rows, _lost, _other = _nvidia.parse_smi_query(LOST_ROW)
     assert rows[0]["name"] is None
     assert "name: GPU is lost" in rows[0]["notes"]
 

@@ -304,8 +304,8 @@ def test_host_nvidia_smi(tmp_path, capsys, nvml, case):
 @pytest.mark.parametrize("case", [c for c in CASES if c["backend"][0] == "nvml"], ids=lambda c: c["host"])
 def test_both_backends_agree(tmp_path, capsys, nvml, case):
     """NVML and nvidia-smi, reading the same host, give the same facts (but for the backend's own fields)."""
-    by_nvml, _ = run_host(case["host"], tmp_path / "a", capsys, nvml)
-    by_smi, _ = run_host(case["host"], tmp_path / "b", capsys, nvml, use_nvml=False)
+    by_nvml, _tools = run_host(case["host"], tmp_path / "a", capsys, nvml)
+    by_smi, _tools = run_host(case["host"], tmp_path / "b", capsys, nvml, use_nvml=False)
     for facts in (by_nvml, by_smi):
         for gpu in facts["gpus"]:
             gpu.pop("source")
@@ -323,8 +323,8 @@ def test_both_backends_agree(tmp_path, capsys, nvml, case):
 
 
 def test_check_mode_reads_the_same(tmp_path, capsys, nvml):
-    normal, _ = run_host("p4", tmp_path / "a", capsys, nvml)
-    checked, _ = run_host("p4", tmp_path / "b", capsys, nvml, check_mode=True)
+    normal, _tools = run_host("p4", tmp_path / "a", capsys, nvml)
+    checked, _tools = run_host("p4", tmp_path / "b", capsys, nvml, check_mode=True)
     assert checked == normal
 
 
@@ -414,7 +414,7 @@ def test_nvml_failures(tmp_path, capsys, nvml, host, fake, problems, state):
 
 def test_nvml_unsupported_fields_are_null_without_notes(tmp_path, capsys, nvml):
     fake = _p4_nvml(temperature=None, power_limit=None, errors={"nvmlDeviceGetUUID": 4})
-    facts, _ = run_host("p4", tmp_path, capsys, nvml, fake=fake, nvidia_smi="")
+    facts, _tools = run_host("p4", tmp_path, capsys, nvml, fake=fake, nvidia_smi="")
     gpu = facts["gpus"][0]
     assert (gpu["temperature_c"], gpu["power_limit_w"], gpu["state"]) == (None, None, "ok")
     # Not supported is silent; a refused query is noted, and the kernel module's UUID is kept.
@@ -425,13 +425,13 @@ def test_nvml_unsupported_fields_are_null_without_notes(tmp_path, capsys, nvml):
 def test_old_pynvml_bytes_strings(tmp_path, capsys, nvml):
     fake = harness.fake_nvml_for(harness.load_host("rtx4090"))
     fake.bytes_strings = True
-    facts, _ = run_host("rtx4090", tmp_path, capsys, nvml, fake=fake)
+    facts, _tools = run_host("rtx4090", tmp_path, capsys, nvml, fake=fake)
     assert {k: facts["gpus"][0][k] for k in RTX4090} == RTX4090
     assert facts["driver"]["library_version"] == "550.127.05"
 
 
 def test_pynvml_not_installed_falls_back_to_nvidia_smi(tmp_path, capsys, nvml):
-    facts, _ = run_host("p4", tmp_path, capsys, nvml, fake=None)
+    facts, _tools = run_host("p4", tmp_path, capsys, nvml, fake=None)
     assert facts["backend"] == "nvidia-smi"
     assert "nvidia-ml-py" in facts["backend_errors"][0]
     assert {k: facts["gpus"][0][k] for k in P4} == P4
@@ -443,7 +443,7 @@ def test_nvml_that_hangs_is_a_timeout_problem(tmp_path, capsys, nvml):
     fake.nvmlInit = lambda: release.wait(30)
     started = time.monotonic()
     try:
-        facts, _ = run_host("p4", tmp_path, capsys, nvml, fake=fake, nvidia_smi="", timeout=1)
+        facts, _tools = run_host("p4", tmp_path, capsys, nvml, fake=fake, nvidia_smi="", timeout=1)
     finally:
         release.set()
     assert time.monotonic() - started < 10
@@ -456,13 +456,13 @@ def test_nvidia_smi_that_hangs_is_killed(tmp_path, capsys, nvml):
     hung.write_text("#!/bin/sh\nexec sleep 60\n")
     hung.chmod(0o755)
     started = time.monotonic()
-    facts, _ = run_host("p4", tmp_path, capsys, nvml, use_nvml=False, nvidia_smi=str(hung), timeout=1)
+    facts, _tools = run_host("p4", tmp_path, capsys, nvml, use_nvml=False, nvidia_smi=str(hung), timeout=1)
     assert time.monotonic() - started < 15
     assert [p["code"] for p in facts["problems"]] == ["query_timeout"]
 
 
 def test_lost_gpu_nvidia_smi_evidence(tmp_path, capsys, nvml):
-    facts, _ = run_host("lost_gpu", tmp_path, capsys, nvml, use_nvml=False)
+    facts, _tools = run_host("lost_gpu", tmp_path, capsys, nvml, use_nvml=False)
     lost = facts["gpus"][1]
     assert lost["state"] == "lost"
     assert any("Unable to determine the device handle" in note for note in lost["notes"])

@@ -151,9 +151,8 @@ class NVMLError(Exception):
     _classes: dict = {}
 
     def __new__(cls, value):
-        if cls is NVMLError:
-            cls = NVMLError._classes.get(value, cls)
-        obj = Exception.__new__(cls)
+        subclass = NVMLError._classes.get(value, cls) if cls is NVMLError else cls
+        obj = Exception.__new__(subclass)
         obj.value = value
         return obj
 
