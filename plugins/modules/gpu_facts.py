@@ -68,7 +68,7 @@ options:
     type: int
     default: 30
 extends_documentation_fragment:
-  - ansible.builtin.action_common_attributes
+  - sovereign.mlops._attributes
   - ansible.builtin.action_common_attributes.facts
 attributes:
   check_mode:
@@ -79,8 +79,6 @@ attributes:
     support: none
   facts:
     support: full
-  platform:
-    platforms: posix
 notes:
   - Unit tests replay recorded outputs of real cards (Tesla P4, GeForce RTX 4090, H100, H200) and broken hosts;
     NVML is exercised through a stand-in C(pynvml) module. On the machines this collection is developed on there is
