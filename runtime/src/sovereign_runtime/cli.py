@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -22,12 +23,15 @@ def check(cfg: config.Settings) -> int:
     """Load, warm up and golden-check, print one JSON document on stdout; exit 0 only if it passed."""
     from .engine import Engine
     from .model import ModelLoadError
+    from .startup import prepare
 
-    engine = Engine(cfg)
+    def retrying(reason: str, fields: dict) -> None:
+        logs.log_event("registry_unreachable", logging.WARNING, reason=reason, **fields)
+
     try:
-        report = engine.prepare()
+        report = prepare(Engine(cfg), on_retry=retrying)
     except ModelLoadError as exc:
-        report = {"ok": False, "error": str(exc)}
+        report = {"ok": False, "error": str(exc), **exc.fields}
     print(json.dumps(report, default=str))
     return 0 if report.get("ok") else 1
 

@@ -94,6 +94,7 @@ def test_serve_load_failure_exits_1(tmp_path):
     from mlflow_testserver import free_port
 
     cmd = [*runtime_command(), "serve", "--model-uri", str(tmp_path / "missing"), "--port", str(free_port())]
+    cmd += ["--failed-exit-delay-s", "0"]  # the hold is test_registry_unreachable.py's
     proc = subprocess.run(cmd, env=runtime_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert '"load_failed"' in proc.stderr and "does not exist" in proc.stderr
