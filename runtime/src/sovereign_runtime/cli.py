@@ -6,9 +6,15 @@ import contextlib
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 
 from . import config, logs
+
+# torch warns at import when numpy is not installed. The runtime's wheelhouse leaves numpy out on
+# purpose (nothing on the serving path uses it: requests become tensors through array/frombuffer and
+# go back through tolist), so that warning is noise on every start. Only exactly that one is silenced.
+NO_NUMPY_WARNING = r"Failed to initialize NumPy: No module named 'numpy'"
 
 
 def _torch_threads(n: int) -> None:
@@ -37,6 +43,7 @@ def check(cfg: config.Settings) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", message=NO_NUMPY_WARNING, category=UserWarning)
     command, cfg = config.parse(argv)
     logs.setup(cfg.log_level)
     _torch_threads(cfg.torch_threads)
