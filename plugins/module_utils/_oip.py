@@ -23,7 +23,9 @@ import ssl
 import time
 from urllib.parse import urlsplit
 
-# Datatypes of the Open Inference Protocol (tensor data types).
+# Datatypes of the Open Inference Protocol (tensor data types). The runtime keeps the same set in
+# runtime/src/sovereign_runtime/protocol.py (a separate package); tests/unit/runtime/test_oip_datatypes.py
+# pins the two equal.
 OIP_DATATYPES = frozenset(
     [
         "BOOL",
@@ -36,6 +38,7 @@ OIP_DATATYPES = frozenset(
         "INT32",
         "INT64",
         "FP16",
+        "BF16",
         "FP32",
         "FP64",
         "BYTES",

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
+import warnings
 from collections.abc import Sequence
 
 from . import config, logs
+
+# torch warns at import when numpy is not installed. The runtime's wheelhouse leaves numpy out on
+# purpose (nothing on the serving path uses it: requests become tensors through array/frombuffer and
+# go back through tolist), so that warning is noise on every start. Only exactly that one is silenced.
+NO_NUMPY_WARNING = r"Failed to initialize NumPy: No module named 'numpy'"
 
 
 def _torch_threads(n: int) -> None:
@@ -22,17 +29,21 @@ def check(cfg: config.Settings) -> int:
     """Load, warm up and golden-check, print one JSON document on stdout; exit 0 only if it passed."""
     from .engine import Engine
     from .model import ModelLoadError
+    from .startup import prepare
 
-    engine = Engine(cfg)
+    def retrying(reason: str, fields: dict) -> None:
+        logs.log_event("registry_unreachable", logging.WARNING, reason=reason, **fields)
+
     try:
-        report = engine.prepare()
+        report = prepare(Engine(cfg), on_retry=retrying)
     except ModelLoadError as exc:
-        report = {"ok": False, "error": str(exc)}
+        report = {"ok": False, "error": str(exc), **exc.fields}
     print(json.dumps(report, default=str))
     return 0 if report.get("ok") else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", message=NO_NUMPY_WARNING, category=UserWarning)
     command, cfg = config.parse(argv)
     logs.setup(cfg.log_level)
     _torch_threads(cfg.torch_threads)

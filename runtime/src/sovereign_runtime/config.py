@@ -50,6 +50,13 @@ def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -66,6 +73,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("model-name", str, None, "name served under /v2/models/NAME (default: registry name, else file/dir name)"),
     Flag("model-version", str, None, "version reported (default: the resolved registry version, else 1)"),
     Flag("tracking-uri", str, None, "MLflow tracking/registry URI for models:/ (default: MLFLOW_TRACKING_URI)"),
+    Flag("registry-attempts", _positive_int, 6, "tries to reach MLflow for a remote URI (1, 2, 4, 8, 15 s apart)"),
+    Flag("registry-timeout-s", _positive_float, 10.0, "one MLflow HTTP request gives up after this long unanswered"),
     Flag("device", str, "auto", "where the model runs; auto = CUDA when available", ("auto", "cpu", "cuda")),
     Flag("golden-file", str, None, "golden input/output JSON (default: golden.json in the MLflow model dir)"),
     Flag("require-golden", None, True, "refuse to become ready without a golden input/output"),
@@ -81,6 +90,14 @@ FLAGS: tuple[Flag, ...] = (
     Flag("request-timeout-s", _float, 30.0, "a request still waiting for compute after this gets 504", None, True),
     Flag("drain-timeout-s", _float, 30.0, "on SIGTERM, wait this long for in-flight requests", None, True),
     Flag("shutdown-delay-s", _float, 0.0, "on SIGTERM, keep accepting (ready=503) this long first", None, True),
+    Flag(
+        "failed-exit-delay-s",
+        _float,
+        10.0,
+        "after a load failure, say why on /v2/health/ready this long, then exit 1",
+        None,
+        True,
+    ),
     Flag("max-body-bytes", _positive_int, 8 * 1024 * 1024, "larger request bodies get 413", None, True),
     Flag("gc-freeze", None, True, "gc.freeze() after loading (cuts GC pauses on the hot path)", serve_only=True),
     Flag("zenoh-key-expr", str, "", "answer inference queries on this Zenoh key expression (off if empty)", None, True),
@@ -142,6 +159,8 @@ class Settings:
     model_name: str | None = None
     model_version: str | None = None
     tracking_uri: str | None = None
+    registry_attempts: int = 6
+    registry_timeout_s: float = 10.0
     device: str = "auto"
     golden_file: str | None = None
     require_golden: bool = True
@@ -157,6 +176,7 @@ class Settings:
     request_timeout_s: float = 30.0
     drain_timeout_s: float = 30.0
     shutdown_delay_s: float = 0.0
+    failed_exit_delay_s: float = 10.0
     max_body_bytes: int = 8 * 1024 * 1024
     gc_freeze: bool = True
     zenoh_key_expr: str = ""

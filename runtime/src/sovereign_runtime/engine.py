@@ -13,14 +13,15 @@ Execution model (see docs/adr/0101-runtime-serving-design.md):
 * Admission is bounded: more than ``max_queue_size`` admitted, unanswered-for requests -> 503 with
   Retry-After. A request still waiting for compute after ``request_timeout_s`` -> 504 (a forward in
   progress is not interrupted).
+
+Not here: loading, warm-up and the golden check (startup.py, once per process), and the chaos knobs
+(chaos.py wraps ``infer`` only when a chaos flag is set: the production path has no chaos branch).
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
-import random
 import time
 from collections import deque
 from collections.abc import Callable
@@ -33,18 +34,8 @@ from . import __version__
 from .config import Settings
 from .logs import log_event
 from .metrics import Metrics
-from .model import Golden, LoadedModel, ModelLoadError, cuda_memory, load, normalise_outputs
-from .protocol import (
-    OIP_TO_TORCH,
-    TORCH_TO_OIP,
-    Decoder,
-    RequestError,
-    TensorSpec,
-    dumps,
-    encode_outputs,
-    error_body,
-    tensor_from_json,
-)
+from .model import LoadedModel, cuda_memory, normalise_outputs
+from .protocol import Decoder, RequestError, TensorSpec, dumps, encode_outputs, error_body
 
 perf_counter = time.perf_counter
 get_running_loop = asyncio.get_running_loop
@@ -94,8 +85,6 @@ class Engine:
         self.max_batch = cfg.max_batch_size if cfg.max_batch_size > 1 else 1
         self.batching = self.max_batch > 1
         self.delay = cfg.max_batch_delay_ms / 1000.0
-        self.chaos_latency = cfg.chaos_latency_ms / 1000.0
-        self.chaos_rate = cfg.chaos_error_rate
         self._queue: deque[_Item] = deque()
         self._queued_rows = 0
         self._flush_handle: asyncio.Handle | None = None
@@ -113,47 +102,13 @@ class Engine:
         m.gauge("in_flight_requests", "Infer requests being handled", lambda: self.in_flight)
         m.gauge("queue_depth", "Admitted infer requests waiting for compute", lambda: self.waiting)
         m.gauge("ready", "1 when /v2/health/ready answers 200", lambda: 1.0 if self.state == READY else 0.0)
+        if cfg.chaos_latency_ms or cfg.chaos_error_rate:  # tests only: wraps infer, see chaos.py
+            from .chaos import install
+
+            install(self)
 
     # ---------------------------------------------------------------------------------------------
-    # Start-up: load, warm up, golden check (run in a worker thread by the server, inline by `check`)
-
-    def prepare(self) -> dict[str, Any]:
-        """Load the model and gate it on the golden check. Raises ModelLoadError when nothing can be
-        served; returns a report whose ``ok`` says whether the golden check passed."""
-        cfg = self.cfg
-        model = load(
-            cfg.model_uri,
-            name=cfg.model_name,
-            version=cfg.model_version,
-            device=cfg.device,
-            tracking_uri=cfg.tracking_uri,
-            golden_file=cfg.golden_file,
-            allow_pickle=cfg.allow_pickle,
-        )
-        self.attach(model)
-        log_event(
-            "model_loaded",
-            model=model.name,
-            version=model.version,
-            format=model.format,
-            device=str(model.device),
-            source=model.source,
-            sha256=model.sha256,
-            load_seconds=round(model.load_seconds, 3),
-        )
-        if model.golden is None and cfg.require_golden:
-            raise ModelLoadError(
-                "no golden input/output found (golden.json in the MLflow model dir, <file>.golden.json, or "
-                "--golden-file); pass --no-require-golden to serve without one"
-            )
-        t0 = perf_counter()
-        report = self.warmup_and_check(model.golden)
-        self.metrics.warmup_seconds = perf_counter() - t0
-        report.update(model=model.name, version=model.version, device=str(model.device), format=model.format)
-        report["load_seconds"] = round(model.load_seconds, 3)
-        report["warmup_seconds"] = round(self.metrics.warmup_seconds, 3)
-        self.golden_report = report
-        return report
+    # Wiring a loaded model in (startup.py loads, warms up and golden-checks it)
 
     def attach(self, model: LoadedModel) -> None:
         self.model = model
@@ -173,90 +128,6 @@ class Engine:
             dev = model.device
             m.gauge("gpu_memory_allocated_bytes", "torch.cuda.memory_allocated", lambda: cuda_memory(dev)[0])
             m.gauge("gpu_memory_reserved_bytes", "torch.cuda.memory_reserved", lambda: cuda_memory(dev)[1])
-
-    def warmup_and_check(self, golden: Golden | None) -> dict[str, Any]:
-        assert self.decoder is not None
-        iterations = max(1, self.cfg.warmup_iterations)
-        if golden is None:
-            sample = self._zeros_sample()
-            if sample is None:
-                return {"ok": True, "golden": "absent", "warmup": "skipped: input shape unknown"}
-            for _ in range(iterations):
-                outs = self._forward(sample)
-            self._describe_outputs(outs)
-            return {"ok": True, "golden": "absent", "warmup": f"{iterations} x zeros"}
-        try:
-            req = self.decoder.decode(dumps({"inputs": golden.inputs}))
-        except RequestError as exc:
-            return {"ok": False, "golden": golden.source, "error": f"golden inputs do not fit the model: {exc.message}"}
-        try:
-            for _ in range(iterations):
-                outs = self._forward(req.tensors)
-            self._describe_outputs(outs)
-            if self.batching:
-                self._check_batching(req.tensors, req.rows, outs, golden, iterations)
-        except Exception as exc:  # a model that cannot run its own golden input is not ready
-            return {"ok": False, "golden": golden.source, "error": f"forward failed: {type(exc).__name__}: {exc}"}
-        return self._compare(outs, golden)
-
-    def _zeros_sample(self) -> list[torch.Tensor] | None:
-        assert self.model is not None
-        sample = []
-        for spec in self.model.inputs:
-            if spec.shape is None or not spec.datatype:
-                return None
-            shape = [1 if d == -1 else d for d in spec.shape]
-            sample.append(torch.zeros(shape, dtype=OIP_TO_TORCH[spec.datatype]))
-        return sample
-
-    def _describe_outputs(self, outs: list[torch.Tensor]) -> None:
-        """Without a signature, outputs are named output__N with the datatypes the model produced."""
-        if not self.out_specs or len(self.out_specs) != len(outs):
-            self.out_specs = [
-                TensorSpec(f"output__{i}", TORCH_TO_OIP.get(t.dtype, "FP32"), (-1, *t.shape[1:]))
-                for i, t in enumerate(outs)
-            ]
-            assert self.model is not None
-            self.model.outputs = self.out_specs
-            self.decoder.output_names = {s.name for s in self.out_specs}  # type: ignore[union-attr]
-
-    def _check_batching(self, tensors, rows, single, golden: Golden, iterations: int) -> None:
-        """Warm the largest batch shape and make sure the model is row-independent: the golden rows
-        repeated up to max_batch_size must give the golden outputs back, row for row."""
-        reps = max(2, self.max_batch // max(rows, 1))
-        big = [t.repeat(reps, *([1] * (t.dim() - 1))) for t in tensors]
-        for _ in range(iterations):
-            outs = self._forward(big)
-        ok = all(o.shape[0] == rows * reps for o in outs) and all(
-            torch.allclose(o[:rows].double(), s.double(), rtol=golden.rtol, atol=golden.atol)
-            for o, s in zip(outs, single, strict=True)
-        )
-        if not ok:
-            self.batching = False
-            log_event("batching_off", logging.WARNING, reason="batched outputs differ from unbatched ones")
-
-    def _compare(self, outs: list[torch.Tensor], golden: Golden) -> dict[str, Any]:
-        names = [s.name for s in self.out_specs]
-        worst = 0.0
-        report: dict[str, Any] = {"ok": True, "golden": golden.source, "rtol": golden.rtol, "atol": golden.atol}
-        for item in golden.outputs:
-            name, expected = tensor_from_json(item)
-            if name not in names:
-                return {**report, "ok": False, "error": f"golden output {name!r} is not a model output {names}"}
-            got = outs[names.index(name)]
-            if tuple(got.shape) != tuple(expected.shape):
-                return {
-                    **report,
-                    "ok": False,
-                    "error": f"output {name!r}: shape {list(got.shape)}, golden {list(expected.shape)}",
-                }
-            diff = (got.double() - expected.double()).abs()
-            err = float(diff.max()) if diff.numel() else 0.0
-            worst = max(worst, err)
-            if not torch.allclose(got.double(), expected.double(), rtol=golden.rtol, atol=golden.atol):
-                report.update(ok=False, error=f"output {name!r} differs from golden: max abs error {err:.3g}")
-        report["max_abs_error"] = worst
-        return report
 
     # ---------------------------------------------------------------------------------------------
     # State (called on the loop thread)
@@ -280,7 +151,7 @@ class Engine:
     # ---------------------------------------------------------------------------------------------
     # Hot path
 
-    def _forward(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    def forward(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         with torch.inference_mode():
             if self._cuda:
                 dev = self.model.device  # type: ignore[union-attr]
@@ -293,7 +164,7 @@ class Engine:
 
     def _compute(self, tensors: list[torch.Tensor]) -> list[torch.Tensor] | ModelError:
         try:
-            return self._forward(tensors)
+            return self.forward(tensors)
         except Exception as exc:
             return ModelError(exc)
 
@@ -305,17 +176,12 @@ class Engine:
             req = self.decoder.decode(body)  # type: ignore[union-attr]
         except RequestError as exc:
             return exc.status, error_body(exc.message), None
-        if self.chaos_rate and random.random() < self.chaos_rate:
-            self.metrics.chaos_injected += 1
-            return 500, error_body("chaos: injected failure (--chaos-error-rate)", chaos=True), None
         if self.waiting >= self.max_waiting:
             return 503, error_body(f"queue full ({self.max_waiting} requests waiting)"), RETRY_AFTER
         self.waiting += 1
         picked = False
         deadline = t0 + self.timeout
         try:
-            if self.chaos_latency:
-                await asyncio.sleep(self.chaos_latency)
             now = perf_counter()
             if now > deadline:
                 result: Any = _TIMEOUT
@@ -399,7 +265,7 @@ class Engine:
             try:
                 n_inputs = len(batch[0].tensors)
                 merged = [torch.cat([it.tensors[i] for it in batch]) for i in range(n_inputs)]
-                outs = self._forward(merged)
+                outs = self.forward(merged)
                 if any(o.dim() == 0 or o.shape[0] != rows for o in outs):
                     raise ValueError("output rows do not match input rows")
             except Exception:
@@ -449,10 +315,3 @@ class Engine:
                 **model.details,
             },
         }
-
-
-def freeze_heap() -> None:
-    """Move everything allocated so far (torch, the model, uvicorn) out of the GC's reach: a full
-    collection over ~500k objects stalls every in-flight request for 200+ ms (ARCHITECTURE §10)."""
-    gc.collect()
-    gc.freeze()

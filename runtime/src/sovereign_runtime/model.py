@@ -27,6 +27,7 @@ import tempfile
 import time
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,13 +36,19 @@ import torch
 
 from .logs import log_event
 from .protocol import NUMPY_TO_OIP, OIP_TO_TORCH, RequestError, TensorSpec, tensor_from_json
+from .registry import RegistryError, Schedule, with_retries
 
 GOLDEN_FILE = "golden.json"
 _REGISTRY = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))/?$")
 
 
 class ModelLoadError(Exception):
-    """The model could not be found, fetched or loaded: the server cannot serve anything."""
+    """The model could not be found, fetched or loaded: the server cannot serve anything. ``fields`` adds
+    to the ``load_failed`` log line (the tracking server and cause, when it could not be reached)."""
+
+    def __init__(self, message: str, fields: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.fields = fields or {}
 
 
 @dataclass
@@ -85,8 +92,14 @@ class Resolved:
     tmpdir: str | None = None  # downloaded copy to remove once loaded
 
 
-def resolve(uri: str, tracking_uri: str | None) -> Resolved:
-    """Local paths load in place; any other URI is fetched once through MLflow (the ``mlflow`` extra)."""
+def resolve(
+    uri: str,
+    tracking_uri: str | None,
+    schedule: Schedule | None = None,
+    on_retry: Callable[[str, dict[str, Any]], None] | None = None,
+) -> Resolved:
+    """Local paths load in place; any other URI is fetched once through MLflow (the ``mlflow`` extra), on
+    the registry retry schedule (see registry.py)."""
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     if "://" not in uri and not uri.startswith(("models:", "runs:", "mlflow-artifacts:")):
@@ -95,38 +108,51 @@ def resolve(uri: str, tracking_uri: str | None) -> Resolved:
             raise ModelLoadError(f"model path {uri!r} does not exist")
         return Resolved(path)
     try:
-        import mlflow
-        from mlflow.tracking import MlflowClient
+        import mlflow  # noqa: F401
     except ImportError as exc:
         raise ModelLoadError(f"{uri!r} needs mlflow: pip install 'sovereign-runtime[mlflow]' ({exc})") from None
+    try:
+        return with_retries(lambda: _fetch(uri, tracking_uri), tracking_uri, schedule or Schedule(), on_retry)
+    except RegistryError as exc:
+        raise ModelLoadError(str(exc), exc.fields) from None
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # the server answered, and said no (unknown model, version, alias, ...)
+        where = tracking_uri or "the default tracking URI"
+        raise ModelLoadError(f"could not fetch {uri!r} from MLflow ({where}): {exc}") from None
+
+
+def _fetch(uri: str, tracking_uri: str | None) -> Resolved:
+    """One attempt: resolve a registry URI to its immutable version, download it to a temporary dir."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
     name = version = None
     fetch = uri
+    m = _REGISTRY.match(uri)
+    if m:
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        name = m["name"]
+        if m["alias"]:
+            mv = client.get_model_version_by_alias(name, m["alias"])
+        elif m["version"] == "latest":
+            versions = client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise ModelLoadError(f"registered model {name!r} has no versions")
+            mv = max(versions, key=lambda v: int(v.version))
+        else:
+            mv = client.get_model_version(name, m["version"])
+        version = str(mv.version)
+        fetch = f"models:/{name}/{version}"  # immutable from here on
+    tmpdir = tempfile.mkdtemp(prefix="sovereign-runtime-")
     try:
-        m = _REGISTRY.match(uri)
-        if m:
-            client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-            name = m["name"]
-            if m["alias"]:
-                mv = client.get_model_version_by_alias(name, m["alias"])
-            elif m["version"] == "latest":
-                versions = client.search_model_versions(f"name = '{name}'")
-                if not versions:
-                    raise ModelLoadError(f"registered model {name!r} has no versions")
-                mv = max(versions, key=lambda v: int(v.version))
-            else:
-                mv = client.get_model_version(name, m["version"])
-            version = str(mv.version)
-            fetch = f"models:/{name}/{version}"  # immutable from here on
-        tmpdir = tempfile.mkdtemp(prefix="sovereign-runtime-")
         # registry_uri too: for models:/ URIs MLflow otherwise asks the process-wide registry URI.
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=fetch, dst_path=tmpdir, tracking_uri=tracking_uri, registry_uri=tracking_uri
         )
-    except ModelLoadError:
+    except BaseException:
+        shutil.rmtree(tmpdir, ignore_errors=True)  # a failed attempt leaves nothing behind
         raise
-    except Exception as exc:  # mlflow raises many types (REST, connection, not found)
-        where = tracking_uri or "the default tracking URI"
-        raise ModelLoadError(f"could not fetch {uri!r} from MLflow ({where}): {exc}") from None
     return Resolved(Path(local), name, version, tmpdir)
 
 
@@ -303,10 +329,12 @@ def load(
     tracking_uri: str | None = None,
     golden_file: str | None = None,
     allow_pickle: bool = False,
+    registry: Schedule | None = None,
+    on_retry: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> LoadedModel:
     t0 = time.perf_counter()
     dev = pick_device(device)
-    res = resolve(uri, tracking_uri)
+    res = resolve(uri, tracking_uri, registry, on_retry)
     try:
         model = _load_resolved(res, uri, name, version, dev, golden_file, allow_pickle)
     finally:

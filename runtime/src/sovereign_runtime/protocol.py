@@ -14,7 +14,29 @@ from typing import Any
 
 import torch
 
-# OIP datatype name -> torch dtype. BYTES (strings) is not supported by a tensor model.
+# Every datatype of the Open Inference Protocol. The collection keeps the same set for its smoke test and
+# release checks (plugins/module_utils/_oip.py, a separate package); tests/unit/runtime/test_oip_datatypes.py
+# pins the two equal, so a model this server serves never fails the deploy's schema check.
+OIP_DATATYPES = frozenset(
+    [
+        "BOOL",
+        "UINT8",
+        "UINT16",
+        "UINT32",
+        "UINT64",
+        "INT8",
+        "INT16",
+        "INT32",
+        "INT64",
+        "FP16",
+        "BF16",
+        "FP32",
+        "FP64",
+        "BYTES",
+    ]
+)
+
+# OIP datatype name -> torch dtype: what this server serves. BYTES (strings) is not supported by a tensor model.
 OIP_TO_TORCH: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
     "UINT8": torch.uint8,
@@ -177,7 +199,7 @@ class Decoder:
         datatype = item.get("datatype")
         if datatype != spec.datatype:
             if datatype not in OIP_TO_TORCH:
-                what = "unsupported" if datatype == "BYTES" else "unknown"
+                what = "unsupported" if datatype in OIP_DATATYPES else "unknown"
                 raise RequestError(f"input {name!r}: {what} datatype {datatype!r}")
             if spec.datatype:  # "" = the model did not say: any numeric datatype
                 raise RequestError(f"input {name!r}: datatype {datatype} does not match the model's {spec.datatype}")

@@ -3,9 +3,12 @@
 Lifecycle:
 
 1. The socket opens at once: ``/v2/health/live`` answers 200, ``/v2/health/ready`` 503 (loading).
-2. A daemon thread loads the model, warms it up and runs the golden check.
-   * Load error (bad URI, registry down, unreadable file): log ``load_failed``, exit 1 (systemd may
-     restart it: the cause can be transient).
+2. A daemon thread loads the model, warms it up and runs the golden check (startup.py). While the
+   MLflow tracking server cannot be reached, ``/v2/health/ready`` says so (host, port, cause, attempt)
+   and every failed attempt is logged (``registry_unreachable``), on the schedule of registry.py.
+   * Load error (bad URI, registry down after the last attempt, unreadable file): log ``load_failed``,
+     answer ready=503 ``{"state": "failed", "reason": ...}`` for ``failed_exit_delay_s`` (so a deploy
+     or health checker reads why), then exit 1 (systemd may restart it: the cause can be transient).
    * Golden mismatch: log ``golden_failed`` and stay up, never ready (a restart would not help; the
      reason is in the ready body and the log).
    * Success: ``gc.freeze()``, then ready (200), log ``ready``.
@@ -29,20 +32,127 @@ import uvicorn
 
 from .app import App
 from .config import Settings
-from .engine import DRAINING, Engine, freeze_heap
+from .engine import DRAINING, LOADING, Engine
 from .logs import log_event
 from .model import ModelLoadError
+from .startup import freeze_heap, prepare
 
 
 class RuntimeServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, engine: Engine, cfg: Settings) -> None:
-        super().__init__(config)
-        self.engine = engine
+    """One process's lifecycle: start-up in a loader thread, readiness, SIGTERM drain, exit status.
+
+    Each lifecycle step is a method; the loader thread only ever hands results to the event loop
+    (``call_soon_threadsafe``), so engine state changes on the loop thread alone."""
+
+    def __init__(self, cfg: Settings) -> None:
         self.cfg = cfg
+        self.engine = Engine(cfg)
+        self.app = App(self.engine, on_startup=self.on_startup, on_shutdown=self.on_shutdown)
+        super().__init__(
+            uvicorn.Config(
+                self.app,
+                host=cfg.host,
+                port=cfg.port,
+                loop="uvloop",
+                http="httptools",
+                lifespan="on",
+                access_log=False,
+                log_config=None,
+                log_level=cfg.log_level if cfg.log_level != "info" else "warning",
+                timeout_graceful_shutdown=cfg.drain_timeout_s,
+                timeout_keep_alive=75,  # longer than HAProxy's default http-keep-alive, so the proxy closes first
+                backlog=4096,
+                proxy_headers=False,  # no use for X-Forwarded-*; saves a middleware hop per request
+                server_header=False,
+                date_header=False,
+            )
+        )
+        tasks = self.server_state.tasks  # one per HTTP request being handled
+        self.engine.busy = tasks.__len__
         self.exit_code = 0
         self.bridge: Any = None
-        self._exit_at: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._exit_at: float | None = None  # SIGTERM: when the listener closes
+        self._failed_exit_at: float | None = None  # load failure: when the process exits 1
         self._drain_logged = False
+
+    # ---------------------------------------------------------------------------------------------
+    # Start-up (ASGI lifespan startup -> loader thread -> back on the loop)
+
+    async def on_startup(self) -> None:
+        cfg = self.cfg
+        self._loop = asyncio.get_running_loop()
+        log_event(
+            "starting",
+            model_uri=cfg.model_uri,
+            host=cfg.host,
+            port=cfg.port,
+            color=cfg.color,
+            device=cfg.device,
+            max_batch_size=cfg.max_batch_size,
+            max_batch_delay_ms=cfg.max_batch_delay_ms,
+            torch_threads=cfg.torch_threads,
+            registry_attempts=cfg.registry_attempts,
+            chaos=bool(cfg.chaos_latency_ms or cfg.chaos_error_rate),
+        )
+        threading.Thread(target=self._load, name="model-loader", daemon=True).start()
+
+    def _load(self) -> None:
+        """Loader thread: everything slow (fetch, load, warm-up, golden check) happens here."""
+        assert self._loop is not None
+        call = self._loop.call_soon_threadsafe
+        try:
+            report = prepare(self.engine, on_retry=lambda reason, fields: call(self.registry_retry, reason, fields))
+        except ModelLoadError as exc:
+            call(self.load_failed, str(exc), exc.fields)
+        except Exception as exc:  # anything else while loading is just as fatal
+            call(self.load_failed, f"{type(exc).__name__}: {exc}", {})
+        else:
+            call(self.prepared, report)
+
+    def registry_retry(self, reason: str, fields: dict[str, Any]) -> None:
+        log_event("registry_unreachable", logging.WARNING, reason=reason, **fields)
+        if self.engine.state == LOADING:  # a drain's reason wins
+            self.engine.reason = reason
+
+    def load_failed(self, reason: str, fields: dict[str, Any]) -> None:
+        self.engine.set_failed(reason)
+        delay = self.cfg.failed_exit_delay_s
+        log_event("load_failed", logging.ERROR, error=reason, exit_in_s=delay, **fields)
+        self.exit_code = 1
+        self._failed_exit_at = time.monotonic() + delay
+        if delay <= 0:
+            self.should_exit = True
+
+    def prepared(self, report: dict[str, Any]) -> None:
+        engine = self.engine
+        if not report.get("ok"):
+            engine.set_failed(f"golden check failed: {report.get('error')}")
+            log_event("golden_failed", logging.ERROR, **report)
+            return
+        if self.cfg.zenoh_key_expr and not self._start_zenoh():
+            return
+        if self.cfg.gc_freeze:
+            freeze_heap()
+        if engine.state == DRAINING:  # SIGTERM arrived while loading: serve, but never report ready
+            engine.serving = True
+            return
+        engine.set_ready()
+        log_event("ready", **report)
+
+    def _start_zenoh(self) -> bool:
+        from .zenoh_bridge import ZenohBridge
+
+        try:
+            self.bridge = ZenohBridge(self.engine, self.cfg)
+            self.bridge.start(asyncio.get_running_loop())
+        except Exception as exc:
+            self.load_failed(f"zenoh: {type(exc).__name__}: {exc}", {})
+            return False
+        return True
+
+    # ---------------------------------------------------------------------------------------------
+    # Shutdown
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -86,100 +196,21 @@ class RuntimeServer(uvicorn.Server):
                     self.bridge.withdraw()
             if time.monotonic() >= self._exit_at:
                 self.should_exit = True
+        if self._failed_exit_at is not None and time.monotonic() >= self._failed_exit_at:
+            self.should_exit = True
         return await super().on_tick(counter)
 
+    async def on_shutdown(self) -> None:
+        if self.bridge is not None:
+            await self.bridge.stop()
 
-def build(cfg: Settings) -> tuple[RuntimeServer, App, Engine]:
-    engine = Engine(cfg)
-    server: RuntimeServer | None = None
+    # ---------------------------------------------------------------------------------------------
 
-    async def on_startup() -> None:
-        loop = asyncio.get_running_loop()
-        log_event(
-            "starting",
-            model_uri=cfg.model_uri,
-            host=cfg.host,
-            port=cfg.port,
-            color=cfg.color,
-            device=cfg.device,
-            max_batch_size=cfg.max_batch_size,
-            max_batch_delay_ms=cfg.max_batch_delay_ms,
-            torch_threads=cfg.torch_threads,
-            chaos=bool(cfg.chaos_latency_ms or cfg.chaos_error_rate),
-        )
-
-        def work() -> None:
-            try:
-                report = engine.prepare()
-            except ModelLoadError as exc:
-                loop.call_soon_threadsafe(failed, str(exc))
-            except Exception as exc:  # anything else while loading is just as fatal
-                loop.call_soon_threadsafe(failed, f"{type(exc).__name__}: {exc}")
-            else:
-                loop.call_soon_threadsafe(prepared, report)
-
-        threading.Thread(target=work, name="model-loader", daemon=True).start()
-
-    def failed(reason: str) -> None:
-        engine.set_failed(reason)
-        log_event("load_failed", logging.ERROR, error=reason)
-        assert server is not None
-        server.exit_code = 1
-        server.should_exit = True
-
-    def prepared(report: dict[str, Any]) -> None:
-        if not report.get("ok"):
-            engine.set_failed(f"golden check failed: {report.get('error')}")
-            log_event("golden_failed", logging.ERROR, **report)
-            return
-        if cfg.zenoh_key_expr:
-            from .zenoh_bridge import ZenohBridge
-
-            assert server is not None
-            try:
-                server.bridge = ZenohBridge(engine, cfg)
-                server.bridge.start(asyncio.get_running_loop())
-            except Exception as exc:
-                failed(f"zenoh: {type(exc).__name__}: {exc}")
-                return
-        if cfg.gc_freeze:
-            freeze_heap()
-        if engine.state == DRAINING:  # SIGTERM arrived while loading: serve, but never report ready
-            engine.serving = True
-            return
-        engine.set_ready()
-        log_event("ready", **report)
-
-    async def on_shutdown() -> None:
-        if server is not None and server.bridge is not None:
-            await server.bridge.stop()
-
-    app = App(engine, on_startup=on_startup, on_shutdown=on_shutdown)
-    config = uvicorn.Config(
-        app,
-        host=cfg.host,
-        port=cfg.port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        log_config=None,
-        log_level=cfg.log_level if cfg.log_level != "info" else "warning",
-        timeout_graceful_shutdown=cfg.drain_timeout_s,
-        timeout_keep_alive=75,  # longer than HAProxy's default http-keep-alive, so the proxy closes first
-        backlog=4096,
-        proxy_headers=False,  # no use for X-Forwarded-*; saves a middleware hop per request
-        server_header=False,
-        date_header=False,
-    )
-    server = RuntimeServer(config, engine, cfg)
-    tasks = server.server_state.tasks  # one per HTTP request being handled
-    engine.busy = tasks.__len__
-    return server, app, engine
+    def serve_until_stopped(self) -> int:
+        self.run()
+        log_event("stopped", exit_code=self.exit_code, state=self.engine.state)
+        return self.exit_code
 
 
 def serve(cfg: Settings) -> int:
-    server, _, engine = build(cfg)
-    server.run()
-    log_event("stopped", exit_code=server.exit_code, state=engine.state)
-    return server.exit_code
+    return RuntimeServer(cfg).serve_until_stopped()

@@ -39,6 +39,7 @@ except ImportError:
 from sovereign_runtime.config import Settings  # noqa: E402
 from sovereign_runtime.engine import Engine  # noqa: E402
 from sovereign_runtime.protocol import TensorSpec  # noqa: E402
+from sovereign_runtime.startup import prepare  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # A real MLflow server (the pattern of tests/unit/runtime/conftest.py, with the example's own flags)
@@ -184,7 +185,7 @@ def test_pipeline_trains_logs_registers_and_serves(mlflow_server, tmp_path, monk
 
     # The inference runtime: models:/churn@candidate resolved once, golden check passed, serving
     engine = Engine(Settings(model_uri="models:/churn@candidate", tracking_uri=mlflow_server.url, color="green"))
-    report = engine.prepare()
+    report = prepare(engine)
     assert report["ok"] and report["golden"] == "model:extra_files/golden.json", report
     engine.set_ready()
     model = engine.model

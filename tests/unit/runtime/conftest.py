@@ -42,6 +42,7 @@ from sovereign_runtime.app import App  # noqa: E402
 from sovereign_runtime.config import Settings  # noqa: E402
 from sovereign_runtime.engine import Engine  # noqa: E402
 from sovereign_runtime.model import LoadedModel, load  # noqa: E402
+from sovereign_runtime.startup import warmup_and_check  # noqa: E402
 
 IN, OUT = 4, 2
 
@@ -143,7 +144,7 @@ def make_engine(model: LoadedModel, **overrides: Any) -> Engine:
     cfg = Settings(model_uri="(preloaded)", **overrides)
     engine = Engine(cfg)
     engine.attach(model)
-    report = engine.warmup_and_check(model.golden)
+    report = warmup_and_check(engine, model.golden)
     if report["ok"]:
         engine.set_ready()
     else:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import IN, OUT, infer_body, make_engine
 from sovereign_runtime.engine import READY
-from sovereign_runtime.server import build
+from sovereign_runtime.server import RuntimeServer
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "mlflow_pt2", "mlflow_pickle"])
@@ -76,7 +76,8 @@ def test_health_transitions_loading_ready_draining(models, client_for):
     ready 503 again as soon as draining starts while inference keeps being answered."""
     from sovereign_runtime.config import Settings
 
-    server, app, engine = build(Settings(model_uri=str(models.mlflow_pt2), model_name="mlp", gc_freeze=False))
+    server = RuntimeServer(Settings(model_uri=str(models.mlflow_pt2), model_name="mlp", gc_freeze=False))
+    app, engine = server.app, server.engine
     client = client_for(engine)
 
     async def go():

@@ -97,7 +97,7 @@ def test_timeout_504(loaded, client_for, max_batch):
 def test_expired_in_queue_504_without_compute(loaded, client_for):
     """A request whose deadline passes while queued behind a slow batch is answered 504, not computed."""
     engine = make_engine(loaded["mlflow_pt2"], max_batch_size=2, request_timeout_s=0.2)
-    real_forward = engine._forward
+    real_forward = engine.forward
 
     def slow_forward(tensors):
         import time
@@ -105,7 +105,7 @@ def test_expired_in_queue_504_without_compute(loaded, client_for):
         time.sleep(0.5)  # a forward that blocks the loop longer than the timeout
         return real_forward(tensors)
 
-    engine._forward = slow_forward
+    engine.forward = slow_forward
     client = client_for(engine)
 
     async def go():

@@ -12,6 +12,8 @@ from conftest import IN, infer_body, make_engine
 from sovereign_runtime import config
 from sovereign_runtime.engine import Engine
 from sovereign_runtime.model import ModelLoadError, load, sniff
+from sovereign_runtime.registry import Schedule
+from sovereign_runtime.startup import prepare
 
 
 def test_formats_are_recognised_by_content(models):
@@ -59,36 +61,38 @@ def test_golden_required_by_default(models, tmp_path):
     (bare / "golden.json").unlink()
     cfg = config.Settings(model_uri=str(bare))
     with pytest.raises(ModelLoadError, match="no golden"):
-        Engine(cfg).prepare()
-    report = Engine(config.Settings(model_uri=str(bare), require_golden=False)).prepare()
+        prepare(Engine(cfg))
+    report = prepare(Engine(config.Settings(model_uri=str(bare), require_golden=False)))
     assert report["ok"] and report["golden"] == "absent"
 
 
 def test_golden_file_flag_overrides(models, tmp_path):
     golden = tmp_path / "other.json"
     golden.write_text(json.dumps(models.golden(offset=1.0)))
-    report = Engine(config.Settings(model_uri=str(models.mlflow_pt2), golden_file=str(golden))).prepare()
+    report = prepare(Engine(config.Settings(model_uri=str(models.mlflow_pt2), golden_file=str(golden))))
     assert not report["ok"] and "differs from golden" in report["error"]
 
 
 def test_static_batch_export_disables_batching(models):
     """MLflow 3 traces with the input_example: a batch-1 example fixes the batch dimension to 1."""
     engine = Engine(config.Settings(model_uri=str(models.static_batch), max_batch_size=16))
-    assert engine.prepare()["ok"]
+    assert prepare(engine)["ok"]
     assert engine.model.static_batch == 1 and not engine.batching
     with pytest.raises(Exception, match="does not match"):
         engine.decoder.decode(infer_body(torch.zeros(2, IN)))
 
 
-def test_missing_path_and_bad_registry_fail_load(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+def test_missing_path_and_bad_registry_fail_load(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         load(str(tmp_path / "nope"))
     (tmp_path / "junk.pt").write_bytes(b"not a zip")
     with pytest.raises(ModelLoadError, match="not a torch archive"):
         load(str(tmp_path / "junk.pt"))
-    with pytest.raises(ModelLoadError, match="could not fetch"):
-        load("models:/nothing/1", tracking_uri="http://127.0.0.1:9")  # nothing listens on port 9
+    # nothing listens on port 9 (test_registry_unreachable.py covers the retry schedule)
+    with pytest.raises(
+        ModelLoadError, match=r"cannot reach the MLflow tracking server 127\.0\.0\.1:9: connection refused"
+    ):
+        load("models:/nothing/1", tracking_uri="http://127.0.0.1:9", registry=Schedule(attempts=1))
 
 
 def test_check_command_exit_codes(models, capsys):

@@ -94,6 +94,58 @@ def test_serve_load_failure_exits_1(tmp_path):
     from mlflow_testserver import free_port
 
     cmd = [*runtime_command(), "serve", "--model-uri", str(tmp_path / "missing"), "--port", str(free_port())]
+    cmd += ["--failed-exit-delay-s", "0"]  # the hold is test_registry_unreachable.py's
     proc = subprocess.run(cmd, env=runtime_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert '"load_failed"' in proc.stderr and "does not exist" in proc.stderr
+
+
+NO_NUMPY = '''
+import sys
+from importlib.machinery import PathFinder
+
+
+class NoNumpyPathFinder(PathFinder):
+    """Hosts install the runtime from a wheelhouse without numpy: make it absent here too."""
+
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name == "numpy" or name.startswith("numpy."):
+            return None
+        return PathFinder.find_spec(name, path, target)
+
+
+sys.meta_path[:] = [NoNumpyPathFinder if f is PathFinder else f for f in sys.meta_path]
+'''
+
+
+def test_serves_without_numpy_and_without_its_warning(models, tmp_path):
+    """The runtime's wheelhouse has no numpy (requirements/hosts-runtime.in): load, warm-up, golden check
+    and inference work without it, and torch's "Failed to initialize NumPy" warning is silenced."""
+    (tmp_path / "sitecustomize.py").write_text(NO_NUMPY)
+    env = runtime_env()
+    env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
+    import sys
+
+    control = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
+    assert "Failed to initialize NumPy: No module named 'numpy'" in control.stderr  # what hosts logged
+
+    from mlflow_testserver import free_port
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = [*runtime_command(), "serve", "--model-uri", str(models.mlflow_pt2), "--model-name", "mlp"]
+    proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: http("GET", f"{base}/v2/health/ready", timeout=2).status == 200, 60, "ready")
+        x = torch.randn(3, IN)
+        resp = http("POST", f"{base}/v2/models/mlp/infer", infer_body(x))
+        assert resp.status == 200
+        out = resp.json()["outputs"][0]
+        assert torch.allclose(torch.tensor(out["data"]).reshape(3, 2), models.expected(x), atol=1e-6)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        stderr = proc.stderr.read()
+        assert "NumPy" not in stderr and "numpy" not in stderr, stderr
+    finally:
+        stop(proc)

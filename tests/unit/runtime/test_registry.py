@@ -17,6 +17,7 @@ from conftest import IN, infer_body
 from sovereign_runtime.config import Settings
 from sovereign_runtime.engine import Engine
 from sovereign_runtime.model import ModelLoadError
+from sovereign_runtime.startup import prepare
 
 
 def test_registry_uris_resolve_once(mlflow_server, models, tmp_path, client_for, monkeypatch):
@@ -55,7 +56,7 @@ def test_registry_uris_resolve_once(mlflow_server, models, tmp_path, client_for,
     ]
     for uri, version in cases:
         engine = Engine(Settings(model_uri=uri, tracking_uri=mlflow_server.url, color="green"))
-        report = engine.prepare()
+        report = prepare(engine)
         assert report["ok"], (uri, report)
         engine.set_ready()
         model = engine.model
@@ -78,4 +79,4 @@ def test_registry_uris_resolve_once(mlflow_server, models, tmp_path, client_for,
 
     for uri, words in (("models:/tiny@nobody", "nobody"), ("models:/absent/1", "absent")):
         with pytest.raises(ModelLoadError, match=words):
-            Engine(Settings(model_uri=uri, tracking_uri=mlflow_server.url)).prepare()
+            prepare(Engine(Settings(model_uri=uri, tracking_uri=mlflow_server.url)))
