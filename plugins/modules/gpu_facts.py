@@ -10,6 +10,9 @@ module: gpu_facts
 short_description: Facts about a host's NVIDIA GPUs, from the PCI bus up to the driver
 version_added: 0.1.0
 author: sovereign.mlops maintainers (!UNKNOWN)
+extends_documentation_fragment:
+  - sovereign.mlops._attributes
+  - ansible.builtin.action_common_attributes.facts
 description:
   - Reads, never changes, what a host has in NVIDIA GPUs and returns it as the fact C(ansible_facts.sovereign_gpu)
     (so C(sovereign_gpu) in later tasks, like every fact).
@@ -33,8 +36,7 @@ description:
     bound, a loaded driver nothing can query, uncorrectable ECC errors and an ECC mode change waiting for a reset.
   - The module fails only on bad options. A playbook decides what a problem means, for example
     C(sovereign_gpu.problems | selectattr('severity', '==', 'error')).
-  - Runs only on Python 3 (as do all modules of this collection). Run it as root (C(become)) so NVML may read every
-    GPU; sysfs and procfs need no privileges.
+  - Run it as root (C(become)) so NVML may read every GPU; sysfs and procfs need no privileges.
 options:
   root:
     description:
@@ -67,9 +69,6 @@ options:
         query that times out is reported as a problem (C(query_timeout)).
     type: int
     default: 30
-extends_documentation_fragment:
-  - sovereign.mlops._attributes
-  - ansible.builtin.action_common_attributes.facts
 attributes:
   check_mode:
     support: full
