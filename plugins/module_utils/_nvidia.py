@@ -33,6 +33,8 @@ import os
 import re
 import threading
 
+from ansible_collections.sovereign.mlops.plugins.module_utils import _files
+
 NVIDIA_VENDOR_ID = 0x10DE
 # PCI base class 0x03 = display controller (0x0300 VGA, 0x0302 3D controller, 0x0380 other). The other
 # functions NVIDIA cards expose (HD audio 0x0403, USB-C 0x0c03, NVSwitch bridges 0x0680) are not GPUs.
@@ -189,12 +191,15 @@ def text(value):
 
 
 def read_file(path):
-    """Content of a sysfs/procfs file without the trailing newline; None when it cannot be read."""
+    """Content of a sysfs/procfs file without the trailing newline; None when it cannot be read.
+
+    Unlike most files, an unreadable one is not an error here: sysfs answers EIO or ENODEV for attributes of a
+    device that stopped responding, and the facts report what could be read."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            return handle.read().rstrip("\n")
-    except OSError:
+        content = _files.read_text(path)
+    except (OSError, UnicodeDecodeError):
         return None
+    return None if content is None else content.rstrip("\n")
 
 
 def rooted(root, path):

@@ -355,7 +355,7 @@ def query_nvidia_smi(run, program):
     """(system, gpus) from nvidia-smi, or :class:`_nvidia.NvidiaError`."""
     fields = list(_nvidia.SMI_FIELDS)
     # An older driver rejects a field it does not know (compute_cap came with R510): ask again without it.
-    for _attempt in range(len(fields)):
+    while True:  # each retry drops one field, so this ends
         rc, out, err = run([program, *_nvidia.smi_query_args(fields)])
         combined = out + ("\n" + err if err else "")
         gpus, lost, _other = _nvidia.parse_smi_query(combined, fields)

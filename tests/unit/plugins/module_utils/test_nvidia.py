@@ -521,3 +521,14 @@ def test_vfio_bound_gpu_is_a_warning():
     )
     assert [(p["code"], p["severity"]) for p in facts["problems"]] == [("other_driver_bound", "warning")]
     assert "vfio-pci" in facts["problems"][0]["message"]
+
+
+def test_read_file_tolerates_unreadable_attributes(tmp_path):
+    """sysfs answers EIO/ENODEV for a dead device's attributes: unreadable is None, not an error."""
+    (tmp_path / "vendor").write_text("0x10de\n")
+    (tmp_path / "config").mkdir()  # IsADirectoryError, an OSError like EIO
+    (tmp_path / "binary").write_bytes(b"\xff\xfe\x00")
+    assert _nvidia.read_file(str(tmp_path / "vendor")) == "0x10de"
+    assert _nvidia.read_file(str(tmp_path / "config")) is None
+    assert _nvidia.read_file(str(tmp_path / "binary")) is None
+    assert _nvidia.read_file(str(tmp_path / "missing")) is None

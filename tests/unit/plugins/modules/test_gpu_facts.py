@@ -461,6 +461,20 @@ def test_nvidia_smi_that_hangs_is_killed(tmp_path, capsys, nvml):
     assert [p["code"] for p in facts["problems"]] == ["query_timeout"]
 
 
+def test_nvidia_smi_no_devices_while_sysfs_has_them(tmp_path, capsys, nvml):
+    """nvidia-smi answers but lists nothing (RmInitAdapter failed for both H100s): each is not_reported."""
+    empty = tmp_path / "empty-nvidia-smi"
+    empty.write_text("#!/bin/sh\necho 'No devices were found'\nexit 6\n")
+    empty.chmod(0o755)
+    facts, _tools = run_host("two_h100", tmp_path, capsys, nvml, use_nvml=False, nvidia_smi=str(empty))
+    assert facts["backend"] == "nvidia-smi"
+    assert [g["state"] for g in facts["gpus"]] == ["not_reported", "not_reported"]
+    assert [(p["code"], p["bus_id"]) for p in facts["problems"]] == [
+        ("gpu_not_reported", "0000:18:00.0"),
+        ("gpu_not_reported", "0000:2a:00.0"),
+    ]
+
+
 def test_lost_gpu_nvidia_smi_evidence(tmp_path, capsys, nvml):
     facts, _tools = run_host("lost_gpu", tmp_path, capsys, nvml, use_nvml=False)
     lost = facts["gpus"][1]
