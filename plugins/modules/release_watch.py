@@ -14,7 +14,7 @@ description:
   - The two waits of the release role (C(roles/release), docs/adr/0501-release-flow.md), on the inference host.
   - O(watch=ready) polls C(GET {url}/v2/health/ready) of one color's own port until it answers 200, for at most
     O(timeout) seconds. It fails at once when the runtime's readiness body says C(state) V(failed) (a golden
-    mismatch, a model that cannot load, a registry that cannot be reached: waiting longer would not help), and on
+    mismatch, a model that cannot load, a registry that cannot be reached; waiting longer would not help), and on
     timeout. Either message quotes the runtime's own C(reason) from its last readiness body (for example the
     tracking server's host and port it cannot reach), not only the last poll's status, so a runtime that
     restarts between polls still gets its cause reported.
