@@ -3,6 +3,9 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """The fleet lock's liveness decision (deploy_lock's action plugin, docs/adr/0502) against real processes.
 
+holder_liveness() and controller_process() are imported from plugin_utils, not through the action plugin: importing
+Ansible's controller (its display) in this process would change how the in-process module tests see warnings.
+
 * holder_liveness(): a table of lock contents x real processes of this machine (this one, an exited one, one
   whose start time differs from the recorded one, another controller, no ps on PATH);
 * controller_process(): a real forked process tree (a worker with its parent's command line) finds the parent;
@@ -23,7 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
-from ansible_collections.sovereign.mlops.plugins.action import deploy_lock as action
+from ansible_collections.sovereign.mlops.plugins.plugin_utils import _lock_liveness as liveness
 
 ROOT = Path(__file__).resolve().parents[4]
 ME = os.getpid()
@@ -44,19 +47,19 @@ def _started(pid):
 
 # lock info -> verdict, seen from controller HOST
 LIVENESS = [
-    ("live", dict(controller=HOST, controller_pid=ME, controller_pid_started="MINE"), action.ALIVE),
-    ("live-without-start-time", dict(controller=HOST, controller_pid=ME), action.ALIVE),
+    ("live", dict(controller=HOST, controller_pid=ME, controller_pid_started="MINE"), liveness.ALIVE),
+    ("live-without-start-time", dict(controller=HOST, controller_pid=ME), liveness.ALIVE),
     (
         "pid-reused-by-another-process",
         dict(controller=HOST, controller_pid=ME, controller_pid_started="Thu Jan 1 2026"),
-        action.DEAD,
+        liveness.DEAD,
     ),
-    ("exited", dict(controller=HOST, controller_pid="EXITED", controller_pid_started="Thu Jan 1 2026"), action.DEAD),
-    ("other-controller", dict(controller="elsewhere", controller_pid=ME), action.ELSEWHERE),
-    ("no-controller-recorded", dict(holder="old@lock"), action.ELSEWHERE),
-    ("pid-not-a-number", dict(controller=HOST, controller_pid="x"), action.UNKNOWN),
-    ("pid-missing", dict(controller=HOST), action.UNKNOWN),
-    ("pid-1", dict(controller=HOST, controller_pid=1), action.UNKNOWN),
+    ("exited", dict(controller=HOST, controller_pid="EXITED", controller_pid_started="Thu Jan 1 2026"), liveness.DEAD),
+    ("other-controller", dict(controller="elsewhere", controller_pid=ME), liveness.ELSEWHERE),
+    ("no-controller-recorded", dict(holder="old@lock"), liveness.ELSEWHERE),
+    ("pid-not-a-number", dict(controller=HOST, controller_pid="x"), liveness.UNKNOWN),
+    ("pid-missing", dict(controller=HOST), liveness.UNKNOWN),
+    ("pid-1", dict(controller=HOST, controller_pid=1), liveness.UNKNOWN),
 ]
 
 
@@ -67,13 +70,13 @@ def test_holder_liveness(info, verdict):
         info["controller_pid_started"] = _started(ME)
     if info.get("controller_pid") == "EXITED":
         info["controller_pid"] = _exited_pid()
-    assert action.holder_liveness(info, HOST) == verdict
+    assert liveness.holder_liveness(info, HOST) == verdict
 
 
 def test_holder_liveness_without_ps_is_unknown(tmp_path, monkeypatch):
     """No procps on the controller: the holder cannot be checked, so it is not called dead."""
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert action.holder_liveness(dict(controller=HOST, controller_pid=ME), HOST) == action.UNKNOWN
+    assert liveness.holder_liveness(dict(controller=HOST, controller_pid=ME), HOST) == liveness.UNKNOWN
 
 
 def test_controller_process_is_the_forked_workers_parent(tmp_path):
@@ -83,7 +86,7 @@ def test_controller_process_is_the_forked_workers_parent(tmp_path):
     script = (
         "import json, os, sys, time\n"
         f"sys.path[:0] = {sys.path!r}\n"
-        "from ansible_collections.sovereign.mlops.plugins.action import deploy_lock as a\n"
+        "from ansible_collections.sovereign.mlops.plugins.plugin_utils import _lock_liveness as a\n"
         "pid = os.fork()\n"
         "if pid == 0:\n"
         f"    open({str(out)!r}, 'w').write(json.dumps(a.controller_process()))\n"
