@@ -10,6 +10,8 @@ module: release_watch
 short_description: Wait for a color to get ready, or watch it take traffic, during a release
 version_added: 0.2.0
 author: sovereign.mlops maintainers (!UNKNOWN)
+extends_documentation_fragment:
+  - sovereign.mlops._attributes
 description:
   - The two waits of the release role (C(roles/release), docs/adr/0501-release-flow.md), on the inference host.
   - O(watch=ready) polls C(GET {url}/v2/health/ready) of one color's own port until it answers 200, for at most
@@ -27,7 +29,6 @@ description:
   - The golden request is O(golden), else the JSON file O(golden_file) on the host, else the model metadata's
     C(parameters.golden) read through O(url) (the example itself, or the path of the golden file the runtime
     used).
-  - Runs only on Python 3 (as do all modules of this collection).
 options:
   watch:
     description:
@@ -104,13 +105,11 @@ options:
     default: 5
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details:
       - The module only reads (readiness polls and inference requests, which change nothing on the target), so it
         runs the same in check mode. C(changed) is always false.
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: none
 notes:
   - The watch's inference requests are real requests through the frontend; OIP inference is free of side effects.
