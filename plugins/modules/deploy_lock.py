@@ -13,8 +13,9 @@ author: sovereign.mlops maintainers (!UNKNOWN)
 extends_documentation_fragment:
   - sovereign.mlops._attributes
 description:
-  - The fleet deploy lock of C(playbooks/deploy.yml) and C(playbooks/rollback.yml) is one directory on one host
-    (by convention the first inference host), created with C(mkdir), which is atomic, as kamal does. It holds
+  - The fleet deploy lock of the release role (C(roles/release), C(playbooks/deploy.yml), C(playbooks/rollback.yml))
+    is one directory on one host (by convention the first inference host), created with C(mkdir), which is atomic,
+    as kamal does. It holds
     C(info.json) with the holder (C(user@controller)), when it was taken, its TTL, an optional note, a
     random token and, when given, the controller host and the PID (and start time) of the holder's
     C(ansible-playbook) process (O(controller), O(controller_pid), O(controller_pid_started)).
@@ -22,12 +23,15 @@ description:
     since when, unless the lock is older than its own TTL (a run that was killed before releasing it); then it
     breaks it with a warning naming the old holder and takes it. Giving the O(token) of a lock we already hold
     renews it (C(changed=false)).
-  - A lock whose C(ansible-playbook) is known to be dead is broken at once, without waiting for its TTL. The
-    caller checks, on the controller, that the holder's process is gone and passes what it checked as
-    O(dead_holder); the lock is broken, with a warning naming the dead holder, only while its C(info.json) still
-    names that controller, PID and C(since) (see docs/adr/0502-deploy-lock-liveness.md). The release playbooks
-    do this check (C(playbooks/tasks/release_lock.yml)); a re-run on the controller of a killed run goes on, a
-    live holder or a holder on another controller still refuses.
+  - A lock whose C(ansible-playbook) is dead is broken at once, without waiting for its TTL. That decision needs
+    the controller's processes, which the lock host cannot see, so it is made by this module's action plugin,
+    which runs on the controller (docs/adr/0502-deploy-lock-liveness.md). With O(state=present) the action
+    plugin fills O(controller) (the controller's host name), O(controller_pid) and O(controller_pid_started)
+    (the C(ansible-playbook) process it runs under) when they are not given. When the lock is held by a run of
+    this controller whose C(ansible-playbook) is gone (no such PID, or a PID started at another time), it calls
+    the module again with that holder as O(dead_holder); the module breaks the lock, with a warning naming the
+    dead holder, only while its C(info.json) still names that controller, PID and C(since). A live holder, or a
+    holder on another controller, still refuses.
   - O(force=true) with O(state=present) breaks any lock, with a warning naming its holder (the release
     playbooks' C(-e deploy_break_lock=true), for a holder on another controller known to be dead).
   - O(state=absent) releases the lock only when O(token) matches (a lock broken and retaken by someone else
@@ -75,7 +79,7 @@ options:
   controller:
     description:
       - The host name of the controller running the holder's C(ansible-playbook); stored in C(info.json) for the
-        liveness check of a later run.
+        liveness check of a later run. The action plugin sets it to the controller's host name when empty.
     type: str
     default: ""
   controller_pid:
@@ -90,11 +94,18 @@ options:
     default: ""
   dead_holder:
     description:
-      - A holder the caller found dead on its controller, as read from C(info.json) (keys C(controller),
-        C(controller_pid), C(since)). With O(state=present), a lock that still names exactly this holder is
-        broken with a warning and taken, whatever its age. A lock that names anything else is handled as usual.
+      - A holder found dead on its controller, as read from C(info.json) (keys C(controller), C(controller_pid),
+        C(since)). With O(state=present), a lock that still names exactly this holder is broken with a warning and
+        taken, whatever its age. A lock that names anything else is handled as usual.
+      - Set by the action plugin; give it only when calling the module without it.
     type: dict
 attributes:
+  action:
+    description:
+      Indicates this has a corresponding action plugin so some parts of the options can be executed on the controller.
+    support: full
+    details:
+      - The holder-liveness check runs on the controller (see the description).
   check_mode:
     support: full
     details:
@@ -103,6 +114,8 @@ attributes:
   diff_mode:
     support: none
 notes:
+  - The action plugin needs C(ps) (procps) on the controller; without it a holder on this controller counts as
+    alive (the TTL still frees its lock).
   - The lock is advisory; it keeps two runs of the release playbooks apart. It does not stop a person running
     C(blue_green_switch) by hand (that module has its own per-host flock).
 seealso:
@@ -154,6 +167,19 @@ broken:
   returned: success
   type: dict
   sample: {holder: bob@ci, since: "2026-03-01T09:00:00Z", ttl: 3600, controller: ci, controller_pid: 4100}
+held:
+  description: When the lock is refused, the lock that refused it (its info.json fields but the token).
+  returned: failure
+  type: dict
+  sample: {holder: bob@ci, since: "2026-03-01T09:00:00Z", ttl: 3600, controller: ci, controller_pid: 4100}
+liveness:
+  description:
+    - The action plugin's verdict on the holder of a refusing lock, V(null) when no lock refused.
+    - V(alive), V(dead) (then broken and taken), V(unknown) (this controller, but no usable PID or no C(ps)) or
+      V(elsewhere) (another controller, which this one cannot check).
+  returned: state=present
+  type: str
+  sample: dead
 broken_because:
   description:
     - Why the lock was broken, V(null) when none was.
@@ -241,6 +267,7 @@ def present(module, result):
                 "add -e deploy_break_lock=true (see docs/runbooks/deployment-failed.md).",
                 holder=info.get("holder"),
                 since=info.get("since"),
+                held={k: v for k, v in info.items() if k != "token"},
                 **{k: v for k, v in result.items() if k not in ("holder", "since")},
             )
         result["broken"] = {k: v for k, v in info.items() if k != "token"}

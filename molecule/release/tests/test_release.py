@@ -35,7 +35,7 @@ METRICS = "/var/lib/prometheus/node-exporter/sovereign_deploy.prom"
 LOCK = "/var/lib/sovereign/deploy.lock"
 MAP = "/etc/haproxy/sovereign/live.map"
 LOADGEN = "/usr/local/lib/sovereign-loadgen.py"
-# The lineage a deploy records (playbooks/tasks/deploy_resolve_*.yml): a git commit and a DVC directory md5.
+# The lineage a deploy records (roles/release/tasks/resolve_*.yml): a git commit and a DVC directory md5.
 DATA_REV = "1" * 40
 DATA_MD5 = "d41d8cd98f00b204e9800998ecf8427e.dir"
 
@@ -132,7 +132,9 @@ def set_lock(host, holder, since, ttl):
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
-        pytest.param({"color": "purple"}, "color must be one of blue, green", id="color-purple"),
+        # The role's argument specs refuse it before any task runs (their message, not ours).
+        pytest.param({"color": "purple"}, "value of color must be one of: blue, green, got: purple", id="color-purple"),
+        pytest.param({"color": "green", "deploy_watch_seconds": "soon"}, "deploy_watch_seconds", id="not-a-number"),
         pytest.param({"color": "blue"}, "blue is already live", id="color-already-live"),
         pytest.param(
             {"color": "green", "model": f"{MODELS}/nope/model.pt"},
@@ -154,7 +156,9 @@ def test_bad_input_changes_nothing(host, extra, expected):
     rc, out, _seconds = play("deploy.yml", extra)
     assert rc != 0
     assert expected in out
-    assert "Nothing was changed" in out
+    # The argument specs' own refusals (before any task runs) do not say it; the snapshot proves it for every case.
+    if "Validation of arguments failed" not in out:
+        assert "Nothing was changed" in out
     assert snapshot(host) == before
 
 
@@ -449,6 +453,37 @@ def test_fault_green_degrading_after_the_switch_is_switched_back(host):
     _assert_blue_kept(host, out, "p99")
 
 
+@pytest.mark.fault
+def test_fault_runtime_that_cannot_reach_its_registry_is_named(host, mlflow_server):
+    """Issue 9: green's runtime cannot reach its tracking server (its model.env points it at 127.0.0.1:9, where
+    nothing listens; the controller resolves the model from the real MLflow server). The deploy stops once the
+    runtime reports state failed, not after the whole ready timeout, and its message quotes the runtime's
+    readiness reason naming that host and port, not "model is loading". Blue keeps serving."""
+    timeout = 170
+    rc, out, seconds = play(
+        "deploy.yml",
+        {
+            "color": "green",
+            "model": "models:/demo/2",
+            "deploy_tracking_uri": mlflow_server,
+            "deploy_model_extra_env": {
+                "SOVEREIGN_RUNTIME_TRACKING_URI": "http://127.0.0.1:9",
+                "MLFLOW_TRACKING_URI": "http://127.0.0.1:9",
+            },
+            "deploy_ready_timeout_s": timeout,
+            **FAST,
+        },
+    )
+    assert rc != 0
+    message = out.split("Last journal lines")[0]  # the readiness part, before the journal quoted after it
+    assert "green did not become ready" in message, message[-3000:]
+    assert "the runtime reports state 'failed'" in message, message[-3000:]
+    assert "127.0.0.1:9" in message, message[-3000:]
+    assert "model is loading" not in message
+    assert seconds < timeout, f"the deploy waited {seconds:.0f}s, the whole ready timeout"
+    _assert_blue_kept(host, out, "127.0.0.1:9")
+
+
 def runtime_map_color(host):
     """The live color HAProxy routes to now (its runtime map, through the admin socket), not the map file's."""
     script = (
@@ -522,7 +557,7 @@ def test_fault_playbook_killed_mid_switch_then_rerun_converges(host):
     output = "".join(lines)
     print(f"killed deploy.yml (pid {proc.pid}) while the switch held {switch_lock}: {killed_at}\n{output[-3000:]}")
     assert killed_at, f"the kill did not land in the switch (watcher rc {watcher.returncode}):\n{output[-4000:]}"
-    assert "TASK [Switch traffic to green]" in output
+    assert "Switch traffic to green]" in output  # TASK [sovereign.mlops.release : Switch traffic to green]
     assert proc.returncode == -signal.SIGKILL
     # What the killed run left: its fleet lock, naming this controller and its dead ansible-playbook.
     left = json.loads(host.file(f"{LOCK}/info.json").content_string)

@@ -1,9 +1,9 @@
-"""playbooks/tasks/deploy_resolve_registry.yml against a REAL `mlflow server` (sqlite, loopback): the data version
+"""roles/release/tasks/resolve_registry.yml against a REAL `mlflow server` (sqlite, loopback): the data version
 the deploy records (the version's data.rev / data.md5 tags, else its run's, else "") and the run id.
 
 The registry is seeded over MLflow's REST API (no `import mlflow` in this process: ansible's module_utils and
 mlflow's import side effects stay apart, see the Makefile's UNIT_GROUPS). The tasks run in one real
-`ansible-playbook` on localhost, once per model URI, exactly as deploy.yml includes them."""
+`ansible-playbook` on localhost, once per model URI, exactly as the release role's resolve.yml includes them."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import pytest
 from mlflow_testserver import MlflowServer
 
 ROOT = Path(__file__).resolve().parents[3]
-TASKS = ROOT / "playbooks" / "tasks" / "deploy_resolve_registry.yml"
+TASKS = ROOT / "roles" / "release" / "tasks" / "resolve_registry.yml"
 REV_V = "a" * 40  # on the model version
 MD5_V = "aaaa0000aaaa0000aaaa0000aaaa0000.dir"
 REV_R = "b" * 40  # on the run
@@ -111,15 +111,15 @@ def resolved(registry, tmp_path_factory):
     )
     play = [
         {
-            "name": "Resolve registry models as deploy.yml does",
+            "name": "Resolve registry models as the release role does",
             "hosts": "localhost",
             "connection": "local",
             "gather_facts": False,
             "vars": {
-                "_release_tracking_uri": url + "/",
-                "_release_tracking_headers": {},
-                "_release_tracking_timeout": 10,
-                "_release_model_name": "",
+                "deploy_tracking_uri": url + "/",
+                "deploy_tracking_headers": {},
+                "deploy_tracking_timeout_s": 10,
+                "deploy_model_name": "",
                 "_release_live_model": {},
             },
             "tasks": [
