@@ -9,8 +9,9 @@ from __future__ import annotations
 
 class ModuleDocFragment:
     # Options that name a part of the sovereign.mlops.traffic_switch role's HAProxy on the host, for every module
-    # that reads or writes it. The defaults are the role's defaults; the modules' argument specs must keep them.
-    # A module may override one key of an option (a default, a description) in its own DOCUMENTATION.
+    # that reads or writes it. They have no default in the argument spec: the value comes from the module's
+    # `contract` option (the host contract) when not given, else the role's default named here. An option a
+    # module writes in its own DOCUMENTATION replaces the fragment's option whole.
 
     # The live-color entry: sovereign.mlops.traffic_switch_map_file and traffic_switch_map_key.
     DOCUMENTATION = r"""
@@ -19,13 +20,13 @@ options:
     description:
       - The traffic switch's live-color map file, exactly as written in C(haproxy.cfg)'s C(map()) converter (the
         C(sovereign.mlops.traffic_switch) role's C(traffic_switch_map_file)).
+      - Default from O(contract) (C(traffic_switch.map_file)), else C(/etc/haproxy/sovereign/live.map).
     type: path
-    default: /etc/haproxy/sovereign/live.map
   map_key:
     description:
       - The key of the live-color entry in O(map_file) (the role's C(traffic_switch_map_key)).
+      - Default from O(contract) (C(traffic_switch.map_key)), else C(live).
     type: str
-    default: live
 """
 
     # HAProxy's runtime API: sovereign.mlops.traffic_switch_admin_socket.
@@ -35,6 +36,6 @@ options:
     description:
       - Path of HAProxy's admin socket (C(stats socket ... level admin)), the C(sovereign.mlops.traffic_switch)
         role's C(traffic_switch_admin_socket).
+      - Default from O(contract) (C(traffic_switch.admin_socket)), else C(/run/haproxy/admin.sock).
     type: path
-    default: /run/haproxy/admin.sock
 """

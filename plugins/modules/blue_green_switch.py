@@ -40,17 +40,14 @@ options:
     description:
       - Where each color's runtime listens, used for the direct health check.
       - Each value is a mapping with C(port) (required) and C(host) (default C(127.0.0.1)).
+      - Default from O(contract) (C(runtime.colors), each color's C(host) and C(port)), else
+        C({blue: {port: 8001}, green: {port: 8002}}).
     type: dict
-    default:
-      blue:
-        port: 8001
-      green:
-        port: 8002
   health_path:
     description:
       - Readiness path of the runtime (Open Inference Protocol C(/v2/health/ready)); must answer 200.
+      - Default from O(contract) (C(traffic_switch.health_path)), else C(/v2/health/ready).
     type: str
-    default: /v2/health/ready
   health_timeout:
     description:
       - Seconds to wait for the direct health check to answer.
@@ -59,8 +56,8 @@ options:
   frontend_url:
     description:
       - Base URL of the switch's frontend, used to confirm that new requests reach O(color).
+      - Default from O(contract) (C(traffic_switch.frontend.url)), else C(http://127.0.0.1:8000).
     type: str
-    default: http://127.0.0.1:8000
   confirm_path:
     description:
       - Path requested through the frontend to confirm the switch. Defaults to O(health_path).
@@ -96,6 +93,12 @@ options:
       - Seconds to wait for HAProxy to answer one admin-socket command.
     type: float
     default: 5
+  contract:
+    description:
+      - The host contract, C(ansible_local.sovereign) (see M(sovereign.mlops.host_contract) and
+        C(docs/architecture.md)). O(admin_socket), O(map_file), O(map_key), O(colors), O(health_path) and
+        O(frontend_url) default from it when not given; an option given explicitly wins.
+    type: dict
 attributes:
   check_mode:
     support: full
@@ -212,6 +215,7 @@ from ansible_collections.sovereign.mlops.plugins.module_utils._haproxy import (
     server_status,
     set_map_value,
 )
+from ansible_collections.sovereign.mlops.plugins.module_utils._host_contract import resolve, runtime_colors
 from ansible_collections.sovereign.mlops.plugins.module_utils._ledger import utc_now_iso
 from ansible_collections.sovereign.mlops.plugins.module_utils._oip import (
     TRANSPORT_ERRORS,
@@ -223,6 +227,16 @@ from ansible_collections.sovereign.mlops.plugins.module_utils._oip import (
 from ansible_collections.sovereign.mlops.plugins.module_utils._switch_lock import LockTimeout, SwitchLock
 
 COLORS = ("blue", "green")
+
+# Options that default from the host contract (docs/architecture.md, "Host contract"), then to these values.
+CONTRACT_DEFAULTS = dict(
+    admin_socket=(("traffic_switch", "admin_socket"), "/run/haproxy/admin.sock"),
+    map_file=(("traffic_switch", "map_file"), "/etc/haproxy/sovereign/live.map"),
+    map_key=(("traffic_switch", "map_key"), "live"),
+    colors=(runtime_colors, dict(blue=dict(port=8001), green=dict(port=8002))),
+    health_path=(("traffic_switch", "health_path"), "/v2/health/ready"),
+    frontend_url=(("traffic_switch", "frontend", "url"), "http://127.0.0.1:8000"),
+)
 
 
 class NullLock:
@@ -493,13 +507,13 @@ def main():
     module = AnsibleModule(
         argument_spec=dict(
             color=dict(type="str", required=True, choices=list(COLORS)),
-            admin_socket=dict(type="path", default="/run/haproxy/admin.sock"),
-            map_file=dict(type="path", default="/etc/haproxy/sovereign/live.map"),
-            map_key=dict(type="str", default="live", no_log=False),
-            colors=dict(type="dict", default=dict(blue=dict(port=8001), green=dict(port=8002))),
-            health_path=dict(type="str", default="/v2/health/ready"),
+            admin_socket=dict(type="path"),
+            map_file=dict(type="path"),
+            map_key=dict(type="str", no_log=False),
+            colors=dict(type="dict"),
+            health_path=dict(type="str"),
             health_timeout=dict(type="float", default=5.0),
-            frontend_url=dict(type="str", default="http://127.0.0.1:8000"),
+            frontend_url=dict(type="str"),
             confirm_path=dict(type="str"),
             confirm_requests=dict(type="int", default=3),
             confirm_timeout=dict(type="float", default=10.0),
@@ -507,10 +521,12 @@ def main():
             lock_path=dict(type="path", default="/run/sovereign/blue_green_switch.lock"),
             lock_timeout=dict(type="float", default=60.0),
             socket_timeout=dict(type="float", default=5.0),
+            contract=dict(type="dict"),
         ),
         supports_check_mode=True,
     )
     p = module.params
+    resolve(p, p["contract"], CONTRACT_DEFAULTS)
     for name in ("health_timeout", "confirm_timeout", "drain_timeout", "lock_timeout", "socket_timeout"):
         if p[name] < 0:
             module.fail_json(msg=f"{name} must be >= 0, got {p[name]}")

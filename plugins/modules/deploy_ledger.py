@@ -32,8 +32,8 @@ options:
   path:
     description:
       - The ledger (JSON lines). Its directory is created when missing.
+      - Default from O(contract) (C(release.ledger)), else C(/var/lib/sovereign/deployments.jsonl).
     type: path
-    default: /var/lib/sovereign/deployments.jsonl
   record:
     description:
       - The record to append. Keys are free; the playbooks write C(action), C(who), C(time), C(host), C(color),
@@ -57,13 +57,21 @@ options:
   metrics_path:
     description:
       - The node_exporter textfile to rewrite. V("") writes none.
+      - Default from O(contract) (C(release.metrics_file)), else
+        C(/var/lib/prometheus/node-exporter/sovereign_deploy.prom).
     type: path
-    default: /var/lib/prometheus/node-exporter/sovereign_deploy.prom
   config_dir:
     description:
       - Where the runtime's C(<color>.model.env) files are (C(inference_runtime_config_dir)).
+      - Default from O(contract) (C(runtime.config_dir)), else C(/etc/sovereign/runtime). With a contract, each
+        color's model file is its C(runtime.colors.<color>.model_env) unless O(config_dir) is given.
     type: path
-    default: /etc/sovereign/runtime
+  contract:
+    description:
+      - The host contract, C(ansible_local.sovereign) (see M(sovereign.mlops.host_contract) and
+        C(docs/architecture.md)). O(path), O(metrics_path), O(config_dir), O(map_file) and O(map_key) default from
+        it when not given; an option given explicitly wins.
+    type: dict
 attributes:
   check_mode:
     support: full
@@ -142,6 +150,7 @@ import traceback
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible_collections.sovereign.mlops.plugins.module_utils._deploy_metrics import metrics_registry, write_metrics
 from ansible_collections.sovereign.mlops.plugins.module_utils._files import map_value, read_text
+from ansible_collections.sovereign.mlops.plugins.module_utils._host_contract import get, resolve
 from ansible_collections.sovereign.mlops.plugins.module_utils._ledger import (
     LINEAGE_FIELDS,
     append_record,
@@ -152,6 +161,15 @@ from ansible_collections.sovereign.mlops.plugins.module_utils._ledger import (
     read_ledger,
 )
 
+# Options that default from the host contract (docs/architecture.md, "Host contract"), then to these values.
+CONTRACT_DEFAULTS = dict(
+    path=(("release", "ledger"), "/var/lib/sovereign/deployments.jsonl"),
+    metrics_path=(("release", "metrics_file"), "/var/lib/prometheus/node-exporter/sovereign_deploy.prom"),
+    config_dir=(("runtime", "config_dir"), "/etc/sovereign/runtime"),
+    map_file=(("traffic_switch", "map_file"), "/etc/haproxy/sovereign/live.map"),
+    map_key=(("traffic_switch", "map_key"), "live"),
+)
+
 # _deploy_metrics imports prometheus_client lazily, only to write metrics; here we only look for it.
 HAS_PROMETHEUS = importlib.util.find_spec("prometheus_client") is not None
 
@@ -159,18 +177,25 @@ HAS_PROMETHEUS = importlib.util.find_spec("prometheus_client") is not None
 def main():
     module = AnsibleModule(
         argument_spec=dict(
-            path=dict(type="path", default="/var/lib/sovereign/deployments.jsonl"),
+            path=dict(type="path"),
             record=dict(type="dict"),
             tail=dict(type="int", default=0),
             refresh_metrics=dict(type="bool", default=False),
-            metrics_path=dict(type="path", default="/var/lib/prometheus/node-exporter/sovereign_deploy.prom"),
-            config_dir=dict(type="path", default="/etc/sovereign/runtime"),
-            map_file=dict(type="path", default="/etc/haproxy/sovereign/live.map"),
-            map_key=dict(type="str", default="live", no_log=False),
+            metrics_path=dict(type="path"),
+            config_dir=dict(type="path"),
+            map_file=dict(type="path"),
+            map_key=dict(type="str", no_log=False),
+            contract=dict(type="dict"),
         ),
         supports_check_mode=True,
     )
     p = module.params
+    source = resolve(p, p["contract"], CONTRACT_DEFAULTS)
+    # The contract names each color's model file; an explicit config_dir means the caller's layout instead.
+    model_envs = None
+    if source["config_dir"] == "contract":
+        colors = get(p["contract"], "runtime", "colors") or {}
+        model_envs = {c: spec.get("model_env") for c, spec in colors.items() if isinstance(spec, dict)}
     if p["tail"] < 0:
         module.fail_json(msg="tail must be >= 0, got {}".format(p["tail"]))
     record = p["record"]
@@ -202,7 +227,7 @@ def main():
         if record is not None and module.check_mode:
             records.append(record)
         live = map_value(read_text(p["map_file"]), p["map_key"])
-        models = color_models(p["config_dir"])
+        models = color_models(p["config_dir"], paths=model_envs)
         for model in models.values():
             if model is not None:
                 model["golden"] = read_golden(model["golden_file"])

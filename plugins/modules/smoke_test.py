@@ -32,8 +32,19 @@ options:
   url:
     description:
       - Base URL of the runtime, for example C(http://127.0.0.1:8002) for green's own port.
+      - Required unless O(contract) and O(color) are given, which default it to that color's own host and port
+        (C(runtime.colors.<color>)).
     type: str
-    required: true
+  color:
+    description:
+      - The color to test on its own port, looked up in O(contract). Ignored when O(url) is given.
+    type: str
+    choices: [blue, green]
+  contract:
+    description:
+      - The host contract, C(ansible_local.sovereign) (see M(sovereign.mlops.host_contract) and
+        C(docs/architecture.md)); with O(color) it gives O(url).
+    type: dict
   model_name:
     description:
       - Name of the model, as in the OIP paths.
@@ -199,6 +210,7 @@ checks:
 import json
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.sovereign.mlops.plugins.module_utils._host_contract import http_url, runtime_colors
 from ansible_collections.sovereign.mlops.plugins.module_utils._oip import (
     TRANSPORT_ERRORS,
     HTTPClient,
@@ -488,7 +500,9 @@ class SmokeTest:
 def main():
     module = AnsibleModule(
         argument_spec=dict(
-            url=dict(type="str", required=True),
+            url=dict(type="str"),
+            color=dict(type="str", choices=["blue", "green"]),
+            contract=dict(type="dict"),
             model_name=dict(type="str", required=True),
             requests=dict(type="int", default=20),
             warmup=dict(type="int", default=2),
@@ -506,6 +520,16 @@ def main():
         supports_check_mode=True,
     )
     p = module.params
+    if p["url"] is None:
+        spec = (runtime_colors(p["contract"]) or {}).get(p["color"]) if p["color"] else None
+        if not spec or spec.get("port") is None:
+            had = f"a contract without runtime.colors.{p['color']}" if p["contract"] else "no contract"
+            module.fail_json(
+                msg="give url, or color and a contract that has that color (contract: "
+                '"{{ ansible_local.sovereign }}", published by the inference_runtime role); got no url, color '
+                f"{p['color']!r} and {had}."
+            )
+        p["url"] = http_url(spec["host"], spec["port"])
     if p["requests"] < 1:
         module.fail_json(msg="requests must be >= 1, got {}".format(p["requests"]))
     if p["warmup"] < 0:

@@ -614,3 +614,30 @@ def test_no_failed_request_across_reloads_under_load(make_env, capsys):
             client.join(10)
     assert [c.failures for c in clients] == [[], [], []]
     assert env.runtime_color() == "green"
+
+
+def test_switch_with_only_the_host_contract(make_env, capsys):
+    """color + contract: the admin socket, map file, the colors' ports and the frontend URL all come from the host
+    contract (here on high ports and temp paths, so a built-in default would not reach this HAProxy)."""
+    env = make_env()
+    _wait_up(env)
+    contract = dict(
+        version=1,
+        runtime=dict(colors=dict(blue=dict(host="127.0.0.1", port=env.blue.port), green=dict(port=env.green.port))),
+        traffic_switch=dict(
+            admin_socket=env.admin_socket,
+            map_file=env.map_file,
+            map_key="live",
+            health_path="/v2/health/ready",
+            frontend=dict(address="127.0.0.1", port=env.frontend_port, url=f"http://127.0.0.1:{env.frontend_port}"),
+        ),
+    )
+    args = dict(color="green", contract=contract, lock_path=env.lock_path, drain_timeout=10, confirm_timeout=3)
+    result = run_module(blue_green_switch.main, args, capsys)
+    assert not result.get("failed"), result
+    assert result["changed"] is True
+    assert result["confirmed_requests"] == 3
+    assert env.runtime_color() == "green"
+    assert "live green" in env.file_text()
+    again = run_module(blue_green_switch.main, args, capsys)
+    assert again["changed"] is False

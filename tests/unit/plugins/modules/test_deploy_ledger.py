@@ -247,3 +247,57 @@ def test_rollback_records_the_target_colors_data_version(host, capsys):
 )
 def test_epoch_from_iso(text, epoch):
     assert _ledger.epoch_from_iso(text) == epoch
+
+
+def _contract(root):
+    """A host contract whose layout differs from every built-in default (as a role with changed defaults
+    publishes it)."""
+    return dict(
+        version=1,
+        runtime=dict(
+            config_dir=str(root / "cfg"),
+            colors=dict(
+                blue=dict(host="127.0.0.1", port=9101, model_env=str(root / "cfg" / "b" / "model.env")),
+                green=dict(host="127.0.0.1", port=9102, model_env=str(root / "cfg" / "g" / "model.env")),
+            ),
+        ),
+        traffic_switch=dict(map_file=str(root / "maps" / "colors.map"), map_key="current"),
+        release=dict(ledger=str(root / "state" / "ledger.jsonl"), metrics_file=str(root / "prom" / "deploy.prom")),
+    )
+
+
+@pytest.fixture
+def moved_host(tmp_path):
+    for color, version in (("b", "3"), ("g", "4")):
+        (tmp_path / "cfg" / color).mkdir(parents=True)
+        (tmp_path / "cfg" / color / "model.env").write_text(MODEL_ENV.format(v=version))
+    (tmp_path / "maps").mkdir()
+    (tmp_path / "maps" / "colors.map").write_text("live blue\ncurrent green\n")
+    return tmp_path
+
+
+def test_paths_default_from_the_contract(moved_host, capsys):
+    """Only the contract is given: the ledger, metrics, map file and key and each color's model file come from
+    it, none from the built-in defaults."""
+    contract = _contract(moved_host)
+    record = dict(RECORD, result="success", time="2026-03-01T12:00:00Z")
+    result = run_module(deploy_ledger.main, dict(contract=contract, record=record, tail=1), capsys)
+    assert not result.get("failed"), result
+    assert result["live_color"] == "green"  # the 'current' key, not 'live'
+    assert (result["models"]["blue"]["version"], result["models"]["green"]["version"]) == ("3", "4")
+    assert result["records"][0]["who"] == "alice@ctl"
+    assert (moved_host / "state" / "ledger.jsonl").read_text().count("\n") == 1
+    prom = (moved_host / "prom" / "deploy.prom").read_text()
+    assert 'sovereign_deploy_live_color{color="green"} 1.0' in prom
+    assert 'sovereign_deploy_model_info{color="blue",model="demo",version="3"} 1.0' in prom
+
+
+def test_explicit_options_win_over_the_contract(moved_host, host, capsys):
+    """The old callers' arguments keep their meaning when a contract is passed too."""
+    args = _args(host, contract=_contract(moved_host), map_key="live", tail=0, refresh_metrics=True)
+    result = run_module(deploy_ledger.main, args, capsys)
+    assert not result.get("failed"), result
+    assert result["live_color"] == "green"  # live.map's 'live', not colors.map's 'current'
+    assert (result["models"]["blue"]["version"], result["models"]["green"]["version"]) == ("1", "2")
+    assert (host / "textfile" / "sovereign_deploy.prom").exists()
+    assert not (moved_host / "prom").exists()

@@ -356,3 +356,37 @@ def test_split_url(url, expected):
 def test_split_url_rejects(url):
     with pytest.raises(_oip.URLError):
         _oip.split_url(url)
+
+
+def _contract(port):
+    return dict(version=1, runtime=dict(colors=dict(green=dict(host="0.0.0.0", port=port), blue=dict(port=1))))
+
+
+def test_url_from_the_contract(capsys):
+    """color + contract: the runtime's own host and port from the host contract (a wildcard host: loopback)."""
+    server = OIPServer(mode="correct").start()
+    try:
+        args = dict(model_name="double", color="green", contract=_contract(server.port), golden=GOLDEN, **GENEROUS)
+        result = run_module(smoke_test.main, args, capsys)
+    finally:
+        server.stop()
+    assert not result.get("failed"), result
+    assert result["url"] == f"http://127.0.0.1:{server.port}"
+    assert result["requests"] == 20
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (dict(), "no contract"),
+        (dict(color="green"), "no contract"),
+        (dict(contract=_contract(9)), "color None"),
+        (dict(color="green", contract=dict(version=1)), "a contract without runtime.colors.green"),
+    ],
+    ids=["nothing", "color-only", "contract-only", "color-missing-in-contract"],
+)
+def test_url_or_contract_and_color_required(capsys, args, fragment):
+    result = run_module(smoke_test.main, dict(model_name="double", **args), capsys)
+    assert result["failed"] is True
+    assert "give url, or color and a contract" in result["msg"]
+    assert fragment in result["msg"], result["msg"]
