@@ -475,7 +475,7 @@ def test_fault_runtime_that_cannot_reach_its_registry_is_named(host, mlflow_serv
         },
     )
     assert rc != 0
-    message = out.split("Last journal lines")[0]  # the readiness part, before the journal quoted after it
+    message = out.split("Last journal lines", maxsplit=1)[0]  # the readiness part, before the journal quoted after it
     assert "green did not become ready" in message, message[-3000:]
     assert "the runtime reports state 'failed'" in message, message[-3000:]
     assert "127.0.0.1:9" in message, message[-3000:]

@@ -41,7 +41,9 @@ def _exited_pid():
 
 def _started(pid):
     return " ".join(
-        subprocess.run(["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True, text=True).stdout.split()
+        subprocess.run(
+            ["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True, text=True, check=False
+        ).stdout.split()
     )
 
 
