@@ -40,11 +40,8 @@ def _exited_pid():
 
 
 def _started(pid):
-    return " ".join(
-        subprocess.run(
-            ["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True, text=True, check=False
-        ).stdout.split()
-    )
+    ps = subprocess.run(["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True, text=True, check=True)
+    return " ".join(ps.stdout.split())
 
 
 # lock info -> verdict, seen from controller HOST
