@@ -33,7 +33,7 @@ MODELS = "/var/lib/sovereign/models"
 LEDGER = "/var/lib/sovereign/deployments.jsonl"
 METRICS = "/var/lib/prometheus/node-exporter/sovereign_deploy.prom"
 LOCK = "/var/lib/sovereign/deploy.lock"
-MAP = "/etc/haproxy/sovereign/live.map"
+FACT = "/etc/ansible/facts.d/sovereign.fact"
 LOADGEN = "/usr/local/lib/sovereign-loadgen.py"
 # The lineage a deploy records (roles/release/tasks/resolve_*.yml): a git commit and a DVC directory md5.
 DATA_REV = "1" * 40
@@ -64,8 +64,31 @@ def play(name, extra=None, timeout=600, check=False):
     return proc.returncode, " ".join(out.replace("\\n", " ").split()), seconds
 
 
+_WHERE = {}
+
+
+def where(host):
+    """The host's paths and ports as its contract fact says (inference_runtime and traffic_switch publish it; the
+    converge sets non-default ones), the roles' old defaults only where the fact is absent. Read once: converged
+    values do not change during the tests."""
+    if host.backend.name not in _WHERE:
+        f = host.file(FACT)
+        fact = json.loads(f.content_string) if f.exists else {}
+        runtime, switch = fact.get("runtime", {}), fact.get("traffic_switch", {})
+        colors = runtime.get("colors", {})
+        config_dir = runtime.get("config_dir", "/etc/sovereign/runtime")
+        _WHERE[host.backend.name] = dict(
+            fact=fact,
+            map_file=switch.get("map_file", "/etc/haproxy/sovereign/live.map"),
+            admin_socket=switch.get("admin_socket", "/run/haproxy/admin.sock"),
+            ports={c: int(colors.get(c, {}).get("port", d)) for c, d in (("blue", 8001), ("green", 8002))},
+            model_env={c: colors.get(c, {}).get("model_env", f"{config_dir}/{c}.model.env") for c in ("blue", "green")},
+        )
+    return _WHERE[host.backend.name]
+
+
 def live_color(host):
-    return host.file(MAP).content_string.split()[-1]
+    return host.file(where(host)["map_file"]).content_string.split()[-1]
 
 
 def frontend(host):
@@ -109,9 +132,9 @@ def stop_load(host, name):
 def snapshot(host):
     """Everything a refused deploy must leave alone."""
     return dict(
-        map=host.file(MAP).content_string,
-        blue_env=host.file("/etc/sovereign/runtime/blue.model.env").content_string,
-        green_env=host.file("/etc/sovereign/runtime/green.model.env").content_string,
+        map=host.file(where(host)["map_file"]).content_string,
+        blue_env=host.file(where(host)["model_env"]["blue"]).content_string,
+        green_env=host.file(where(host)["model_env"]["green"]).content_string,
         green_started=host.check_output(
             "systemctl show -p ActiveEnterTimestampMonotonic --value sovereign-runtime@green"
         ),
@@ -487,8 +510,8 @@ def test_fault_runtime_that_cannot_reach_its_registry_is_named(host, mlflow_serv
 def runtime_map_color(host):
     """The live color HAProxy routes to now (its runtime map, through the admin socket), not the map file's."""
     script = (
-        "import socket; s = socket.socket(socket.AF_UNIX); s.connect('/run/haproxy/admin.sock'); "
-        f"s.sendall(b'show map {MAP}\\n'); print(s.makefile().read())"
+        f"import socket; s = socket.socket(socket.AF_UNIX); s.connect('{where(host)['admin_socket']}'); "
+        f"s.sendall(b'show map {where(host)['map_file']}\\n'); print(s.makefile().read())"
     )
     out = host.check_output(f'python3 -c "{script}"')
     return next(line.split()[-1] for line in out.splitlines() if " live " in f" {line} ")
@@ -677,7 +700,7 @@ def test_sovereign_ops_over_ssh(host, ssh_inventory):
     models = {
         color: dict(
             line.split("=", 1)
-            for line in host.file(f"/etc/sovereign/runtime/{color}.model.env").content_string.splitlines()
+            for line in host.file(where(host)["model_env"][color]).content_string.splitlines()
             if line.startswith("SOVEREIGN_RUNTIME_MODEL_")
         )
         for color in ("blue", "green")
