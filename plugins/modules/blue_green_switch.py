@@ -52,8 +52,8 @@ options:
     description:
       - Where each color's runtime listens, used for the direct health check.
       - Each value is a mapping with C(port) (required) and C(host) (default C(127.0.0.1)).
-      - Default from O(contract) (C(runtime.colors), each color's C(host) and C(port)), else
-        C({blue: {port: 8001}, green: {port: 8002}}).
+      - "Default from O(contract) (C(runtime.colors), each color's C(host) and C(port)), else
+        C({blue: {port: 8001}, green: {port: 8002}})."
     type: dict
   health_path:
     description:
