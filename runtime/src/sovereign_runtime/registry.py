@@ -28,7 +28,8 @@ from urllib.parse import urlsplit
 
 MAX_DELAY_S = 15.0
 _sleep = time.sleep  # looked up at each wait (tests record the waits instead of waiting)
-_STATUS_IN_TEXT = re.compile(r"error code (\d{3})")
+# MLflow's text for a non-JSON error response; urllib3's when a retryable status used up its retries (0).
+_STATUS_IN_TEXT = re.compile(r"error code (\d{3})|too many (\d{3}) error responses")
 
 
 class RegistryError(Exception):
@@ -90,12 +91,15 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 
 
 def _http_status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)  # requests.HTTPError (artifact downloads)
+    if isinstance(getattr(response, "status_code", None), int):
+        return response.status_code
     code = getattr(exc, "error_code", None)
     if code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
         return 401 if code == "UNAUTHENTICATED" else 403
-    m = _STATUS_IN_TEXT.search(str(exc))  # MLflow's text for a non-JSON error response
+    m = _STATUS_IN_TEXT.search(str(exc))
     if m:
-        return int(m.group(1))
+        return int(m.group(1) or m.group(2))
     if type(exc).__name__ == "RestException" and hasattr(exc, "get_http_status_code"):
         return int(exc.get_http_status_code())
     return None
@@ -117,9 +121,7 @@ def diagnose(exc: BaseException, timeout_s: float) -> Cause | None:
         name = type(item).__name__
         if isinstance(item, TimeoutError) or name in ("Timeout", "ReadTimeout", "ConnectTimeout", "ReadTimeoutError"):
             return Cause(f"no answer within {timeout_s:g} s", True, "timeout")
-    for item in chain:
-        if isinstance(item, OSError):
-            return Cause(f"network error ({item})", True, "network")
+    # The server answered with an HTTP error (requests' HTTPError is an OSError too: look at it first).
     for item in chain:
         status = _http_status(item)
         if status in (401, 403):
@@ -129,6 +131,11 @@ def diagnose(exc: BaseException, timeout_s: float) -> Cause | None:
             )
         if status is not None and (status >= 500 or status == 429):
             return Cause(f"HTTP {status} from the server", True, "http")
+        if status is not None:
+            return None  # 404 and the like: about the request, not the server
+    for item in chain:
+        if isinstance(item, OSError):
+            return Cause(f"network error ({item})", True, "network")
     return None
 
 

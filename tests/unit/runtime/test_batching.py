@@ -193,3 +193,15 @@ def test_cancelled_queued_request_is_counted_once(loaded, client_for):
     queued, after_cancel, after_flush, left, resp = asyncio.run(go())
     assert queued == (1, 1) and after_cancel == 0 and after_flush == 0 and left == 0
     assert resp.status == 200 and engine.waiting == 0
+
+
+def test_chaos_is_a_wrapper_installed_only_when_asked(loaded):
+    import inspect
+
+    from sovereign_runtime.engine import Engine
+
+    plain = make_engine(loaded["mlflow_pt2"])
+    assert "infer" not in vars(plain)  # the class's own infer: the production path
+    assert "chaos" not in inspect.getsource(Engine.infer)  # and it has no chaos branch
+    chaotic = make_engine(loaded["mlflow_pt2"], chaos_latency_ms=1)
+    assert vars(chaotic)["infer"].__module__ == "sovereign_runtime.chaos"

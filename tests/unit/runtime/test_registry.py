@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import warnings
 
 import pytest
@@ -78,5 +79,8 @@ def test_registry_uris_resolve_once(mlflow_server, models, tmp_path, client_for,
         assert f'version="{version}"' in info and 'model="tiny"' in info and 'color="green"' in info
 
     for uri, words in (("models:/tiny@nobody", "nobody"), ("models:/absent/1", "absent")):
-        with pytest.raises(ModelLoadError, match=words):
+        t0 = time.monotonic()
+        with pytest.raises(ModelLoadError, match=words) as info:
             prepare(Engine(Settings(model_uri=uri, tracking_uri=mlflow_server.url)))
+        # the server answered "no such thing": not retried (the schedule would wait 30 s)
+        assert time.monotonic() - t0 < 10 and str(info.value).startswith("could not fetch")

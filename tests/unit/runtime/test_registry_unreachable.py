@@ -102,19 +102,19 @@ def test_mlflow_does_not_retry_on_its_own():
     assert calls[0]["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0" and calls[0]["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "4"
 
 
-class _AuthServer(ThreadingHTTPServer):
+class _StatusServer(ThreadingHTTPServer):
     """A loopback HTTP server answering every request like MLflow's basic-auth app does without (401) or
-    with insufficient (403) credentials."""
+    with insufficient (403) credentials, or like an overloaded proxy in front of it (503)."""
 
     def __init__(self, status: int) -> None:
         outer_status = status
 
         class Handler(BaseHTTPRequestHandler):
             def _answer(self):
-                if outer_status == 401:
-                    body = b"You are not authenticated. Please see the MLflow docs on how to authenticate."
-                else:
-                    body = b"Permission denied"
+                body = {
+                    401: b"You are not authenticated. Please see the MLflow docs on how to authenticate.",
+                    403: b"Permission denied",
+                }.get(outer_status, b"Service Unavailable")
                 self.send_response(outer_status)
                 if outer_status == 401:
                     self.send_header("WWW-Authenticate", 'Basic realm="mlflow"')
@@ -134,7 +134,7 @@ class _AuthServer(ThreadingHTTPServer):
 
 @pytest.mark.parametrize("status", [401, 403])
 def test_refused_credentials_fail_at_once(status, fetch_with):
-    server = _AuthServer(status)
+    server = _StatusServer(status)
     try:
         port = server.server_address[1]
         err, retries, sleeps = fetch_with(f"http://127.0.0.1:{port}", attempts=6)
@@ -181,3 +181,15 @@ def test_serve_says_why_it_is_not_ready_then_fails_and_exits_1():
         assert final["error"] == failed["reason"]
     finally:
         stop(proc)
+
+
+def test_server_errors_are_retried(fetch_with):
+    server = _StatusServer(503)
+    try:
+        port = server.server_address[1]
+        err, retries, sleeps = fetch_with(f"http://127.0.0.1:{port}", attempts=3)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert sleeps == [1, 2] and [r[1]["cause"] for r in retries] == ["http", "http"]
+    assert f"127.0.0.1:{port}: HTTP 503 from the server" in str(err) and "gave up after 3 attempts" in str(err)
