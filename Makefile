@@ -55,7 +55,7 @@ sanity: ## ansible-test sanity on a copy laid out as ansible_collections/soverei
 
 # Two processes: importing ansible's module_utils patches sys.intern, which torch's compiler
 # rejects, so the collection's tests and the torch-based ones (runtime, examples) never share one.
-UNIT_GROUPS := "tests/unit/plugins tests/unit/ops tests/unit/playbooks" "tests/unit/runtime tests/unit/examples"
+UNIT_GROUPS := "tests/unit/plugins tests/unit/ops tests/unit/playbooks tests/unit/roles" "tests/unit/runtime tests/unit/examples"
 
 unit: ## pytest unit tests (modules, module_utils, CLI; runtime and examples in a second process)
 	@rc=0; for group in $(UNIT_GROUPS); do \

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-INSTANCE = "molecule-traffic-switch"
+INSTANCE = "molecule-traffic_switch"  # molecule-<scenario>: .config/molecule/config.yml
 ADMIN_SOCKET = "/run/haproxy/admin.sock"
 MAP_FILE = "/etc/haproxy/sovereign/live.map"
 FRONTEND = "http://127.0.0.1:8000"
