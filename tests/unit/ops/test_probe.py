@@ -124,7 +124,7 @@ def test_defaults_are_the_roles_defaults():
     """The fallback is 'what the roles did before the fact existed': it must equal their defaults."""
     runtime = yaml.safe_load((ROOT / "roles/inference_runtime/defaults/main.yml").read_text())
     switch = yaml.safe_load((ROOT / "roles/traffic_switch/defaults/main.yml").read_text())
-    ledger_doc = (ROOT / "plugins/modules/deploy_ledger.py").read_text()
+    release = yaml.safe_load((ROOT / "roles/release/defaults/main.yml").read_text())
     d = probe.DEFAULTS
     assert d["runtime"]["config_dir"] == runtime["inference_runtime_config_dir"]
     assert {c: v["port"] for c, v in d["runtime"]["colors"].items()} == runtime["inference_runtime_ports"]
@@ -132,7 +132,24 @@ def test_defaults_are_the_roles_defaults():
     assert d["traffic_switch"]["map_key"] == switch["traffic_switch_map_key"]
     assert d["traffic_switch"]["admin_socket"] == switch["traffic_switch_admin_socket"]
     assert d["traffic_switch"]["frontend"]["port"] == switch["traffic_switch_frontend_port"]
-    assert f"default: {d['release']['ledger']}" in ledger_doc
+    assert d["release"]["ledger"] == release["deploy_ledger_path"]
+
+
+@pytest.mark.parametrize(
+    "fact",
+    [
+        FACT,
+        {"runtime": {"colors": {"blue": {"port": 1}, "green": {"host": "::", "port": 2}}}},
+        {"runtime": {"colors": {"blue": {"host": "10.1.1.1", "port": 3}}}},
+    ],
+    ids=["full", "wildcards", "one-color"],
+)
+def test_colors_read_as_the_collection_reads_them(fact):
+    """The probe and the modules (module_utils/_host_contract.py) find the same host and port for each color."""
+    from ansible_collections.sovereign.mlops.plugins.module_utils import _host_contract
+
+    ours = {color: {"host": c["host"], "port": c["port"]} for color, c in probe.resolve(fact)["colors"].items()}
+    assert ours == _host_contract.runtime_colors(fact)
 
 
 @pytest.mark.parametrize(

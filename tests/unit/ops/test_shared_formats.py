@@ -5,28 +5,12 @@ tables hold both readers to the same answers; change both, or neither."""
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import pytest
+from ansible_collections.sovereign.mlops.plugins.module_utils import _files as FILES
 from ansible_collections.sovereign.mlops.plugins.module_utils import _ledger
 from sovereign_ops import fleet, probe
-
-
-def _collection_files():
-    """The collection's map/env readers: module_utils/_files.py once the helpers are split out (issue 10),
-    module_utils/_ledger.py before."""
-    try:
-        return importlib.import_module("ansible_collections.sovereign.mlops.plugins.module_utils._files")
-    except ImportError:
-        return _ledger
-
-
-FILES = _collection_files()
-# Cases where _ledger.py's older readers disagree with systemd and HAProxy (and with _files.py and the probe).
-OLD_READER = pytest.mark.xfail(
-    FILES is _ledger, strict=True, reason="module_utils/_ledger.py's reader predates _files.py"
-)
 
 DEPLOY = dict(
     action="deploy",
@@ -104,7 +88,7 @@ MAPS = [
     pytest.param("current green\nlive blue\n", "current", id="other-key"),
     pytest.param("other blue\n", "live", id="absent"),
     pytest.param("", "live", id="empty"),
-    pytest.param("live\n", "live", id="key-without-value", marks=OLD_READER),
+    pytest.param("live\n", "live", id="key-without-value"),
 ]
 
 
@@ -119,7 +103,7 @@ ENVS = [
     pytest.param("SOVEREIGN_RUNTIME_MODEL_URI=models:/churn@champion\n", id="uri"),
     pytest.param("SOVEREIGN_RUNTIME_MODEL_NAME='churn model'\n", id="single-quoted"),
     pytest.param('SOVEREIGN_RUNTIME_MODEL_NAME="churn model"\n', id="double-quoted"),
-    pytest.param('SOVEREIGN_RUNTIME_MODEL_URI="/srv/m/\\"x\\".pt"\n', id="double-quoted-escapes", marks=OLD_READER),
+    pytest.param('SOVEREIGN_RUNTIME_MODEL_URI="/srv/m/\\"x\\".pt"\n', id="double-quoted-escapes"),
     pytest.param("A=1\nA=2\n", id="last-wins"),
     pytest.param("SOVEREIGN_RUNTIME_MODEL_VERSION=\n", id="empty-value"),
     pytest.param("no equals sign\nA=1\n", id="not-an-assignment"),
