@@ -149,6 +149,21 @@ def set_lock(host, holder, since, ttl):
     host.check_output(f"mkdir -p {LOCK} && printf '%s\\n' '{info}' > {LOCK}/info.json")
 
 
+# -- the host contract ----------------------------------------------------------------------------------------------
+
+
+def test_the_host_contract_names_non_default_ports_and_map_file(host):
+    """The converge gives the roles non-default ports and map file (molecule/release/converge.yml); every deploy,
+    rollback and sovereign-ops call below finds them only through the host contract fact."""
+    w = where(host)
+    assert w["fact"], f"{FACT} is missing: nothing published the host contract"
+    assert w["ports"] == {"blue": 8101, "green": 8102}, w
+    assert w["map_file"] == "/etc/haproxy/sovereign/release-test.map", w
+    for color, port in w["ports"].items():
+        assert host.run(f"curl -sf http://127.0.0.1:{port}/v2/health/live").rc == 0, f"{color} does not answer on {port}"
+    assert not host.file("/etc/haproxy/sovereign/live.map").exists
+
+
 # -- bad input changes nothing -------------------------------------------------------------------------------------
 
 
