@@ -160,7 +160,8 @@ def test_the_host_contract_names_non_default_ports_and_map_file(host):
     assert w["ports"] == {"blue": 8101, "green": 8102}, w
     assert w["map_file"] == "/etc/haproxy/sovereign/release-test.map", w
     for color, port in w["ports"].items():
-        assert host.run(f"curl -sf http://127.0.0.1:{port}/v2/health/live").rc == 0, f"{color} does not answer on {port}"
+        live = host.run(f"curl -sf http://127.0.0.1:{port}/v2/health/live")
+        assert live.rc == 0, f"{color} does not answer on {port}"
     assert not host.file("/etc/haproxy/sovereign/live.map").exists
 
 
