@@ -12,6 +12,7 @@ version_added: 0.1.0
 author: sovereign.mlops maintainers (!UNKNOWN)
 extends_documentation_fragment:
   - sovereign.mlops._attributes
+  - sovereign.mlops._host_contract
 description:
   - Sends O(requests) inference requests (C(POST {url}/v2/models/{model_name}/infer)) to one runtime, usually a
     color's own port (not the traffic switch), and checks, in this order
@@ -40,11 +41,6 @@ options:
       - The color to test on its own port, looked up in O(contract). Ignored when O(url) is given.
     type: str
     choices: [blue, green]
-  contract:
-    description:
-      - The host contract, C(ansible_local.sovereign) (see M(sovereign.mlops.host_contract) and
-        C(docs/architecture.md)); with O(color) it gives O(url).
-    type: dict
   model_name:
     description:
       - Name of the model, as in the OIP paths.
