@@ -25,3 +25,18 @@ attributes:
     details:
       - Linux hosts, with Python 3 (no module of this collection runs on Python 2). The tests run on Debian 12.
 """
+
+    # With DOCUMENTATION, for a module that changes nothing on the target (a probe, a wait, facts).
+    READ_ONLY = r"""
+options: {}
+attributes:
+  check_mode:
+    support: full
+    details:
+      - The module only reads (requests and files that change nothing on the target), so it runs the same in check
+        mode and returns the same result. C(changed) is always false.
+  diff_mode:
+    support: N/A
+    details:
+      - The module changes nothing.
+"""

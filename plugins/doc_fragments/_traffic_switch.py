@@ -9,9 +9,10 @@ from __future__ import annotations
 
 class ModuleDocFragment:
     # Options that name a part of the sovereign.mlops.traffic_switch role's HAProxy on the host, for every module
-    # that reads or writes it. They have no default in the argument spec: the value comes from the module's
-    # `contract` option (the host contract) when not given, else the role's default named here. An option a
-    # module writes in its own DOCUMENTATION replaces the fragment's option whole.
+    # that reads or writes it (with the _host_contract fragment). They have no default in the argument spec: the
+    # value comes from the module's `contract` option (the host contract) when not given, else the role's default
+    # named here. ansible-doc merges an option a module also writes in its own DOCUMENTATION key by key over this
+    # one (the module's keys win).
 
     # The live-color entry: sovereign.mlops.traffic_switch_map_file and traffic_switch_map_key.
     DOCUMENTATION = r"""

@@ -14,6 +14,7 @@ extends_documentation_fragment:
   - sovereign.mlops._attributes
   - sovereign.mlops._traffic_switch
   - sovereign.mlops._traffic_switch.admin_socket
+  - sovereign.mlops._host_contract
 description:
   - Flips the live color (C(blue) or C(green)) of one inference host's HAProxy traffic switch, as templated by
     the C(sovereign.mlops.traffic_switch) role (see docs/adr/0201-traffic-switch-haproxy-map.md).
@@ -93,12 +94,6 @@ options:
       - Seconds to wait for HAProxy to answer one admin-socket command.
     type: float
     default: 5
-  contract:
-    description:
-      - The host contract, C(ansible_local.sovereign) (see M(sovereign.mlops.host_contract) and
-        C(docs/architecture.md)). O(admin_socket), O(map_file), O(map_key), O(colors), O(health_path) and
-        O(frontend_url) default from it when not given; an option given explicitly wins.
-    type: dict
 attributes:
   check_mode:
     support: full

@@ -13,6 +13,7 @@ author: sovereign.mlops maintainers (!UNKNOWN)
 extends_documentation_fragment:
   - sovereign.mlops._attributes
   - sovereign.mlops._traffic_switch
+  - sovereign.mlops._host_contract
 description:
   - Appends one record (a JSON object on one line) to the host's deployment ledger, under an C(flock), fsync'd.
     The playbooks record every deploy and rollback, failed ones included (C(result=failed) and a C(reason)).
@@ -66,12 +67,6 @@ options:
       - Default from O(contract) (C(runtime.config_dir)), else C(/etc/sovereign/runtime). With a contract, each
         color's model file is its C(runtime.colors.<color>.model_env) unless O(config_dir) is given.
     type: path
-  contract:
-    description:
-      - The host contract, C(ansible_local.sovereign) (see M(sovereign.mlops.host_contract) and
-        C(docs/architecture.md)). O(path), O(metrics_path), O(config_dir), O(map_file) and O(map_key) default from
-        it when not given; an option given explicitly wins.
-    type: dict
 attributes:
   check_mode:
     support: full

@@ -12,6 +12,7 @@ version_added: 0.1.0
 author: sovereign.mlops maintainers (!UNKNOWN)
 extends_documentation_fragment:
   - sovereign.mlops._attributes
+  - sovereign.mlops._attributes.read_only
   - ansible.builtin.action_common_attributes.facts
 description:
   - Reads, never changes, what a host has in NVIDIA GPUs and returns it as the fact C(ansible_facts.sovereign_gpu)
@@ -70,12 +71,6 @@ options:
     type: int
     default: 30
 attributes:
-  check_mode:
-    support: full
-    details:
-      - The module only reads, so check mode changes nothing in what it does and returns.
-  diff_mode:
-    support: none
   facts:
     support: full
 notes:

@@ -12,6 +12,7 @@ version_added: 0.2.0
 author: sovereign.mlops maintainers (!UNKNOWN)
 extends_documentation_fragment:
   - sovereign.mlops._attributes
+  - sovereign.mlops._attributes.read_only
 description:
   - The two waits of the release role (C(roles/release), docs/adr/0501-release-flow.md), on the inference host.
   - O(watch=ready) polls C(GET {url}/v2/health/ready) of one color's own port until it answers 200, for at most
@@ -103,14 +104,6 @@ options:
       - Seconds allowed for each HTTP request.
     type: float
     default: 5
-attributes:
-  check_mode:
-    support: full
-    details:
-      - The module only reads (readiness polls and inference requests, which change nothing on the target), so it
-        runs the same in check mode. C(changed) is always false.
-  diff_mode:
-    support: none
 notes:
   - The watch's inference requests are real requests through the frontend; OIP inference is free of side effects.
 seealso:

@@ -12,6 +12,8 @@ version_added: 0.1.0
 author: sovereign.mlops maintainers (!UNKNOWN)
 extends_documentation_fragment:
   - sovereign.mlops._attributes
+  - sovereign.mlops._attributes.read_only
+  - sovereign.mlops._host_contract
 description:
   - Sends O(requests) inference requests (C(POST {url}/v2/models/{model_name}/infer)) to one runtime, usually a
     color's own port (not the traffic switch), and checks, in this order
@@ -40,11 +42,6 @@ options:
       - The color to test on its own port, looked up in O(contract). Ignored when O(url) is given.
     type: str
     choices: [blue, green]
-  contract:
-    description:
-      - The host contract, C(ansible_local.sovereign) (see M(sovereign.mlops.host_contract) and
-        C(docs/architecture.md)); with O(color) it gives O(url).
-    type: dict
   model_name:
     description:
       - Name of the model, as in the OIP paths.
@@ -111,13 +108,6 @@ options:
       - Extra HTTP headers sent with every request (for example an authorization header).
     type: dict
     default: {}
-attributes:
-  check_mode:
-    support: full
-    details:
-      - The module only sends read-only requests, so it runs normally in check mode and reports the same result.
-  diff_mode:
-    support: none
 notes:
   - The inference requests are real requests to the runtime; inference must be free of side effects (OIP
     inference is).

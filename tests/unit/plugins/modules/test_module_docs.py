@@ -31,6 +31,7 @@ SHARED_OPTIONS = {
     "map_file": "sovereign.mlops._traffic_switch",
     "map_key": "sovereign.mlops._traffic_switch",
     "admin_socket": "sovereign.mlops._traffic_switch.admin_socket",
+    "contract": "sovereign.mlops._host_contract",
 }
 
 
@@ -66,7 +67,7 @@ pytestmark = pytest.mark.skipif(not ANSIBLE_DOC, reason="ansible-doc is not inst
 
 def test_there_are_modules():
     assert len(MODULES) >= 5, MODULES
-    assert {p.name for p in FRAGMENTS.glob("_*.py")} >= {"_attributes.py", "_traffic_switch.py"}
+    assert {p.name for p in FRAGMENTS.glob("_*.py")} >= {"_attributes.py", "_host_contract.py", "_traffic_switch.py"}
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: p.stem)
