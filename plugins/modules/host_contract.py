@@ -10,6 +10,8 @@ module: host_contract
 short_description: Publish a role's section of the host contract (a JSON local fact)
 version_added: 0.2.0
 author: sovereign.mlops maintainers (!UNKNOWN)
+extends_documentation_fragment:
+  - sovereign.mlops._attributes
 description:
   - The host contract is one JSON local fact per host, O(path) (default C(/etc/ansible/facts.d/sovereign.fact)),
     read back as C(ansible_local.sovereign). The roles that create paths, ports and sockets publish them there once;
@@ -22,7 +24,6 @@ description:
     mode C(0644), not executable (an executable fact file would be run, not read). Its directory is created when
     missing. The text is stable (sorted keys), so publishing the same data again changes nothing.
   - After it, re-read the facts (M(ansible.builtin.setup) with C(filter=ansible_local)) or use RV(contract).
-  - Runs only on Python 3 (as do all modules of this collection).
 options:
   section:
     description:
@@ -57,12 +58,10 @@ options:
     default: /etc/ansible/facts.d/sovereign.fact
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details:
       - In check mode nothing is written; RV(contract) is what the file would hold.
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: full
     details:
       - The diff is the file's text before and after.
