@@ -103,3 +103,64 @@ def test_metrics_report_model_and_color(host, color, port):
     metrics = host.check_output(f"curl -sf http://127.0.0.1:{port}/metrics")
     assert "sovereign_runtime_requests_total" in metrics
     assert f'color="{color}"' in metrics
+
+
+CONTRACT = "/etc/ansible/facts.d/sovereign.fact"
+
+
+def _contract(host):
+    f = host.file(CONTRACT)
+    # Ansible's setup reads a non-executable .fact file as JSON (an executable one it would run).
+    assert (f.user, f.group, f.mode) == ("root", "root", 0o644)
+    return json.loads(f.content_string)
+
+
+def test_host_contract_has_the_runtime_section(host):
+    runtime = _contract(host)["runtime"]
+    assert runtime["config_dir"] == "/etc/sovereign/runtime"
+    assert runtime["install_dir"] == "/opt/sovereign/runtime"
+    assert runtime["health_path"] == "/v2/health/ready"
+    assert sorted(runtime["colors"]) == sorted(COLORS)
+
+
+@pytest.mark.parametrize(("color", "port"), COLORS.items())
+def test_host_contract_color_is_what_runs(host, color, port):
+    """Every path and port the contract names is the one the running color really uses."""
+    spec = _contract(host)["runtime"]["colors"][color]
+    assert spec == {
+        "host": "127.0.0.1",
+        "port": port,
+        "unit": f"sovereign-runtime@{color}.service",
+        "env_file": f"/etc/sovereign/runtime/{color}.env",
+        "model_env": f"/etc/sovereign/runtime/{color}.model.env",
+        "venv": f"/opt/sovereign/runtime/{color}",
+    }
+    assert host.service(spec["unit"].removesuffix(".service")).is_running
+    assert host.socket(f"tcp://{spec['host']}:{spec['port']}").is_listening
+    env = dict(line.split("=", 1) for line in host.file(spec["env_file"]).content_string.splitlines() if "=" in line)
+    assert env["SOVEREIGN_RUNTIME_PORT"] == str(spec["port"])
+    assert host.file(spec["model_env"]).contains("SOVEREIGN_RUNTIME_MODEL_URI=")
+    assert host.file(spec["venv"] + "/bin/python").exists
+    assert host.run(f"curl -sf http://{spec['host']}:{spec['port']}/v2/health/ready").rc == 0
+
+
+def test_host_contract_has_node_exporter(host):
+    """The common role (in converge) publishes node_exporter's endpoint, and it serves metrics there."""
+    contract = _contract(host)
+    endpoint = contract["metrics"]["node_exporter"]
+    assert endpoint["published_by"] == "common"
+    assert (endpoint["port"], endpoint["path"]) == (9100, "/metrics")
+    assert (endpoint["scheme"], endpoint["auth"]) == ("http", False)
+    assert contract["common"]["textfile_dir"] == "/var/lib/prometheus/node-exporter"
+    url = f"http://{endpoint['address']}:{endpoint['port']}{endpoint['path']}"
+    assert "node_exporter_build_info" in host.check_output(f"curl -sf {url}")
+
+
+@pytest.mark.parametrize(("color", "port"), COLORS.items())
+def test_host_contract_runtime_metrics_endpoint(host, color, port):
+    endpoint = _contract(host)["metrics"][f"sovereign_runtime_{color}"]
+    assert endpoint["job"] == "sovereign_runtime"
+    assert endpoint["labels"] == {"color": color}
+    assert (endpoint["address"], endpoint["port"], endpoint["path"]) == ("127.0.0.1", port, "/metrics")
+    out = host.check_output(f"curl -sf http://{endpoint['address']}:{endpoint['port']}{endpoint['path']}")
+    assert f'color="{color}"' in out

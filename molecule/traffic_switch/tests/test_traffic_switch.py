@@ -220,6 +220,59 @@ def test_unhealthy_color_is_marked_down(host):
     wait_for(lambda: server_status(host, "blue") == "UP")
 
 
+CONTRACT = "/etc/ansible/facts.d/sovereign.fact"
+
+
+def contract(host):
+    f = host.file(CONTRACT)
+    # Ansible's setup reads a non-executable .fact file as JSON (an executable one it would run).
+    assert (f.user, f.group, f.mode) == ("root", "root", 0o644)
+    return json.loads(f.content_string)
+
+
+def test_host_contract_traffic_switch_section(host):
+    """What the role published is what the running switch uses: each path, socket and port is checked live."""
+    section = contract(host)["traffic_switch"]
+    assert section["frontend"] == {"address": "0.0.0.0", "port": 8000, "url": FRONTEND}
+    assert section["map_file"] == MAP_FILE
+    assert host.file(section["map_file"]).content_string.split() == [section["map_key"], "green"]
+    assert section["admin_socket"] == ADMIN_SOCKET
+    assert host.file(section["admin_socket"]).is_socket
+    assert section["health_path"] == "/v2/health/ready"
+    assert section["default_color"] == "blue"
+    assert section["stats"] == {"address": "127.0.0.1", "port": 8404}
+    assert host.socket(f"tcp://127.0.0.1:{section['stats']['port']}").is_listening
+
+
+def test_host_contract_backends_are_the_runtimes_ports(host):
+    """The backends come from the runtime's section (published by prepare.yml for the test backends), not from
+    a second definition: HAProxy's servers, the contract's backends and the runtime's colors agree."""
+    data = contract(host)
+    backends = data["traffic_switch"]["backends"]
+    assert backends == data["runtime"]["colors"]
+    cfg = host.file("/etc/haproxy/haproxy.cfg").content_string
+    for color, spec in backends.items():
+        assert f"server {color} {spec['host']}:{spec['port']} check" in cfg
+
+
+def test_host_contract_metrics_endpoint_serves_metrics(host):
+    endpoint = contract(host)["metrics"]["haproxy"]
+    assert endpoint == {
+        "job": "haproxy",
+        "address": "127.0.0.1",
+        "port": 8404,
+        "path": "/metrics",
+        "scheme": "http",
+        "auth": False,
+        "labels": {},
+        "published_by": "traffic_switch",
+    }
+    out = host.check_output(
+        f"curl -sf {endpoint['scheme']}://{endpoint['address']}:{endpoint['port']}{endpoint['path']}"
+    )
+    assert "haproxy_process_" in out
+
+
 def test_zz_reboot_keeps_green(host):
     """Reboot (restart the container from the controller): /run is fresh, haproxy comes back on green."""
     subprocess.run(["podman", "restart", "--time", "20", INSTANCE], check=True, capture_output=True)

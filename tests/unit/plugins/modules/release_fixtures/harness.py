@@ -58,6 +58,8 @@ def template_vars(tmp, frontend_port, stats_port, colors, **overrides):
         traffic_switch_map_key="live",
         traffic_switch_default_color="blue",
         traffic_switch_colors=colors,
+        # What haproxy.cfg.j2 routes to: the role resolves it from the host contract (vars/main.yml).
+        _traffic_switch_colors=colors,
         traffic_switch_health_path="/v2/health/ready",
         traffic_switch_check_interval="100ms",
         traffic_switch_check_fall=1,
