@@ -48,15 +48,24 @@ def answer(rc, stdout, stderr=""):
     return data, None
 
 
+PUBLISHED_BY = {"release": "the first deploy (playbooks/deploy.yml)"}
+
+
 def contract_note(host, contract):
     """A one-line note when a host's paths and ports came (partly) from the built-in defaults, else None."""
     if not contract or not contract.get("defaulted"):
         return None
     if contract.get("source") == "defaults":
         what = f"no host contract fact at {contract.get('path') or FACT}"
+        fix = "converge playbooks/site.yml to publish the fact"
     else:
         what = f"the host contract fact has no {', '.join(contract['defaulted'])}"
-    return f"{host}: {what}; used the built-in defaults for it (converge playbooks/site.yml to publish the fact)"
+        # The release section appears with the host's first deploy; the others with site.yml.
+        publishers = list(
+            dict.fromkeys(PUBLISHED_BY.get(d.split(".")[0], "playbooks/site.yml") for d in contract["defaulted"])
+        )
+        fix = " and ".join(publishers) + (" publishes it" if len(publishers) == 1 else " publish it")
+    return f"{host}: {what}; used the built-in defaults for it ({fix})"
 
 
 def parse_status(host, rc, stdout, stderr=""):

@@ -120,6 +120,20 @@ def test_contract_note(contract, note):
     assert got == note if note is None else got.startswith(note)
 
 
+@pytest.mark.parametrize(
+    ("fact", "fix"),
+    [
+        ({k: v for k, v in FACT.items() if k != "release"}, "(the first deploy (playbooks/deploy.yml) publishes it)"),
+        ({"runtime": FACT["runtime"], "release": FACT["release"]}, "(playbooks/site.yml publishes it)"),
+        ({"runtime": FACT["runtime"]}, "(playbooks/site.yml and the first deploy (playbooks/deploy.yml) publish it)"),
+    ],
+    ids=["release-missing", "switch-missing", "both-missing"],
+)
+def test_contract_note_names_the_publisher(fact, fix):
+    """The release section appears with a host's first deploy, the others with site.yml: the note says which."""
+    assert fleet.contract_note("h", probe.resolve(fact)).endswith(fix)
+
+
 def test_defaults_are_the_roles_defaults():
     """The fallback is 'what the roles did before the fact existed': it must equal their defaults."""
     runtime = yaml.safe_load((ROOT / "roles/inference_runtime/defaults/main.yml").read_text())
