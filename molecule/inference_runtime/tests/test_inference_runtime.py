@@ -3,8 +3,13 @@ here, so the CUDA path is not exercised) and answer real OIP v2 requests inside 
 
 import json
 import math
+import pathlib
+import sys
 
 import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "shared"))
+import host_contract
 
 COLORS = {"blue": 8001, "green": 8002}
 GOLDEN = "/var/lib/sovereign/models/demo/model.pt.golden.json"
@@ -105,14 +110,7 @@ def test_metrics_report_model_and_color(host, color, port):
     assert f'color="{color}"' in metrics
 
 
-CONTRACT = "/etc/ansible/facts.d/sovereign.fact"
-
-
-def _contract(host):
-    f = host.file(CONTRACT)
-    # Ansible's setup reads a non-executable .fact file as JSON (an executable one it would run).
-    assert (f.user, f.group, f.mode) == ("root", "root", 0o644)
-    return json.loads(f.content_string)
+_contract = host_contract.read_contract
 
 
 def test_host_contract_has_the_runtime_section(host):

@@ -9,11 +9,16 @@ The reboot test runs last (it restarts the container from the controller).
 """
 
 import json
+import pathlib
 import shlex
 import subprocess
+import sys
 import time
 
 import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "shared"))
+import host_contract
 
 INSTANCE = "molecule-traffic_switch"  # molecule-<scenario>: .config/molecule/config.yml
 ADMIN_SOCKET = "/run/haproxy/admin.sock"
@@ -220,14 +225,7 @@ def test_unhealthy_color_is_marked_down(host):
     wait_for(lambda: server_status(host, "blue") == "UP")
 
 
-CONTRACT = "/etc/ansible/facts.d/sovereign.fact"
-
-
-def contract(host):
-    f = host.file(CONTRACT)
-    # Ansible's setup reads a non-executable .fact file as JSON (an executable one it would run).
-    assert (f.user, f.group, f.mode) == ("root", "root", 0o644)
-    return json.loads(f.content_string)
+contract = host_contract.read_contract
 
 
 def test_host_contract_traffic_switch_section(host):
