@@ -72,6 +72,8 @@ class RuntimeMetrics:
             lines.append(f'sovereign_runtime_request_duration_seconds_bucket{{model="m",le="+Inf"}} {self.total}')
             lines.append(f'sovereign_runtime_request_duration_seconds_count{{model="m"}} {self.total}')
             lines.append(f'sovereign_runtime_request_duration_seconds_sum{{model="m"}} {self.total * 0.004}')
+            lines += ["# TYPE sovereign_runtime_ready gauge", "sovereign_runtime_ready 1"]
+            lines += ["# TYPE sovereign_runtime_queue_depth gauge", "sovereign_runtime_queue_depth 0"]
         return "\n".join(lines) + "\n"
 
     def advance(self, ok, errors, slow_per_100):
