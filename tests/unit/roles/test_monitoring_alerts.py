@@ -100,7 +100,7 @@ def test_every_alert_has_severity_annotations_and_an_existing_runbook(path: Path
         if not url.startswith(base):
             problems.append(f"{name}: runbook_url {url!r} does not start with {base!r}")
             continue
-        file, _, anchor = url[len(base) :].partition("#")
+        file, _sep, anchor = url[len(base) :].partition("#")
         runbook = RUNBOOKS / file
         if not re.fullmatch(r"[a-z0-9-]+\.md", file) or not runbook.is_file():
             problems.append(f"{name}: runbook_url names docs/runbooks/{file}, which does not exist")
