@@ -119,7 +119,10 @@ def test_rules_loaded(host):
     assert ALERT in names
     shipped = sorted(PROJECT.glob("roles/*/files/monitoring/alerts.yml"))
     installed = host.check_output("ls /etc/prometheus/rules.d").split()
-    assert sorted(installed) == sorted([f"{p.parents[2].name}.yml" for p in shipped] + ["site-alert-rules.yml"])
+    assert "MoleculeSiteRule" in names
+    assert sorted(installed) == sorted(
+        [f"{p.parents[2].name}.yml" for p in shipped] + ["site-alert-rules.yml", "extra-molecule_alerts.yml"]
+    )
 
 
 def test_prometheus_sends_to_the_alertmanager(host):
