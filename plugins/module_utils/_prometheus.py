@@ -22,7 +22,8 @@ import json
 import math
 import urllib.error
 import urllib.parse
-import urllib.request
+
+from ansible.module_utils.urls import open_url
 
 RUNTIME_JOB = "sovereign_runtime"
 
@@ -38,7 +39,7 @@ def selector(regex=None, **labels):
     return "{" + ",".join(sorted(items)) + "}"
 
 
-def query(base_url, promql, at=None, timeout=5.0, opener=urllib.request.urlopen):
+def query(base_url, promql, at=None, timeout=5.0, opener=open_url):
     """Run an instant query; ``[(labels, float value)]`` of the vector (or scalar) result."""
     params = {"query": promql}
     if at is not None:
