@@ -212,13 +212,21 @@ def parser(environ: dict[str, str] | None = None) -> argparse.ArgumentParser:
     add_flags(serve, True, environ)
     check = sub.add_parser("check", help="load, warm up and golden-check the model; print JSON; exit 1 on failure")
     add_flags(check, False, environ)
+    features = sub.add_parser(
+        "features", help="look a feature service up in the Feast registry (no model); print JSON; exit 1 if absent"
+    )
+    add_flags(features, False, environ)
     return top
 
 
 def parse(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> tuple[str, Settings]:
     p = parser(environ)
     ns = p.parse_args(argv)
-    if not ns.model_uri:
+    if ns.command == "features":
+        if not (ns.feature_service and ns.feast_repo):
+            p.error("features: --feature-service and --feast-repo are required")
+        ns.model_uri = ns.model_uri or ""
+    elif not ns.model_uri:
         p.error("--model-uri (or SOVEREIGN_RUNTIME_MODEL_URI) is required")
     if bool(getattr(ns, "feature_service", "")) != bool(getattr(ns, "feast_repo", "")):
         p.error("--feature-service and --feast-repo go together (SOVEREIGN_RUNTIME_FEATURE_SERVICE / _FEAST_REPO)")

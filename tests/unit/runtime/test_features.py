@@ -258,3 +258,28 @@ def test_unknown_feature_service_or_a_model_that_does_not_fit_is_refused_at_star
     engine.model = replace(engine.model, inputs=[replace(engine.model.inputs[0], shape=(-1, 7))])
     with pytest.raises(ModelLoadError, match=r"yields 4 features .*\[-1, 4\]"):
         attach_features(engine)
+
+
+def test_features_command_asks_the_registry_with_the_env_settings(repo):
+    """What a deploy runs before restarting anything (roles/release): the real console entry point, configured by
+    the same SOVEREIGN_RUNTIME_* variables as the service."""
+    import subprocess
+
+    from conftest import runtime_command, runtime_env
+
+    env = runtime_env(SOVEREIGN_RUNTIME_FEATURE_SERVICE=SERVICE, SOVEREIGN_RUNTIME_FEAST_REPO=str(repo.path))
+    ok = subprocess.run([*runtime_command(), "features"], env=env, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    doc = json.loads(ok.stdout)
+    assert doc["ok"] is True and doc["feature_service"] == SERVICE and doc["entity_key"] == "customer_id"
+    assert doc["features"] == ["f0", "f1", "f2", "f3"] and "feast-test-secret" not in ok.stdout
+    bad = subprocess.run(
+        [*runtime_command(), "features", "--feature-service", "churn"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 1
+    error = json.loads(bad.stdout)["error"]
+    assert "feature service 'churn' is not in the Feast registry of project 'fftest'" in error and "'mlp'" in error
