@@ -37,8 +37,11 @@ def features_of(key: int) -> list[float]:
     return [key / 4.0, -key / 8.0, (key % 5) * 0.5, 1.0 if key % 2 else -1.0]
 
 
+GOLDEN_KEYS = [101, 102, 103]  # entities holding the rows of the test models' golden input
+
+
 class Repo:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, golden_x: torch.Tensor) -> None:
         import pandas as pd
         from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
         from feast.types import Float32
@@ -47,10 +50,11 @@ class Repo:
         self.redis = RedisServer(root / "redis").start()
         self.path = root / "repo"
         self.path.mkdir()
-        frame = pd.DataFrame({"customer_id": pd.Series(KEYS, dtype="int64")})
+        rows = [features_of(k) for k in KEYS] + golden_x.tolist()
+        frame = pd.DataFrame({"customer_id": pd.Series(KEYS + GOLDEN_KEYS, dtype="int64")})
         frame["event_timestamp"] = pd.Timestamp(AS_OF)
         for j in range(IN):
-            frame[f"f{j}"] = pd.Series([features_of(k)[j] for k in KEYS], dtype="float32")
+            frame[f"f{j}"] = pd.Series([row[j] for row in rows], dtype="float32")
         frame.to_parquet(self.path / "source.parquet", index=False)
         (self.path / "feature_store.yaml").write_text(feature_store_yaml("fftest", self.redis, root / "registry.db"))
         customer = Entity(name="customer", join_keys=["customer_id"], value_type=ValueType.INT64)
@@ -71,8 +75,8 @@ class Repo:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory):
-    r = Repo(tmp_path_factory.mktemp("feast"))
+def repo(tmp_path_factory: pytest.TempPathFactory, models):
+    r = Repo(tmp_path_factory.mktemp("feast"), models.golden_x)
     yield r
     r.redis.stop()
 
@@ -283,3 +287,59 @@ def test_features_command_asks_the_registry_with_the_env_settings(repo):
     assert bad.returncode == 1
     error = json.loads(bad.stdout)["error"]
     assert "feature service 'churn' is not in the Feast registry of project 'fftest'" in error and "'mlp'" in error
+
+
+def test_served_process_passes_the_deploy_smoke_test_by_entity_key(models, repo, tmp_path):
+    """A real `sovereign-runtime serve` configured by env (as the role's env files do), its start-up golden check by
+    customer_id, then the deploy's smoke_test module: it replays the golden rows by key (check entity_golden)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT, http, runtime_command, runtime_env, stop, wait_until
+    from mlflow_testserver import free_port
+
+    model = tmp_path / "model"
+    shutil.copytree(models.mlflow_pt2, model)
+    golden = json.loads((model / "golden.json").read_text())
+    golden["entity_inputs"] = [{"name": "customer_id", "datatype": "INT64", "shape": [3], "data": GOLDEN_KEYS}]
+    (model / "golden.json").write_text(json.dumps(golden))
+    port = free_port()
+    env = runtime_env(
+        SOVEREIGN_RUNTIME_MODEL_URI=str(model),
+        SOVEREIGN_RUNTIME_MODEL_NAME="mlp",
+        SOVEREIGN_RUNTIME_PORT=str(port),
+        SOVEREIGN_RUNTIME_FEATURE_SERVICE=SERVICE,
+        SOVEREIGN_RUNTIME_FEAST_REPO=str(repo.path),
+    )
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([*runtime_command(), "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: http("GET", f"{url}/v2/health/ready", timeout=2).status == 200, 120, "ready")
+        meta = http("GET", f"{url}/v2/models/mlp").json()
+        assert meta["parameters"]["feature_service"]["golden_entity_inputs"][0]["data"] == GOLDEN_KEYS
+        # The module as Ansible runs it, in its own interpreter (ansible's import-time patches break torch.export
+        # in this one): arguments from a JSON file, the result on stdout.
+        args = tmp_path / "args.json"
+        args.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": {"url": url, "model_name": "mlp", "max_p99_ms": 5000}}))
+        module = "ansible_collections.sovereign.mlops.plugins.modules.smoke_test"
+        smoke = subprocess.run(
+            [sys.executable, "-m", module, str(args)],
+            env={**env, "PYTHONPATH": str(ROOT / "collections")},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        result = json.loads(smoke.stdout)
+        checks = {c["name"]: c for c in result["checks"]}
+        assert not result.get("failed"), result
+        assert checks["entity_golden"]["passed"] is True, checks["entity_golden"]
+        assert "customer_id [101, 102, 103]" in checks["entity_golden"]["detail"]
+    finally:
+        stop(proc)
+        log.close()
+    assert (
+        '"event": "feature_service_opened"' in (tmp_path / "serve.log").read_text()
+        or "feature_service_opened" in (tmp_path / "serve.log").read_text()
+    )
