@@ -223,7 +223,7 @@ BAD_INPUT = """
               - {name: broken-hook, webhook_configs: [{url: "htp:/nowhere secret-token"}]}
             alertmanager_route: {receiver: broken-hook}
       rescue:
-        - ansible.builtin.set_fact: {r_url: "{{ ansible_failed_result.msg }}"}
+        - ansible.builtin.set_fact: {r_url: "{{ ansible_failed_result | to_json }}"}
     - name: What the configuration is after
       ansible.builtin.command: sha256sum /etc/prometheus/prometheus.yml /etc/prometheus/alertmanager.yml
       register: after
