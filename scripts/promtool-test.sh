@@ -20,6 +20,6 @@ done
 promtool check rules "${rules[@]}" || rc=1
 # rule_files in a test file are relative to that file; run each from its own directory so messages name it.
 for file in "${tests[@]}"; do
-  (cd "$(dirname "$file")" && promtool test rules "$(basename "$file")") | sed "s|^|$(dirname "$file"): |" || rc=1
+  (cd "$(dirname "$file")" && promtool test rules "$(basename "$file")" 2>&1) | sed "s|^|$(dirname "$file"): |" || rc=1
 done
 exit $rc

@@ -100,7 +100,7 @@ def test_every_alert_has_severity_annotations_and_an_existing_runbook(path: Path
         if not url.startswith(base):
             problems.append(f"{name}: runbook_url {url!r} does not start with {base!r}")
             continue
-        file, _, anchor = url[len(base) :].partition("#")
+        file, _sep, anchor = url[len(base) :].partition("#")
         runbook = RUNBOOKS / file
         if not re.fullmatch(r"[a-z0-9-]+\.md", file) or not runbook.is_file():
             problems.append(f"{name}: runbook_url names docs/runbooks/{file}, which does not exist")
@@ -128,3 +128,25 @@ def test_every_alert_is_tested_firing_and_silent(path: Path):
     problems += [f"{n}: no test where it stays silent (under the threshold, resolved)" for n in sorted(names - silent)]
     problems += [f"{n}: tested but not an alert of {path.name}" for n in sorted((fires | silent) - names)]
     assert not problems, f"{test_file}:\n" + "\n".join(problems)
+
+
+# The alerts issue 15 names, each shipped by the role that owns what it watches.
+REQUIRED = {
+    "SovereignTargetDown": "prometheus",
+    "InferenceRuntimeDown": "inference_runtime",
+    "InferenceLiveColorNotReady": "inference_runtime",
+    "InferenceLatencyP99High": "inference_runtime",
+    "InferenceErrorRatioHigh": "inference_runtime",
+    "InferenceQueueSaturated": "inference_runtime",
+    "DeployFailed": "release",
+    "DeployAutoRolledBack": "release",
+    "NodeFilesystemFillingUp": "common",
+    "NodeMemoryPressure": "common",
+    "MLflowDown": "mlflow",
+    "TextfileMetricsStale": "common",
+}
+
+
+def test_the_required_alerts_are_shipped_by_their_roles():
+    owners = {rule["alert"]: path.parts[-4] for path in RULE_FILES for rule in alerts_of(path)}
+    assert {name: owners.get(name) for name in REQUIRED} == REQUIRED
