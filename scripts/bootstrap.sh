@@ -20,6 +20,8 @@ die() { printf 'bootstrap: %s\n' "$*" >&2; exit 1; }
 # prometheus: promtool for `make rules` (alert rules and their tests, ADR 1520); its server runs unit-test fixtures.
 APT_PACKAGES=(podman runc netavark aardvark-dns iptables debootstrap busybox-static haproxy rsync git make
               openssh-client python3-venv ca-certificates curl jq prometheus)
+# redis-server: the runtime's feature-fetch tests start their own on a free loopback port (never the service)
+APT_PACKAGES+=(redis-server)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

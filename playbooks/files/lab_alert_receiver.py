@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Lab/test-only Alertmanager webhook receiver: appends every POSTed notification as one JSON line to a file.
 
 Usage: lab_alert_receiver.py HOST PORT FILE. Each line is Alertmanager's webhook payload with `received_at`

@@ -45,8 +45,8 @@ EXAMPLES = r"""
 RETURN = r"""
 _value:
   description:
-    - C({job: {targets: [target groups], auth: bool, hosts_without_contract: [names]}}); C(auth) is true when
-      any endpoint of the job needs credentials.
+    - "C({job: {targets: [target groups], auth: bool, hosts_without_contract: [names]}}); C(auth) is true when
+      any endpoint of the job needs credentials."
   type: dict
 """
 
