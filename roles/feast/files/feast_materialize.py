@@ -1,7 +1,7 @@
-# {{ ansible_managed }}
-"""One incremental materialization of every online feature view of {{ feast_repo_dir }} up to now.
+"""One incremental materialization of every online feature view of the repository in the working directory.
 
-Run by feast-materialize.service through sovereign-job, which records success and duration; this adds
+Installed by roles/feast as /usr/local/libexec/sovereign/feast-materialize (with the venv's python as
+its shebang). Run by feast-materialize.service through sovereign-job, which records success and duration; this adds
 the rows written to Redis per feature view (counted at RedisOnlineStore.online_write_batch, the online
 store interface materialization writes through) to the file named by SOVEREIGN_JOB_METRICS_FILE:
 
@@ -13,9 +13,10 @@ import os
 import sys
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
-REPO = "{{ feast_repo_dir }}"
+# feast-materialize.service runs it in the repository (WorkingDirectory); FEAST_REPO overrides.
+REPO = os.environ.get("FEAST_REPO", ".")
 
 
 def main() -> int:
@@ -32,14 +33,16 @@ def main() -> int:
     RedisOnlineStore.online_write_batch = counting_write_batch
     store = FeatureStore(repo_path=REPO)
     views = sorted(fv.name for fv in store.list_feature_views() if fv.online)
-    end = datetime.now(timezone.utc).replace(microsecond=0)
+    end = datetime.now(UTC).replace(microsecond=0)
     started = time.monotonic()
     store.materialize_incremental(end_date=end)
     took = time.monotonic() - started
     lines = []
     for name in views:
-        lines.append(f'sovereign_feast_materialized_rows{{feature_view="{name}"}} {rows.get(name, 0)}')
-        lines.append(f'sovereign_feast_materialized_until_timestamp_seconds{{feature_view="{name}"}} {end.timestamp():.0f}')
+        # Concatenated, not f-string braces: the role copies this file through a template expression.
+        labels = '{feature_view="' + name + '"}'
+        lines.append("sovereign_feast_materialized_rows" + labels + " " + str(rows.get(name, 0)))
+        lines.append("sovereign_feast_materialized_until_timestamp_seconds" + labels + " " + str(int(end.timestamp())))
     metrics_file = os.environ.get("SOVEREIGN_JOB_METRICS_FILE")
     if metrics_file:
         with open(metrics_file, "a", encoding="utf-8") as out:
