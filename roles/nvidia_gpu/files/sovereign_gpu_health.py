@@ -268,9 +268,9 @@ def read_kernel_log() -> tuple[str, str | None]:
     return "", "the kernel log could not be read (journalctl -k, dmesg): XIDs not checked"
 
 
-def measure(torch, index: int, args) -> dict:
-    """Memory pattern test and a timed matmul on one GPU."""
-    result: dict = {"dtype": args.dtype, "memory_tested_bytes": 0}
+def measure(torch, index: int, args, dtype_name: str) -> dict:
+    """Memory pattern test and a timed matmul (in ``dtype_name``) on one GPU."""
+    result: dict = {"dtype": dtype_name, "memory_tested_bytes": 0}
     device = torch.device("cuda", index)
     chunk = 256 * 1024 * 1024
     try:
@@ -290,7 +290,7 @@ def measure(torch, index: int, args) -> dict:
         result["memory_error"] = f"{type(exc).__name__}: {exc}"
         torch.cuda.empty_cache()
     try:
-        dtype = getattr(torch, args.dtype)
+        dtype = getattr(torch, dtype_name)
         n = args.size
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
@@ -374,12 +374,13 @@ def run(args) -> dict:
         if device.get("error"):
             gpu["compute_error"] = f"NVML cannot open it: {device['error']}"
         if torch is not None and index < cuda_count:
-            props = torch.cuda.get_device_properties(index)
-            gpu["name"] = gpu["name"] or props.name
-            gpu.update(measure(torch, index, args))
+            gpu["name"] = gpu["name"] or torch.cuda.get_device_properties(index).name
+        expected = expected_for(gpu["name"] or "", table)
+        if torch is not None and index < cuda_count:
+            # The table's dtype for this model (fp32 on Pascal, whose fp16 rate is 1/64), else --dtype.
+            gpu.update(measure(torch, index, args, (expected or {}).get("dtype") or args.dtype))
         if pynvml is not None and device.get("handle") is not None:
             gpu["ecc"] = read_ecc(pynvml, device["handle"])
-        expected = expected_for(gpu["name"] or "", table)
         verdicts.append(judge_gpu(gpu, expected, xids, args.tolerance, args.unknown_model))
     if pynvml is not None and devices:
         with contextlib.suppress(Exception):  # nothing to do about a failed shutdown
@@ -463,7 +464,9 @@ def parse_args(argv=None):
     parser.add_argument("--expected-gpus", type=int, default=0, help="GPUs the host had at provisioning")
     parser.add_argument("--tolerance", type=float, default=0.25, help="default share below the expected TFLOPs")
     parser.add_argument("--unknown-model", choices=("pass", "fail"), default="pass")
-    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    parser.add_argument(
+        "--dtype", default="float16", choices=("float16", "bfloat16", "float32"), help="unless the table says"
+    )
     parser.add_argument("--size", type=int, default=8192, help="matrix side of the matmul")
     parser.add_argument("--seconds", type=float, default=3.0, help="how long the timed matmul runs")
     parser.add_argument("--memory-fraction", type=float, default=0.8, help="share of free memory tested")
