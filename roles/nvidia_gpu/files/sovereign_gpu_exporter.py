@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 # Copyright: sovereign.mlops maintainers
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
@@ -304,14 +303,14 @@ class Collector:
             extra = []
             for gpu in snap.gpus:
                 for labels, _value in gpu["values"].get(metric, []):
-                    extra = [key for key, _ in labels]
+                    extra = [key for key, _unused in labels]
                     break
                 if extra:
                     break
             family = gauge(metric, doc, ["gpu", "uuid", *extra])
             for gpu in snap.gpus:
                 for labels, value in gpu["values"].get(metric, []):
-                    family.add_metric([str(gpu["index"]), gpu["uuid"], *(v for _, v in labels)], value)
+                    family.add_metric([str(gpu["index"]), gpu["uuid"], *(v for _key, v in labels)], value)
             yield family
 
         xids = CounterMetricFamily(
@@ -331,7 +330,7 @@ class Collector:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="sovereign-gpu-exporter", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="sovereign-gpu-exporter", description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--listen-address", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9835)
     parser.add_argument("--interval", type=float, default=10.0, help="seconds between NVML collections")

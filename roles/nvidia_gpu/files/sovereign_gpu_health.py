@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 # Copyright: sovereign.mlops maintainers
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
@@ -294,7 +293,7 @@ def measure(torch, index: int, args, dtype_name: str) -> dict:
         n = args.size
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
-        for _ in range(3):  # warm-up: cuBLAS heuristics, clocks
+        for _warmup in range(3):  # warm-up: cuBLAS heuristics, clocks
             torch.matmul(a, b)
         torch.cuda.synchronize(device)
         iterations, start = 0, time.perf_counter()
@@ -458,7 +457,7 @@ def write_atomic(path: str, text: str, mode: int = 0o644) -> None:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="sovereign-gpu-health", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="sovereign-gpu-health", description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--result", required=True, help="where the JSON result goes (written atomically)")
     parser.add_argument("--expected", help="JSON table: [{match, tflops, dtype?, tolerance?}]")
     parser.add_argument("--expected-gpus", type=int, default=0, help="GPUs the host had at provisioning")

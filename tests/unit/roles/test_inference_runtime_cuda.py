@@ -93,7 +93,7 @@ def device_allow(unit):
 
 @pytest.mark.parametrize("case", ["cuda", "auto"])
 def test_cuda_opens_only_the_nvidia_nodes_of_the_contract(rendered, case):
-    unit, env, _ = rendered[case]
+    unit, env, _pip = rendered[case]
     assert "PrivateDevices=no" in unit and "DevicePolicy=closed" in unit
     assert device_allow(unit) == [f"{node} rw" for node in GPU_SECTION["device_nodes"]]
     assert "After=network-online.target sovereign-gpu-devices.service" in unit
@@ -101,7 +101,7 @@ def test_cuda_opens_only_the_nvidia_nodes_of_the_contract(rendered, case):
 
 
 def test_a_color_limited_to_one_gpu_opens_only_that_gpu(rendered):
-    unit, env, _ = rendered["cuda_gpu1"]
+    unit, env, _pip = rendered["cuda_gpu1"]
     nodes = ["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia1"]
     assert device_allow(unit) == [f"{node} rw" for node in nodes]
     assert "CUDA_VISIBLE_DEVICES=1\n" in env
@@ -109,24 +109,24 @@ def test_a_color_limited_to_one_gpu_opens_only_that_gpu(rendered):
 
 @pytest.mark.parametrize("case", ["cpu_no_gpu", "auto_no_gpu"])
 def test_without_gpus_the_unit_has_private_devices(rendered, case):
-    unit, env, _ = rendered[case]
+    unit, env, _pip = rendered[case]
     assert "PrivateDevices=yes" in unit and "DeviceAllow" not in unit and "DevicePolicy" not in unit
     assert "CUDA_VISIBLE_DEVICES" not in env
 
 
 def test_cpu_device_stays_private_on_a_gpu_host(rendered):
-    unit, _, _ = rendered["cpu_on_gpu_host"]
+    unit, _env, _pip = rendered["cpu_on_gpu_host"]
     assert "PrivateDevices=yes" in unit and "DeviceAllow" not in unit
 
 
 def test_a_cuda_torch_variant_is_pinned_and_found_beside_the_runtime_set(rendered):
-    _, _, pip = rendered["variant_cu126"]
+    _unit, _env, pip = rendered["variant_cu126"]
     assert pip["pip"] == ["sovereign-runtime[mlflow]", "torch==2.13.0+cu126"]
     assert "--find-links /opt/sovereign/wheelhouse/runtime" in pip["args"]
     assert "--find-links /opt/sovereign/wheelhouse/torch-cu126" in pip["args"]
 
 
 def test_the_cpu_variant_is_unchanged(rendered):
-    _, _, pip = rendered["auto_no_gpu"]
+    _unit, _env, pip = rendered["auto_no_gpu"]
     assert pip["pip"] == ["sovereign-runtime[mlflow]"]
     assert "torch-" not in pip["args"]

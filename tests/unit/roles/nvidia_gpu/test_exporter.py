@@ -52,7 +52,7 @@ def test_an_h100_pair_is_read_in_native_units():
     )  # fmt: skip
     snap = exporter.collect(double)
     assert snap.nvml_up and snap.driver_version == "550.90.07" and len(snap.gpus) == 2
-    samples, _ = scrape({"snapshot": snap}, expected_gpus=2)
+    samples, _text = scrape({"snapshot": snap}, expected_gpus=2)
     uuid0, uuid1 = (g["uuid"] for g in snap.gpus)
     assert value(samples, "sovereign_gpu_count") == 2
     assert value(samples, "sovereign_gpu_expected_count") == 2
@@ -84,28 +84,28 @@ def test_a_p4_reports_retired_pages_and_no_remapping():
     assert value(samples, "sovereign_gpu_retired_pages", gpu="0", uuid=uuid, cause="single_bit") == 1
     assert value(samples, "sovereign_gpu_retired_pages", gpu="0", uuid=uuid, cause="double_bit") == 0
     assert value(samples, "sovereign_gpu_retired_pages_pending", gpu="0", uuid=uuid) == 1
-    assert not any(name.startswith("sovereign_gpu_remapped_rows") for name, _ in samples)
+    assert not any(name.startswith("sovereign_gpu_remapped_rows") for name, _labels in samples)
     assert "# TYPE sovereign_gpu_remapped_rows gauge" in text  # the family is declared, with no sample
 
 
 def test_a_geforce_without_ecc_has_no_ecc_series():
     double = nvml_double.nvml_for("rtx4090", readings={0: dict(utilization=55, power_usage=301_000)})
     snap = exporter.collect(double)
-    samples, _ = scrape({"snapshot": snap})
-    assert not any(name == "sovereign_gpu_ecc_errors" for name, _ in samples)
+    samples, _text = scrape({"snapshot": snap})
+    assert not any(name == "sovereign_gpu_ecc_errors" for name, _labels in samples)
     assert snap.gpus[0]["errors"] == []  # NOT_SUPPORTED is not an error, only absent
 
 
 def test_a_lost_gpu_is_not_counted():
     double = nvml_double.nvml_for("lost_gpu", readings={0: dict(utilization=1, power_usage=70_000)})
-    samples, _ = scrape({"snapshot": exporter.collect(double)}, expected_gpus=2)
+    samples, _text = scrape({"snapshot": exporter.collect(double)}, expected_gpus=2)
     assert value(samples, "sovereign_gpu_count") == 1
     assert value(samples, "sovereign_gpu_expected_count") == 2
 
 
 def test_a_driver_library_mismatch_serves_nvml_down_with_the_reason():
     double = nvml_double.nvml_for("mismatch")
-    samples, _ = scrape({"snapshot": exporter.collect(double)}, expected_gpus=1)
+    samples, _text = scrape({"snapshot": exporter.collect(double)}, expected_gpus=1)
     error = "NVML: RM has detected an NVML/RM version mismatch."
     assert value(samples, "sovereign_gpu_exporter_nvml_up", error=error) == 0
     assert value(samples, "sovereign_gpu_count") == 0
@@ -119,7 +119,7 @@ def test_xid_events_are_counted_per_gpu_xid_and_class():
     while watcher.wait_once(event_set, by_handle):
         pass
     snap = exporter.collect(double)
-    samples, _ = scrape({"snapshot": snap, "watcher": watcher})
+    samples, _text = scrape({"snapshot": snap, "watcher": watcher})
     uuid0, uuid1 = (g["uuid"] for g in snap.gpus)
     xid_total = "sovereign_gpu_xid_errors_total"
     assert value(samples, xid_total, gpu="1", uuid=uuid1, xid="79", **{"class": "reset"}) == 1
@@ -131,10 +131,14 @@ def test_xid_events_are_counted_per_gpu_xid_and_class():
 
 def test_a_failed_event_wait_is_reported_not_fatal():
     double = nvml_double.nvml_for("p4")
-    double.nvmlEventSetWait_v2 = lambda *_: (_ for _ in ()).throw(nvml_double.harness.NVMLError(999))
+
+    def broken_wait(*_args):
+        raise nvml_double.harness.NVMLError(999)
+
+    double.nvmlEventSetWait_v2 = broken_wait
     watcher = exporter.XidWatcher(double, wait_ms=1)
     watcher.run_forever()
-    samples, _ = scrape({"snapshot": exporter.collect(double), "watcher": watcher})
+    samples, _text = scrape({"snapshot": exporter.collect(double), "watcher": watcher})
     assert value(samples, "sovereign_gpu_exporter_xid_watch_up", error="XID event wait failed: Unknown Error") == 0
 
 
