@@ -152,7 +152,8 @@ def test_health_gate_unit_is_a_capability_free_oneshot(host):
     assert props["Type"] == "oneshot"
     assert props["CapabilityBoundingSet"] == ""
     assert props["DevicePolicy"] == "closed"
-    assert set(props["DeviceAllow"].split(" rw")) - {""} >= {"/dev/nvidiactl", " /dev/nvidia-uvm"}
+    # gpu_count 0: the control and unified-memory nodes, no /dev/nvidiaN ("node rw" pairs).
+    assert props["DeviceAllow"].split()[::2] == ["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"]
 
 
 def test_venv_has_the_exporters_packages_and_no_torch_without_a_gpu(host):
