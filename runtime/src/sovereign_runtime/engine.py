@@ -101,6 +101,8 @@ class Engine:
         m.model_labels["color"] = cfg.color
         m.gauge("in_flight_requests", "Infer requests being handled", lambda: self.in_flight)
         m.gauge("queue_depth", "Admitted infer requests waiting for compute", lambda: self.waiting)
+        # The bound queue_depth is measured against (--max-queue-size): alerts need no copy of the flag.
+        m.gauge("queue_capacity", "Requests that may wait (--max-queue-size); beyond: 503", lambda: self.max_waiting)
         m.gauge("ready", "1 when /v2/health/ready answers 200", lambda: 1.0 if self.state == READY else 0.0)
         if cfg.chaos_latency_ms or cfg.chaos_error_rate:  # tests only: wraps infer, see chaos.py
             from .chaos import install
