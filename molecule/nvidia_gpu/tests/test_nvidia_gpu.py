@@ -145,6 +145,7 @@ def test_health_gate_says_no_gpu(host):
     assert result["summary"].startswith("no GPU: NVML: NVML Shared Library Not Found; torch is not installed")
     metrics = host.file("/var/lib/prometheus/node-exporter/sovereign_gpu_health.prom").content_string
     assert 'sovereign_gpu_health_passed{gpu="all",status="no_gpu"} 1' in metrics
+    assert 'sovereign_job_success{job="gpu_health"} 1' in metrics  # run under the sovereign-job wrapper
 
 
 def test_health_gate_unit_is_a_capability_free_oneshot(host):
