@@ -132,7 +132,9 @@ def test_exporter_serves_nvml_down_and_no_gpu_on_the_internal_address(host):
     address = host.interface.default().addresses[0]
     assert host.socket(f"tcp://{address}:9835").is_listening
     assert not host.socket("tcp://0.0.0.0:9835").is_listening
-    text = host.check_output(f"curl -sf http://{address}:9835/metrics")
+    # The venv's Python as the client (the image has no curl).
+    fetch = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())"
+    text = host.check_output(f"/opt/sovereign/gpu/bin/python -c '{fetch}' http://{address}:9835/metrics")
     assert 'sovereign_gpu_exporter_nvml_up{error="NVML: NVML Shared Library Not Found"} 0.0' in text
     assert "sovereign_gpu_count 0.0" in text
     assert "sovereign_gpu_expected_count 0.0" in text
