@@ -93,7 +93,7 @@ def test_the_x_driver_is_refused(host):
 def test_the_headless_set_installs_without_x(host):
     """A simulated install of the role's package set resolves against the real archive and pulls in no X server,
     no VDPAU and no desktop libraries."""
-    out = host.run("apt-get install -s --no-install-recommends %s", " ".join(HEADLESS))
+    out = host.run("apt-get install -s --no-install-recommends " + " ".join(HEADLESS))
     assert out.rc == 0, out.stderr
     installs = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("Inst ")]
     assert "nvidia-kernel-dkms" in installs and "nvidia-smi" in installs
