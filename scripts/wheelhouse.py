@@ -4,14 +4,22 @@ Each requirements/hosts-<set>.in becomes .cache/wheelhouse/<set>/ (binary wheels
 requirements/constraints.txt), so a role copies only what its hosts need; the runtime's own wheel
 is built from runtime/ into the `runtime` set. .cache/wheelhouse/ itself holds every wheel of every
 set (hard links) for tools that want one flat directory. Skips all work when its inputs are unchanged.
+
+GPU hosts: SOVEREIGN_TORCH_VARIANTS="cu126" (space or comma separated) also downloads that CUDA build of the
+pinned torch with its dependencies (the nvidia-* CUDA wheels, several GB) from the PyTorch index
+(SOVEREIGN_TORCH_INDEX_URL, default https://download.pytorch.org/whl) into .cache/wheelhouse/torch-<variant>/,
+which inference_runtime (inference_runtime_torch_variant) and nvidia_gpu (the health gate) install from. Not
+in the flat directory: its torch would shadow the CPU build there.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,6 +29,51 @@ RUNTIME = ROOT / "runtime"
 # Pure-Python packages a host set needs that are published only as sdists (`pip download
 # --only-binary` rejects them): built into wheels here first, where pip download finds them.
 SDIST_ONLY = ("antlr4-python3-runtime",)  # hydra-core's pin, for dvc (hosts-dvc.in)
+
+
+TORCH_INDEX_URL = os.environ.get("SOVEREIGN_TORCH_INDEX_URL", "https://download.pytorch.org/whl").rstrip("/")
+
+
+def torch_variants() -> list[str]:
+    """The CUDA torch builds asked for (SOVEREIGN_TORCH_VARIANTS), each a PyTorch index name cu12x."""
+    variants = os.environ.get("SOVEREIGN_TORCH_VARIANTS", "").replace(",", " ").split()
+    bad = [v for v in variants if not re.fullmatch(r"cu12[0-9]+", v)]
+    if bad:
+        sys.exit(f"SOVEREIGN_TORCH_VARIANTS: {bad} are not CUDA 12 builds (cu121, cu124, cu126, ...)")
+    return variants
+
+
+def torch_pin() -> str:
+    """The pinned torch version without its local label (2.13.0+cpu -> 2.13.0)."""
+    for line in CONSTRAINTS.read_text().splitlines():
+        if line.lower().startswith("torch=="):
+            return line.split("==", 1)[1].split("+", 1)[0].strip()
+    sys.exit(f"{CONSTRAINTS}: no torch== pin")
+
+
+def torch_download_args(variant: str, target: Path, constraints: Path) -> list[str]:
+    """pip arguments downloading torch==<pin>+<variant> and its dependencies, pinned like every other set."""
+    return [
+        "download", "-q", "--only-binary=:all:", "-d", str(target), "--index-url", f"{TORCH_INDEX_URL}/{variant}",
+        "-c", str(constraints), f"torch=={torch_pin()}+{variant}",
+    ]  # fmt: skip
+
+
+def download_torch_variants() -> None:
+    for variant in torch_variants():
+        target = WHEELHOUSE / f"torch-{variant}"
+        target.mkdir(exist_ok=True)
+        for old in target.glob("*.whl"):
+            old.unlink()
+        # The constraints without torch's own line (its +cpu label would refuse the CUDA build).
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as handle:
+            handle.write("".join(line + "\n" for line in CONSTRAINTS.read_text().splitlines()
+                                 if not line.lower().startswith("torch==")))  # fmt: skip
+        try:
+            pip(*torch_download_args(variant, target, Path(handle.name)))
+        finally:
+            os.unlink(handle.name)
+        print(f"wheelhouse {target.relative_to(ROOT)}: {len(list(target.glob('*.whl')))} wheels")
 
 
 def requirement_sets() -> dict[str, Path]:
@@ -35,6 +88,7 @@ def inputs_digest() -> str:
         if path.is_file() and not skip:
             digest.update(str(path.relative_to(ROOT)).encode())
             digest.update(path.read_bytes())
+    digest.update(" ".join(torch_variants()).encode())
     return digest.hexdigest()[:16]
 
 
@@ -83,6 +137,7 @@ def main() -> int:
             flat = WHEELHOUSE / wheel.name
             if not flat.exists():
                 os.link(wheel, flat)
+    download_torch_variants()
     stamp.write_text(digest + "\n")
     summary = ", ".join(f"{name}: {len(list((WHEELHOUSE / name).glob('*.whl')))}" for name in requirement_sets())
     print(f"wheelhouse {WHEELHOUSE.relative_to(ROOT)}: {summary} wheels")
