@@ -205,8 +205,8 @@ class Exporter:
             lines += [
                 "# HELP sovereign_zenoh_router_info The router's ZID and version.",
                 "# TYPE sovereign_zenoh_router_info gauge",
-                f'sovereign_zenoh_router_info{{zid="{_esc(info.get("zid", ""))}",version="{_esc(info.get("version", ""))}"}}'
-                " 1",
+                f'sovereign_zenoh_router_info{{zid="{_esc(info.get("zid", ""))}",'
+                f'version="{_esc(info.get("version", ""))}"}} 1',
                 "# HELP sovereign_zenoh_router_sessions Sessions open on the router, by the remote's kind"
                 " (this exporter's own excluded).",
                 "# TYPE sovereign_zenoh_router_sessions gauge",
