@@ -104,6 +104,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("zenoh-mode", str, "peer", "Zenoh session mode", ("peer", "client", "router"), True),
     Flag("zenoh-connect", str, "", "comma-separated Zenoh endpoints to connect to, e.g. tcp/10.0.0.5:7447", None, True),
     Flag("zenoh-listen", str, "", "comma-separated Zenoh endpoints to listen on", None, True),
+    Flag("zenoh-config", str, "", "Zenoh client configuration file (JSON5: endpoints, credentials, TLS)", None, True),
+    Flag("zenoh-host-key-expr", str, "", "also answer here, live or not ({model}, {color} filled in)", None, True),
+    Flag("zenoh-live-map", str, "", "HAProxy live-color map file: answer --zenoh-key-expr only while live", None, True),
+    Flag("zenoh-live-map-key", str, "live", "the map file's live-color key", None, True),
     Flag("chaos-latency-ms", _float, 0.0, "TESTS ONLY: extra delay per infer request", None, True),
     Flag("chaos-error-rate", _fraction, 0.0, "TESTS ONLY: fraction of infer requests answered 500", None, True),
     Flag("log-level", str, "info", "log level", ("debug", "info", "warning", "error"), True),
@@ -183,6 +187,10 @@ class Settings:
     zenoh_mode: str = "peer"
     zenoh_connect: str = ""
     zenoh_listen: str = ""
+    zenoh_config: str = ""
+    zenoh_host_key_expr: str = ""
+    zenoh_live_map: str = ""
+    zenoh_live_map_key: str = "live"
     chaos_latency_ms: float = 0.0
     chaos_error_rate: float = 0.0
     log_level: str = "info"
