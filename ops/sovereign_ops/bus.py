@@ -8,6 +8,7 @@ From the inventory (literal values or inline vault, as ansible-inventory gives t
   sovereign_zenoh_client_password
   sovereign_zenoh_monitor_user     default sovereign-monitor      (bus: the admin space)
   sovereign_zenoh_monitor_password
+  sovereign_zenoh_<role>_password_file   instead of the password: a file on this machine holding it (the lab)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from pathlib import Path
 
 from . import inventory
 
@@ -59,6 +61,15 @@ def endpoints(inv):
 
 def credentials(inv, role, vault=None):
     user = _var(inv, f"sovereign_zenoh_{role}_user", f"sovereign-{role}")
+    password_file = _var(inv, f"sovereign_zenoh_{role}_password_file")
+    if password_file:  # the lab: the generated secret's file on this machine
+        try:
+            return str(user), Path(password_file).expanduser().read_text().strip()
+        except OSError as exc:
+            raise inventory.InventoryError(
+                f"sovereign_zenoh_{role}_password_file {password_file}: {exc.strerror}: run `make lab` (it generates "
+                "the lab secrets) or fix the path"
+            ) from None
     password = _var(inv, f"sovereign_zenoh_{role}_password", vault=vault)
     if not password:
         raise inventory.InventoryError(
