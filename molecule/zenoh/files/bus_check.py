@@ -1,4 +1,3 @@
-#!/opt/sovereign/runtime/blue/bin/python
 """Test client of the molecule zenoh scenario (run with the runtime's venv, which has eclipse-zenoh).
 
   bus_check.py infer   --key K [--payload-file F | --payload TEXT]      one query, replies as JSON
@@ -35,7 +34,7 @@ def session(args):
     except Exception as exc:
         reachable = []
         for e in endpoints:
-            host, _, port = e.split("/", 1)[1].rpartition(":")
+            host, _sep, port = e.split("/", 1)[1].rpartition(":")
             try:
                 socket.create_connection((host, int(port)), timeout=2).close()
                 reachable.append(e)

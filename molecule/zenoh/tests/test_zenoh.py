@@ -21,6 +21,8 @@ RUNTIME = ("sovereign-runtime", "runtime-test-password-1")
 SHARED = "sovereign/infer/demo"
 ROUTERS = {name: testinfra.get_host(f"podman://molecule-zenoh-{name}") for name in ("r1", "r2")}
 RESTART_BOUND_S = 20
+# The test client runs with the runtime venv's python (it has eclipse-zenoh).
+PY = "/opt/sovereign/runtime/blue/bin/python"
 
 
 def contract(h):
@@ -86,7 +88,7 @@ def test_routers_healthy_and_meshed():
 def test_query_through_router_equals_http(host, endpoints):
     golden = json.loads(host.file(GOLDEN).content_string)
     body = json.dumps({"inputs": golden["inputs"]})
-    _, got = bus(host, "infer", "--key", SHARED, "--payload", body, "--wait-s", "20", endpoints=endpoints)
+    _rc, got = bus(host, "infer", "--key", SHARED, "--payload", body, "--wait-s", "20", endpoints=endpoints)
     assert len(got["replies"]) == 1 and got["replies"][0]["ok"], got
     port = contract(host)["traffic_switch"]["frontend"]["port"]
     http = json.loads(
@@ -105,27 +107,27 @@ def test_wrong_password_is_refused_and_named(host, endpoints):
 
 def test_clients_outside_the_acl_are_refused(host, endpoints):
     # A runtime user may serve inference, not ask for it: its query gets no reply.
-    _, out = bus(host, "infer", "--key", SHARED, "--payload", "{}", user=RUNTIME, endpoints=endpoints)
+    _rc, out = bus(host, "infer", "--key", SHARED, "--payload", "{}", user=RUNTIME, endpoints=endpoints)
     assert out["replies"] == [], out
     # A client user may not declare a queryable in the inference key space: nobody reaches it.
     fake = "sovereign/infer/fake"
-    cmd = "/usr/local/bin/bus_check.py declare --user {} --password {} --endpoints {} --key {} --seconds 6".format(
-        *CLIENT, ",".join(endpoints), fake
-    )
+    eps = ",".join(endpoints)
+    cmd = f"{PY} /usr/local/bin/bus_check.py declare --user {CLIENT[0]} --password {CLIENT[1]} --endpoints {eps} --key {fake}"
+    cmd += " --seconds 6"
     host.run(f"nohup {cmd} > /tmp/declare.json 2>&1 &")
     time.sleep(2)
-    _, out = bus(host, "infer", "--key", fake, "--payload", "{}", endpoints=endpoints)
+    _rc, out = bus(host, "infer", "--key", fake, "--payload", "{}", endpoints=endpoints)
     assert out["replies"] == [], out
     time.sleep(5)
     assert json.loads(host.file("/tmp/declare.json").content_string)["queries_seen"] == 0
 
 
 def test_malformed_payload_gets_an_error_reply_and_the_runtime_lives(host, endpoints):
-    _, out = bus(host, "infer", "--key", SHARED, "--payload", "\x01not json", endpoints=endpoints)
+    _rc, out = bus(host, "infer", "--key", SHARED, "--payload", "\x01not json", endpoints=endpoints)
     assert len(out["replies"]) == 1 and not out["replies"][0]["ok"], out
     assert out["replies"][0]["payload"]["status"] == 400
     body = json.dumps({"inputs": json.loads(host.file(GOLDEN).content_string)["inputs"]})
-    _, out = bus(host, "infer", "--key", SHARED, "--payload", body, endpoints=endpoints)
+    _rc, out = bus(host, "infer", "--key", SHARED, "--payload", body, endpoints=endpoints)
     assert out["replies"] and out["replies"][0]["ok"], out
 
 
@@ -140,14 +142,14 @@ def test_only_the_live_color_answers_and_a_switch_moves_zenoh_traffic(host, endp
             time.sleep(2)  # the runtimes poll the map every 0.5 s; declarations then travel to the routers
             before = {c: runtime_count(host, c) for c in ("blue", "green")}
             for _ in range(5):
-                _, out = bus(host, "infer", "--key", SHARED, "--payload", golden, endpoints=endpoints)
+                _rc, out = bus(host, "infer", "--key", SHARED, "--payload", golden, endpoints=endpoints)
                 assert len(out["replies"]) == 1 and out["replies"][0]["ok"], out
             after = {c: runtime_count(host, c) for c in ("blue", "green")}
             assert after[want] - before[want] == 5 and after[other] == before[other], (want, before, after)
             # Each color's host key is answered, live or not.
             for color in ("blue", "green"):
                 key = f"{SHARED}/host/molecule-zenoh-inf/{color}"
-                _, out = bus(host, "infer", "--key", key, "--payload", golden, endpoints=endpoints)
+                _rc, out = bus(host, "infer", "--key", key, "--payload", golden, endpoints=endpoints)
                 assert out["replies"] and out["replies"][0]["ok"], (color, out)
     finally:
         set_live(host, live)
@@ -158,7 +160,7 @@ def test_routers_restarted_the_runtime_comes_back_without_a_restart(host, endpoi
     for r in ROUTERS.values():
         r.check_output("systemctl restart sovereign-zenoh-router")
     golden = json.dumps({"inputs": json.loads(host.file(GOLDEN).content_string)["inputs"]})
-    _, out = bus(
+    _rc, out = bus(
         host,
         "infer",
         "--key",
@@ -180,10 +182,11 @@ def test_routers_restarted_the_runtime_comes_back_without_a_restart(host, endpoi
 def test_one_router_stopped_under_load_queries_keep_being_answered(host, endpoints):
     golden = json.dumps({"inputs": json.loads(host.file(GOLDEN).content_string)["inputs"]})
     host.check_output(f"printf %s {shlex.quote(golden)} > /tmp/golden-body.json")
+    eps = ",".join(endpoints)
     cmd = (
-        "/usr/local/bin/bus_check.py load --user {} --password {} --endpoints {} --key {} "
-        "--payload-file /tmp/golden-body.json --timeout 1 --seconds 12"
-    ).format(*CLIENT, ",".join(endpoints), SHARED)
+        f"{PY} /usr/local/bin/bus_check.py load --user {CLIENT[0]} --password {CLIENT[1]} --endpoints {eps} "
+        f"--key {SHARED} --payload-file /tmp/golden-body.json --timeout 1 --seconds 12"
+    )
     host.run(f"nohup {cmd} > /tmp/load.json 2>&1 &")
     time.sleep(3)
     ROUTERS["r1"].check_output("systemctl stop sovereign-zenoh-router")

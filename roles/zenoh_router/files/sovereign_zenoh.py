@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """sovereign.mlops Zenoh router helper, run from the venv that holds the pinned eclipse-zenoh wheel.
 
 Subcommands:
@@ -71,9 +70,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def _tcp_reachable(endpoint: str, timeout: float) -> str | None:
     """None when a TCP connection to a tcp/ or tls/ endpoint opens; else the reason."""
-    proto, _, rest = endpoint.partition("/")
+    proto, _sep, rest = endpoint.partition("/")
     rest = rest.split("#", 1)[0].split("?", 1)[0]
-    host, _, port = rest.rpartition(":")
+    host, _sep, port = rest.rpartition(":")
     host = host.strip("[]")
     if proto not in ("tcp", "tls") or not port.isdigit():
         return None  # not checkable here; the session open will tell
@@ -155,7 +154,7 @@ class Exporter:
 
     def _session(self) -> Any:
         if self.session is None:
-            self.session, _ = open_session(self.args.config, self.args.timeout)
+            self.session, _where = open_session(self.args.config, self.args.timeout)
         return self.session
 
     def collect(self) -> str:
@@ -256,7 +255,7 @@ def cmd_exporter(args: argparse.Namespace) -> int:
         def log_message(self, *_: Any) -> None:
             pass
 
-    host, _, port = args.listen.rpartition(":")
+    host, _sep, port = args.listen.rpartition(":")
     server = ThreadingHTTPServer((host.strip("[]"), int(port)), Handler)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     print(json.dumps({"event": "exporter_started", "listen": args.listen}), flush=True)
@@ -265,7 +264,7 @@ def cmd_exporter(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="sovereign-zenoh", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="sovereign-zenoh", description=__doc__.split("\n\n", maxsplit=1)[0])
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("router", help="run the router")
     r.add_argument("config")
