@@ -112,8 +112,8 @@ def test_clients_outside_the_acl_are_refused(host, endpoints):
     # A client user may not declare a queryable in the inference key space: nobody reaches it.
     fake = "sovereign/infer/fake"
     eps = ",".join(endpoints)
-    cmd = f"{PY} /usr/local/bin/bus_check.py declare --user {CLIENT[0]} --password {CLIENT[1]} --endpoints {eps} --key {fake}"
-    cmd += " --seconds 6"
+    cmd = f"{PY} /usr/local/bin/bus_check.py declare --user {CLIENT[0]} --password {CLIENT[1]} --endpoints {eps}"
+    cmd += f" --key {fake} --seconds 6"
     host.run(f"nohup {cmd} > /tmp/declare.json 2>&1 &")
     time.sleep(2)
     _rc, out = bus(host, "infer", "--key", fake, "--payload", "{}", endpoints=endpoints)
