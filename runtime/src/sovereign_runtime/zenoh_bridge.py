@@ -73,6 +73,7 @@ class ZenohBridge:
         self._host_queryable: Any = None
         self._watch: asyncio.TimerHandle | None = None
         self._withdrawn = False
+        self._connect_task: asyncio.Task | None = None
         self.live: bool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -87,10 +88,37 @@ class ZenohBridge:
         return None if any(c in key_expr for c in "*$") else key_expr
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Check the configuration now (a bad one fails the start), then connect in the background: the bus being
+        down never keeps the runtime from serving HTTP; the session is retried until it opens."""
+        self._loop = loop
+        zenoh_config(self.cfg)
+        self._connect_task = loop.create_task(self._connect())
+
+    async def _connect(self) -> None:
         import zenoh
 
-        self._loop = loop
-        self._session = zenoh.open(zenoh_config(self.cfg))
+        delay = 1.0
+        while not self._withdrawn:
+            try:
+                session = await asyncio.to_thread(zenoh.open, zenoh_config(self.cfg))
+            except Exception as exc:
+                log_event(
+                    "zenoh_unavailable",
+                    logging.WARNING,
+                    error=f"{type(exc).__name__}: {exc}",
+                    connect=self.cfg.zenoh_connect or self.cfg.zenoh_config,
+                    retry_in_s=delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            if self._withdrawn:
+                session.close()
+                return
+            self._session = session
+            break
+        else:
+            return
         if self.host_key_expr:
             self._host_queryable = self._session.declare_queryable(
                 self.host_key_expr, self._handler(self.host_key_expr), complete=True
@@ -184,6 +212,10 @@ class ZenohBridge:
 
     async def stop(self) -> None:
         self.withdraw()
+        if self._connect_task is not None and not self._connect_task.done():
+            self._connect_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._connect_task
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=self.cfg.drain_timeout_s)
         if self._session is not None:

@@ -120,3 +120,50 @@ def test_only_the_live_color_answers_the_shared_key(loaded, tmp_path):
 
     steps = asyncio.run(go())
     assert all(ok for _, ok in steps), steps
+
+
+def test_bus_down_at_start_never_fails_the_runtime(loaded):
+    """No router yet: the bridge keeps retrying in the background (HTTP is not held up), and answers once a router
+    (a real one: eclipse-zenoh in mode router) comes up on the configured endpoint."""
+    import zenoh
+
+    port = free_port()
+    endpoint = f"tcp/127.0.0.1:{port}"
+    engine = make_engine(
+        loaded["mlflow_pt2"], zenoh_key_expr="sovereign/test/late", zenoh_mode="client", zenoh_connect=endpoint
+    )
+    x = torch.randn(1, IN)
+
+    def router_config():
+        conf = zenoh.Config()
+        conf.insert_json5("mode", '"router"')
+        conf.insert_json5("listen/endpoints", json.dumps([endpoint]))
+        conf.insert_json5("scouting/multicast/enabled", "false")
+        return conf
+
+    async def go():
+        bridge = ZenohBridge(engine, engine.cfg)
+        bridge.start(asyncio.get_running_loop())  # returns at once although nothing listens yet
+        await asyncio.sleep(1.5)
+        router = await asyncio.to_thread(zenoh.open, router_config())
+        client_cfg = zenoh.Config()
+        client_cfg.insert_json5("mode", '"client"')
+        client_cfg.insert_json5("connect/endpoints", json.dumps([endpoint]))
+        session = await asyncio.to_thread(zenoh.open, client_cfg)
+        answered = False
+        try:
+            for _ in range(100):  # the bridge's back-off is 1, 2, 4 s
+                replies = await asyncio.to_thread(
+                    lambda: list(session.get("sovereign/test/late", payload=infer_body(x), timeout=1))
+                )
+                if replies and replies[0].ok is not None:
+                    answered = True
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            session.close()
+            await bridge.stop()
+            router.close()
+        return answered
+
+    assert asyncio.run(go())
