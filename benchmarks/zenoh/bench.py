@@ -84,7 +84,7 @@ def main():
     print(f"{'path':10} {'c':>3} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
     for key, row in latency.items():
         name, c = key.split("_c")
-        print(f"{name:10} {c:>3} {row['rps']:>8} {row['p50_ms']:>8} {row['p99_ms']:>8} {row['errors']:>6}")
+        print(f"{name:10} {c:>3} {row['rps']:>8} {row['p50_ms']!s:>8} {row['p99_ms']!s:>8} {row['errors']:>6}")
     for c in ("1", "16"):
         z, h = latency[f"zenoh_c{c}"], latency[f"http_c{c}"]
         print(f"c={c}: zenoh/http p50 {z['p50_ms'] / h['p50_ms']:.2f}x, p99 {z['p99_ms'] / h['p99_ms']:.2f}x")

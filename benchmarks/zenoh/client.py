@@ -98,11 +98,12 @@ def main():
                     fail += 1
             print(json.dumps({"ok": ok, "failed": fail, "max_gap_ms": round(gap * 1000, 1)}))
             return
-        querier = s.declare_querier(args.key, timeout=5.0)
 
+        # session.get, not a querier: a querier's declaration is refused by the routers' default-deny ACL
+        # (seen here: every querier.get came back empty), and the probe measured the two within 0.05 ms.
         def zworker():
             def call():
-                replies = list(querier.get(payload=body))
+                replies = list(s.get(args.key, payload=body, timeout=5.0))
                 return bool(replies) and replies[0].ok is not None
 
             return call
