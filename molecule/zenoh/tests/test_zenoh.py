@@ -149,7 +149,7 @@ def test_only_the_live_color_answers_and_a_switch_moves_zenoh_traffic(host, endp
             other = "green" if want == "blue" else "blue"
             time.sleep(2)  # the runtimes poll the map every 0.5 s; declarations then travel to the routers
             before = {c: runtime_count(host, c) for c in ("blue", "green")}
-            for _ in range(5):
+            for _attempt in range(5):
                 _rc, out = bus(host, "infer", "--key", SHARED, "--payload", golden, endpoints=endpoints)
                 assert len(out["replies"]) == 1 and out["replies"][0]["ok"], out
             after = {c: runtime_count(host, c) for c in ("blue", "green")}
