@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import fleet, inventory
+from . import bus, fleet, inventory
 
 
 def connect(host, timeout=10):
@@ -167,6 +167,46 @@ def confirm(prompt, answer=None):
     return answer.strip().lower() in ("y", "yes")
 
 
+def cmd_infer(args, hosts):
+    """One inference over the Zenoh bus, through the inventory's routers (issue 12)."""
+    if not args.zenoh:
+        print(
+            "sovereign-ops: infer goes over the Zenoh bus: give --zenoh (HTTP: curl the :8000 frontend)",
+            file=sys.stderr,
+        )
+        return 2
+    eps = bus.endpoints(args.inv)
+    user, password = bus.credentials(args.inv, "client", args.vault)
+    key = f"{bus.INFER_SPACE}/{args.model}"
+    if args.host:
+        key += f"/host/{args.host}/{args.color}"
+    body = sys.stdin.buffer.read() if args.body == "-" else Path(args.body).read_bytes()
+    replies, ms = bus.infer(eps, user, password, key, body, timeout=args.timeout)
+    if not replies:
+        print(
+            f"sovereign-ops: no reply on {key} in {args.timeout} s through {', '.join(eps)}: no live runtime serves "
+            f"{args.model} on the bus (sovereign-ops bus lists the queryables), or user {user!r} may not query it",
+            file=sys.stderr,
+        )
+        return 1
+    ok, payload = replies[0]
+    print(json.dumps(payload, indent=None if args.compact else 1))
+    print(
+        f"sovereign-ops: {'reply' if ok else 'error reply'} on {key} in {ms:.1f} ms via {', '.join(eps)}",
+        file=sys.stderr,
+    )
+    return 0 if ok else 1
+
+
+def cmd_bus(args, hosts):
+    """The routers, their sessions and the queryables in the inference key space."""
+    eps = bus.endpoints(args.inv)
+    user, password = bus.credentials(args.inv, "monitor", args.vault)
+    data = bus.listing(eps, user, password)
+    print(json.dumps(data, indent=1) if args.json else bus.format_listing(data))
+    return 0 if data["routers"] else 1
+
+
 def cmd_rollback(args, hosts):
     cmd = rollback_command(args, hosts)
     names = ", ".join(h.name for h in hosts)
@@ -216,6 +256,18 @@ def build_parser():
     p.add_argument("--playbook", help="path of rollback.yml (default: found in this checkout, else the collection's)")
     p.add_argument("--ansible-playbook", help="ansible-playbook executable (default: this venv's, else PATH)")
     p.set_defaults(func=cmd_rollback)
+    p = sub.add_parser("infer", help="one inference over the Zenoh bus (--zenoh) with the inventory's routers")
+    p.add_argument("--zenoh", action="store_true", help="over the Zenoh bus (required)")
+    p.add_argument("--model", required=True, help="model name: the key is sovereign/infer/MODEL")
+    p.add_argument("--body", default="-", help="OIP infer request JSON file (default: stdin)")
+    p.add_argument("--host", help="ask this host's runtime (its host-specific key) instead of the live one")
+    p.add_argument("--color", choices=["blue", "green"], default="blue", help="with --host: which color")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--compact", action="store_true", help="the reply on one line")
+    p.set_defaults(func=cmd_infer, any_group=True)
+    p = sub.add_parser("bus", help="Zenoh routers, their sessions and the queryables in sovereign/infer/**")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bus, any_group=True)
     return parser
 
 
@@ -225,7 +277,9 @@ def main(argv=None):
     try:
         inv = inventory.load(args.inventory, args.vault, args.ansible_inventory)
         notes(inv.notes)
-        hosts = inventory.select(inv, args.group, args.limit)
+        args.inv = inv
+        # The bus commands read the routers and the credentials, not the inference hosts.
+        hosts = [] if getattr(args, "any_group", False) else inventory.select(inv, args.group, args.limit)
         return args.func(args, hosts)
     except inventory.InventoryError as exc:
         print(f"sovereign-ops: {exc}", file=sys.stderr)

@@ -108,6 +108,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("feast-repo", str, "", "Feast repository (feature_store.yaml) of --feature-service"),
     Flag("feature-timeout-ms", _positive_float, 100.0, "socket timeout of one online-store read"),
     Flag("feature-retry-s", _float, 1.0, "online store down: entity requests fail fast this long"),
+    Flag("zenoh-config", str, "", "Zenoh client configuration file (JSON5: endpoints, credentials, TLS)", None, True),
+    Flag("zenoh-host-key-expr", str, "", "also answer here, live or not ({model}, {color} filled in)", None, True),
+    Flag("zenoh-live-map", str, "", "HAProxy live-color map file: answer --zenoh-key-expr only while live", None, True),
+    Flag("zenoh-live-map-key", str, "live", "the map file's live-color key", None, True),
     Flag("chaos-latency-ms", _float, 0.0, "TESTS ONLY: extra delay per infer request", None, True),
     Flag("chaos-error-rate", _fraction, 0.0, "TESTS ONLY: fraction of infer requests answered 500", None, True),
     Flag("log-level", str, "info", "log level", ("debug", "info", "warning", "error"), True),
@@ -191,6 +195,10 @@ class Settings:
     feast_repo: str = ""
     feature_timeout_ms: float = 100.0
     feature_retry_s: float = 1.0
+    zenoh_config: str = ""
+    zenoh_host_key_expr: str = ""
+    zenoh_live_map: str = ""
+    zenoh_live_map_key: str = "live"
     chaos_latency_ms: float = 0.0
     chaos_error_rate: float = 0.0
     log_level: str = "info"

@@ -130,7 +130,7 @@ class RuntimeServer(uvicorn.Server):
             engine.set_failed(f"golden check failed: {report.get('error')}")
             log_event("golden_failed", logging.ERROR, **report)
             return
-        if self.cfg.zenoh_key_expr and not self._start_zenoh():
+        if (self.cfg.zenoh_key_expr or self.cfg.zenoh_host_key_expr) and not self._start_zenoh():
             return
         if self.cfg.gc_freeze:
             freeze_heap()
