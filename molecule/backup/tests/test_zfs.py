@@ -65,7 +65,7 @@ def test_host_contract_publishes_the_datasets(host):
     assert section["pool"] == "tank"
     assert section["root"] == ROOT
     assert section["datasets"] == {
-        key: {"name": f"{ROOT}/{key}", "mountpoint": mountpoint} for key, (mountpoint, _) in DATASETS.items()
+        key: {"name": f"{ROOT}/{key}", "mountpoint": mountpoint} for key, (mountpoint, _recordsize) in DATASETS.items()
     }
 
 
