@@ -13,7 +13,7 @@ MOLECULE_JOBS ?= 2
 SCENARIOS ?= $(notdir $(patsubst %/molecule.yml,%,$(wildcard molecule/*/molecule.yml)))
 
 .PHONY: help bootstrap lab lab-down test test-fast lint ruff ansible-lint sanity unit molecule \
-        changelog-lint build constraints clean
+        changelog-lint build constraints clean rules
 
 help: ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -33,7 +33,7 @@ test: bootstrap ## everything CI runs: lint, sanity, unit, every molecule scenar
 	@bash scripts/timed.sh test-fast $(MAKE) --no-print-directory test-fast
 	@bash scripts/timed.sh molecule $(MAKE) --no-print-directory molecule
 
-test-fast: lint changelog-lint build sanity unit ## everything that needs no container (< 3 min)
+test-fast: lint changelog-lint build sanity unit rules ## everything that needs no container (< 3 min)
 
 lint: ruff ansible-lint ## ruff and ansible-lint (production profile)
 
@@ -49,6 +49,9 @@ changelog-lint:
 
 build: ## build the collection tarball and check what went into it
 	@bash scripts/build-collection.sh
+
+rules: ## promtool: every role's alert rules parse, every alerts_test.yml passes (ADR 1520)
+	@bash scripts/promtool-test.sh
 
 sanity: ## ansible-test sanity on a copy laid out as ansible_collections/sovereign/mlops
 	@bash scripts/sanity.sh

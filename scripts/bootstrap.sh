@@ -17,8 +17,11 @@ die() { printf 'bootstrap: %s\n' "$*" >&2; exit 1; }
 # 1. Debian packages ---------------------------------------------------------------------------
 # netavark + aardvark-dns: name resolution between containers on a user network (ADR 0005);
 # iptables: netavark's port forwarding. haproxy: its binary validates and runs test configs.
+# prometheus: promtool for `make rules` (alert rules and their tests, ADR 1520); its server runs unit-test fixtures.
 APT_PACKAGES=(podman runc netavark aardvark-dns iptables debootstrap busybox-static haproxy rsync git make
-              openssh-client python3-venv ca-certificates curl jq)
+              openssh-client python3-venv ca-certificates curl jq prometheus)
+# redis-server: the runtime's feature-fetch tests start their own on a free loopback port (never the service)
+APT_PACKAGES+=(redis-server)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -30,6 +33,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 else
   say "Debian packages: present"
 fi
+# Debian's prometheus package enables its service; PID 1 is not systemd here, so nothing starts. Tests start
+# their own prometheus processes on free loopback ports.
+promtool --version >/dev/null 2>&1 || die "promtool (Debian package prometheus) does not run: 'promtool --version' failed"
 # The machine's own haproxy service is left alone: tests start their own haproxy processes on free
 # loopback ports, and Debian's stock haproxy.cfg listens on none.
 

@@ -1,7 +1,10 @@
 """Stage `generate`: a synthetic customer-churn table, a pure function of the `data` section of params.yaml.
 
-Writes ``data/train.csv`` and ``data/test.csv`` (header row, comma-separated, label ``churned`` last). The same
-seed gives the same bytes, so the same DVC md5: the dataset's version is its content.
+Writes ``data/train.csv`` and ``data/test.csv`` (header row, comma-separated: ``customer_id``, the 8 features,
+label ``churned`` last) and the same customer table as Feast's offline source, ``data/customers.parquet``
+(``customer_id``, ``event_timestamp`` = ``data.as_of``, the 8 features; no label), which ``feature_repo/``
+defines and the training stage reads through Feast. The same seed gives the same bytes, so the same DVC md5: the
+dataset's version is its content.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import yaml
 OUT = Path("data")
 # name, printf format: integers as integers, money and gigabytes to the cent
 COLUMNS = [
+    ("customer_id", "%d"),
     ("tenure_months", "%d"),
     ("monthly_charges", "%.2f"),
     ("support_calls", "%d"),
@@ -51,14 +55,29 @@ def generate(seed: int, rows: int) -> np.ndarray:
         + rng.normal(0.0, 0.5, rows)
     )
     churned = rng.random(rows) < 1.0 / (1.0 + np.exp(-logit))
+    ids = np.arange(1, rows + 1)  # customer_id: the row's number, 1..rows
     return np.column_stack(
-        [tenure, charges, calls, contract == 1, contract == 2, autopay, products, usage, churned]
+        [ids, tenure, charges, calls, contract == 1, contract == 2, autopay, products, usage, churned]
     ).astype(np.float64)
+
+
+def write_offline_source(table: np.ndarray, as_of: str, path: Path) -> None:
+    """The customer table as Feast's offline source: integer columns as int64, money and gigabytes as float32
+    (feature_repo/features.py's schema), every row stamped ``as_of`` (the snapshot's time)."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"customer_id": table[:, 0].astype(np.int64)})
+    stamp = pd.Timestamp(as_of)
+    frame["event_timestamp"] = stamp.tz_convert("UTC") if stamp.tz else stamp.tz_localize("UTC")
+    for i, (name, fmt) in enumerate(COLUMNS[1:-1], start=1):
+        frame[name] = table[:, i].astype(np.int64) if fmt == "%d" else table[:, i].astype(np.float32)
+    frame.to_parquet(path, index=False, compression="zstd")
 
 
 def main() -> None:
     params = yaml.safe_load(Path("params.yaml").read_text())["data"]
     seed, rows, test_fraction = int(params["seed"]), int(params["rows"]), float(params["test_fraction"])
+    as_of = str(params["as_of"])
     if rows < 10 or not 0.0 < test_fraction < 1.0:
         raise SystemExit(f"generate: need rows >= 10 and 0 < test_fraction < 1 (got {rows}, {test_fraction})")
     table = generate(seed, rows)
@@ -70,8 +89,12 @@ def main() -> None:
     fmt = [f for _, f in COLUMNS]
     for name, idx in (("train", order[n_test:]), ("test", order[:n_test])):
         np.savetxt(OUT / f"{name}.csv", table[idx], fmt=fmt, delimiter=",", header=header, comments="")
+    write_offline_source(table, as_of, OUT / "customers.parquet")
     rate = table[:, -1].mean()
-    print(f"generate: {rows} rows (seed {seed}), {rows - n_test} train / {n_test} test, churn rate {rate:.3f}")
+    print(
+        f"generate: {rows} rows (seed {seed}), {rows - n_test} train / {n_test} test, churn rate {rate:.3f}, "
+        f"offline source data/customers.parquet as of {as_of}"
+    )
 
 
 if __name__ == "__main__":

@@ -44,7 +44,9 @@ import yaml
 from torch import nn
 
 DATA = Path("data")
+REPO = Path("feature_repo")  # the Feast repository: entity, feature view, feature service named after the model
 LABEL = "churned"
+ENTITY = "customer_id"
 
 
 class ChurnModel(nn.Module):
@@ -70,14 +72,64 @@ class ChurnModel(nn.Module):
         return torch.sigmoid(self.logits(x))
 
 
-def read_split(name: str) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    path = DATA / f"{name}.csv"
-    columns = path.open().readline().strip().split(",")
-    table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float32, ndmin=2)
-    label = columns.index(LABEL)
-    features = [c for i, c in enumerate(columns) if i != label]
-    x = np.delete(table, label, axis=1)
-    return features, torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(table[:, label : label + 1].copy())
+class FeatureReader:
+    """The training features through Feast's offline store: ``feature_repo/features.py`` applied to a throwaway
+    registry (nothing is written next to ``data/``, a DVC output), then ``get_historical_features`` with the
+    model's feature service, point-in-time at ``data.as_of``. The runtime reads the same feature service from
+    the online store, in the same order."""
+
+    def __init__(self, service: str, tmp: str) -> None:
+        import importlib.util
+
+        from feast import FeatureStore, RepoConfig
+
+        repo = REPO.resolve()
+        project = (yaml.safe_load((repo / "feature_store.yaml").read_text()) or {}).get("project", "churn")
+        config = RepoConfig(
+            project=project,
+            provider="local",
+            registry=str(Path(tmp, "registry.db")),
+            repo_path=repo,
+            offline_store={"type": "dask"},
+            online_store={"type": "sqlite", "path": str(Path(tmp, "online.db"))},
+            entity_key_serialization_version=3,
+        )
+        spec = importlib.util.spec_from_file_location("churn_feature_repo", repo / "features.py")
+        definitions = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        spec.loader.exec_module(definitions)  # type: ignore[union-attr]
+        self.store = FeatureStore(config=config)
+        self.store.apply([v for v in vars(definitions).values() if _is_feast_object(v)])
+        self.service = self.store.get_feature_service(service)
+        self.features = [f.name for p in self.service.feature_view_projections for f in p.features]
+        entities = {self.store.get_entity(e).join_key for p in self.service.feature_view_projections
+                    for e in self.store.get_feature_view(p.name).entities}  # fmt: skip
+        if entities != {ENTITY}:
+            raise SystemExit(f"train: feature service {service!r} is keyed by {sorted(entities)}, not {ENTITY!r}")
+
+    def read(self, name: str, as_of: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x, y, customer_id) of split ``name``: the label and key from the CSV, the features from Feast. The
+        CSV's own copy of the features must equal what Feast returns (a skew check, row for row)."""
+        import pandas as pd
+
+        split = pd.read_csv(DATA / f"{name}.csv")
+        keys = pd.DataFrame({ENTITY: split[ENTITY].astype("int64"), "event_timestamp": pd.Timestamp(as_of)})
+        found = self.store.get_historical_features(entity_df=keys, features=self.service).to_df()
+        table = keys[[ENTITY]].merge(found.drop(columns=["event_timestamp"]), on=ENTITY, how="left", validate="1:1")
+        if table[self.features].isna().any().any():
+            missing = table.loc[table[self.features].isna().any(axis=1), ENTITY].tolist()[:5]
+            raise SystemExit(f"train: Feast has no features for {ENTITY} {missing} of {name}.csv as of {as_of}")
+        x = table[self.features].to_numpy(np.float32)
+        if not np.array_equal(x, split[self.features].to_numpy(np.float32)):
+            raise SystemExit(f"train: Feast's features for {name}.csv differ from the CSV's columns")
+        y = split[[LABEL]].to_numpy(np.float32)
+        ids = split[ENTITY].to_numpy(np.int64)
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y), torch.from_numpy(ids)
+
+
+def _is_feast_object(value: Any) -> bool:
+    from feast import Entity, FeatureService, FeatureView, FileSource
+
+    return isinstance(value, Entity | FeatureService | FeatureView | FileSource)
 
 
 def train(cfg: dict[str, Any], x: torch.Tensor, y: torch.Tensor) -> tuple[ChurnModel, list[float]]:
@@ -174,8 +226,10 @@ def data_version() -> dict[str, str]:
     }
 
 
-def golden_pair(model: ChurnModel, x: torch.Tensor, cfg: dict[str, Any]) -> dict[str, Any]:
-    """The runtime's golden format: OIP tensors named as the runtime names an unnamed tensor signature."""
+def golden_pair(model: ChurnModel, x: torch.Tensor, cfg: dict[str, Any], ids: torch.Tensor) -> dict[str, Any]:
+    """The runtime's golden format: OIP tensors named as the runtime names an unnamed tensor signature, and the
+    same rows by entity key (``entity_inputs``): a runtime serving the feature service replays them through the
+    online store, and so does the deploy's smoke test."""
     with torch.no_grad():
         y = model(x)
 
@@ -184,6 +238,7 @@ def golden_pair(model: ChurnModel, x: torch.Tensor, cfg: dict[str, Any]) -> dict
 
     return {
         "inputs": [oip("input__0", x)],
+        "entity_inputs": [{"name": ENTITY, "datatype": "INT64", "shape": [len(ids)], "data": ids.tolist()}],
         "outputs": [oip("output__0", y)],
         "rtol": float(cfg["rtol"]),
         "atol": float(cfg["atol"]),
@@ -221,13 +276,17 @@ def main() -> None:
         raise SystemExit("train: set MLFLOW_TRACKING_URI to the MLflow server, e.g. http://127.0.0.1:15000")
     t0 = time.perf_counter()
     lineage = data_version()
-    features, x_train, y_train = read_split("train")
-    _, x_test, y_test = read_split("test")
+    mcfg = params["model"]
+    as_of = str(params["data"]["as_of"])
+    with tempfile.TemporaryDirectory(prefix="churn-feast-") as feast_tmp:
+        reader = FeatureReader(str(mcfg["name"]), feast_tmp)
+        x_train, y_train, _ = reader.read("train", as_of)
+        x_test, y_test, ids_test = reader.read("test", as_of)
+    features = reader.features
     model, losses = train(params["train"], x_train, y_train)
     metrics = {"train_loss": losses[-1], **evaluate(model, x_test, y_test)}
-    mcfg = params["model"]
     rows = max(2, int(mcfg["golden_rows"]))  # >= 2: a batch of 1 would be exported as a constant batch size
-    golden = golden_pair(model, x_test[:rows], mcfg)
+    golden = golden_pair(model, x_test[:rows], mcfg, ids_test[:rows])
     print(f"train: {len(x_train)} rows, {len(losses)} epochs in {time.perf_counter() - t0:.1f}s: {metrics}")
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -244,7 +303,7 @@ def main() -> None:
     flat = {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in flat.items()}
     with mlflow.start_run() as run, tempfile.TemporaryDirectory(prefix="churn-") as tmp:
         run_id = run.info.run_id
-        mlflow.set_tags({**lineage, "features": ",".join(features)})
+        mlflow.set_tags({**lineage, "features": ",".join(features), "feature_service": reader.service.name})
         mlflow.log_params({**flat, "data.rev": lineage["data.rev"], "data.md5": lineage["data.md5"]})
         now = int(time.time() * 1000)
         history = [Metric("train_loss", loss, now, step) for step, loss in enumerate(losses)]

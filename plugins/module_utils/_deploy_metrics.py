@@ -45,6 +45,13 @@ def metrics_registry(live_color, models, records, colors=COLORS):
         ["action"],
         registry=registry,
     )
+    switched_back = Gauge(
+        "sovereign_deploy_last_switched_back",
+        "1 when the last release operation of this action failed after its switch and the play switched traffic back"
+        " itself (an automatic rollback), else 0",
+        ["action"],
+        registry=registry,
+    )
     # A separate family, not labels on model_info: its series stay as they were, and this one has at most one
     # series per color (the data version changes only with the model).
     data_info = Gauge(
@@ -80,6 +87,7 @@ def metrics_registry(live_color, models, records, colors=COLORS):
         if epoch is not None:
             last_time.labels(action=action).set(epoch)
         last_ok.labels(action=action).set(1 if record and record.get("result") == "success" else 0)
+        switched_back.labels(action=action).set(1 if record and record.get("switched_back") is True else 0)
     return registry
 
 

@@ -337,3 +337,12 @@ def percentile(values, pct):
     ordered = sorted(values)
     rank = max(1, math.ceil(pct / 100.0 * len(ordered)))
     return ordered[min(rank, len(ordered)) - 1]
+
+
+def feature_service_from_metadata(metadata):
+    """``parameters.feature_service`` of a runtime serving its model with a Feast feature service
+    (``{name, entity_key, features, golden_entity_inputs?}``), or None."""
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("parameters"), dict):
+        return None
+    service = metadata["parameters"].get("feature_service")
+    return service if isinstance(service, dict) and isinstance(service.get("name"), str) else None

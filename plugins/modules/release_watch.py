@@ -30,6 +30,15 @@ description:
   - The golden request is O(golden), else the JSON file O(golden_file) on the host, else the model metadata's
     C(parameters.golden) read through O(url) (the example itself, or the path of the golden file the runtime
     used).
+  - With O(prometheus_url) (the release role sets it when the inventory has a C(monitoring) host), the window's
+    error ratio and p99 come from Prometheus instead - the runtime's own request counters and latency histogram of
+    O(color) on O(prometheus_host) over the window (every client's traffic, not only the watch's), the same
+    expressions as the alerts C(InferenceErrorRatioHigh) and C(InferenceLatencyP99High). The golden requests are
+    sent all the same; they give the new color traffic to measure, they still catch answers from the wrong color
+    (a degradation whatever the source), and their figures are the fallback. When Prometheus is unreachable,
+    refuses the query, or has fewer than O(min_requests) infer requests of that color in the window (not scraped
+    yet), the window is judged on the direct probes, with a warning and the cause in RV(prometheus_error).
+    RV(source) says which was used; the release role records it in the ledger as C(watch_source).
 options:
   watch:
     description:
@@ -102,6 +111,27 @@ options:
   request_timeout:
     description:
       - Seconds allowed for each HTTP request.
+    type: float
+    default: 5
+  prometheus_url:
+    description:
+      - O(watch=traffic) only. Base URL of a Prometheus that scrapes this host's runtimes (for example
+        C(http://10.0.0.5:9090)); omitted or V("") - direct probes only.
+    type: str
+  prometheus_host:
+    description:
+      - The C(host) label of this host's runtime series in Prometheus (the prometheus role sets it to the inventory
+        name). Required with O(prometheus_url).
+    type: str
+  prometheus_scrape_interval:
+    description:
+      - Seconds between two scrapes of the runtimes; the query's range is the window plus this, so the first
+        scrape after the switch is inside it.
+    type: float
+    default: 15
+  prometheus_timeout:
+    description:
+      - Seconds allowed for each Prometheus query.
     type: float
     default: 5
 notes:
@@ -205,6 +235,29 @@ degraded:
   returned: watch=traffic
   type: bool
   sample: false
+source:
+  description:
+    - O(watch=traffic) - where RV(error_ratio), RV(p99_ms), RV(requests) and RV(errors) come from, and what the
+      window was judged on - V(prometheus) or V(probes) (the golden requests through the frontend).
+  returned: watch=traffic
+  type: str
+  sample: prometheus
+prometheus_error:
+  description: O(watch=traffic) - why Prometheus was not used although O(prometheus_url) was given ("" otherwise).
+  returned: watch=traffic
+  type: str
+  sample: "cannot reach Prometheus at http://10.0.0.5:9090: [Errno 111] Connection refused"
+probes:
+  description: O(watch=traffic) - the direct probes' own figures (C(requests), C(errors), C(error_ratio), C(p99_ms)).
+  returned: watch=traffic
+  type: dict
+  sample: {requests: 412, errors: 0, error_ratio: 0.0, p99_ms: 7.9}
+prometheus:
+  description:
+    - O(watch=traffic) with O(prometheus_url) - Prometheus's figures (C(requests), C(errors), C(error_ratio),
+      C(p99_ms), None without data) and the C(queries) asked.
+  returned: when prometheus_url was given
+  type: dict
 """
 
 import json
@@ -222,6 +275,7 @@ from ansible_collections.sovereign.mlops.plugins.module_utils._oip import (
     http_get,
     percentile,
 )
+from ansible_collections.sovereign.mlops.plugins.module_utils._prometheus import PrometheusError, color_window
 
 MAX_SAMPLES = 5
 
@@ -315,10 +369,35 @@ def judge(requests, errors, p99_ms, max_error_ratio, max_p99_ms, min_requests):
     return False, ""
 
 
-def watch_traffic(p, clock=time.monotonic, sleep=time.sleep):
+def prometheus_figures(p, wall=time.time):
+    """Prometheus's figures of the window, or (None, why not)."""
+    try:
+        figures = color_window(
+            p["prometheus_url"],
+            p["prometheus_host"],
+            p["color"],
+            p["seconds"] + p["prometheus_scrape_interval"],
+            at=wall(),
+            timeout=p["prometheus_timeout"],
+        )
+    except PrometheusError as exc:
+        why = str(exc)
+    else:
+        if figures["requests"] is not None and figures["requests"] >= p["min_requests"]:
+            return figures, ""
+        why = (
+            f"Prometheus at {p['prometheus_url']} has {figures['requests'] or 0:g} infer requests of {p['color']} on "
+            f"host {p['prometheus_host']} in the window (fewer than min_requests={p['min_requests']}; not scraped "
+            "yet, or another host label)"
+        )
+        return figures, why
+    return None, why
+
+
+def watch_traffic(p, clock=time.monotonic, sleep=time.sleep, warn=lambda msg: None, wall=time.time):
     """Run the watch window; returns (ok, message, result)."""
     out = dict(requests=0, errors=0, wrong_color=0, error_ratio=None, p50_ms=None, p99_ms=None)
-    out.update(error_samples=[], degraded=False, reason="")
+    out.update(error_samples=[], degraded=False, reason="", source="probes", prometheus_error="")
     if p["seconds"] <= 0:
         return True, "no watch window (seconds is 0)", out
     client = HTTPClient(p["url"], timeout=p["request_timeout"])
@@ -357,22 +436,40 @@ def watch_traffic(p, clock=time.monotonic, sleep=time.sleep):
     finally:
         client.close()
     p99 = percentile(latencies, 99)
-    degraded, reason = judge(
-        out["requests"], out["errors"], p99, p["max_error_ratio"], p["max_p99_ms"], p["min_requests"]
-    )
     out.update(
         error_ratio=round(out["errors"] / out["requests"], 6) if out["requests"] else None,
         p50_ms=round(percentile(latencies, 50), 3) if latencies else None,
         p99_ms=round(p99, 3) if p99 is not None else None,
         error_samples=samples,
-        degraded=degraded,
-        reason=reason,
     )
+    out["probes"] = {k: out[k] for k in ("requests", "errors", "error_ratio", "p99_ms")}
+    prom = None
+    if p["prometheus_url"]:
+        prom, out["prometheus_error"] = prometheus_figures(p, wall)
+        if out["prometheus_error"]:
+            warn(f"watch window judged on direct probes: {out['prometheus_error']}")
+        out["prometheus"] = prom or {}
+        prom = None if out["prometheus_error"] else prom
+    if prom:
+        out.update(source="prometheus", requests=prom["requests"], errors=prom["errors"])
+        out.update(error_ratio=prom["error_ratio"], p99_ms=prom["p99_ms"])
+        degraded, reason = judge(
+            prom["requests"], prom["errors"], prom["p99_ms"], p["max_error_ratio"], p["max_p99_ms"], p["min_requests"]
+        )
+        if not degraded and out["wrong_color"]:
+            degraded, reason = True, f"{out['wrong_color']} watch requests answered by another color than {p['color']}"
+    else:
+        degraded, reason = judge(
+            out["requests"], out["errors"], p99, p["max_error_ratio"], p["max_p99_ms"], p["min_requests"]
+        )
+    out.update(degraded=degraded, reason=reason)
+    where = f"Prometheus {p['prometheus_url']}" if prom else f"probes through {p['url']}"
     if degraded:
         figures = f"{out['requests']} requests, {out['errors']} errors, p99 {out['p99_ms']} ms; samples {samples}"
-        msg = f"{p['color']} degraded after taking traffic through {p['url']}: {reason} (watch: {figures})."
+        msg = f"{p['color']} degraded after taking traffic ({where}): {reason} (watch: {figures})."
         return False, msg, out
-    return True, f"{p['color']} held for {p['seconds']:g}s: {out['requests']} requests, p99 {out['p99_ms']} ms", out
+    held = f"{p['color']} held for {p['seconds']:g}s ({where}): {out['requests']} requests, p99 {out['p99_ms']} ms"
+    return True, held, out
 
 
 def main():
@@ -392,13 +489,27 @@ def main():
             golden=dict(type="dict"),
             golden_file=dict(type="path"),
             request_timeout=dict(type="float", default=5.0),
+            prometheus_url=dict(type="str"),
+            prometheus_host=dict(type="str"),
+            prometheus_scrape_interval=dict(type="float", default=15.0),
+            prometheus_timeout=dict(type="float", default=5.0),
         ),
         required_if=[("watch", "traffic", ("model_name",))],
+        required_by={"prometheus_url": ("prometheus_host",)},
         mutually_exclusive=[("golden", "golden_file")],
         supports_check_mode=True,
     )
     p = module.params
-    for name in ("timeout", "poll_interval", "seconds", "interval", "max_error_ratio", "request_timeout"):
+    for name in (
+        "timeout",
+        "poll_interval",
+        "seconds",
+        "interval",
+        "max_error_ratio",
+        "request_timeout",
+        "prometheus_scrape_interval",
+        "prometheus_timeout",
+    ):
         if p[name] < 0:
             module.fail_json(msg=f"{name} must be >= 0, got {p[name]:g}")
     if p["request_timeout"] == 0 or p["max_p99_ms"] <= 0:
@@ -407,7 +518,7 @@ def main():
         if p["watch"] == "ready":
             ok, msg, out = wait_ready(p["url"], p["color"], p["timeout"], p["poll_interval"], p["request_timeout"])
         else:
-            ok, msg, out = watch_traffic(p)
+            ok, msg, out = watch_traffic(p, warn=module.warn)
     except URLError as exc:
         module.fail_json(msg=str(exc))
     if not ok:

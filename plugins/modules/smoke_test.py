@@ -28,6 +28,10 @@ description:
   - Latency is the time from sending a request to reading its whole response, on one keep-alive connection
     (reopened when the server closes it). O(warmup) requests are sent first and left out of the figures.
     Percentiles use the nearest-rank method, so with 20 requests p99 is the slowest one.
+  - When the golden example comes from the model metadata and that says the runtime serves a Feast feature
+    service (C(parameters.feature_service)) with golden rows by entity key (C(golden_entity_inputs)), one more
+    request sends only those keys, so the runtime fetches the features from its online store, and check
+    C(entity_golden) compares its outputs with the golden outputs (after C(golden)). Otherwise it is skipped.
   - On failure, RV(ignore:msg) names the first check (in the order above) that failed.
   - The module only reads. It never changes anything (C(changed) is always false) and runs in check mode too.
 options:
@@ -210,6 +214,7 @@ from ansible_collections.sovereign.mlops.plugins.module_utils._oip import (
     compare_outputs,
     describe_transport_error,
     excerpt,
+    feature_service_from_metadata,
     golden_from_metadata,
     percentile,
 )
@@ -245,6 +250,7 @@ class SmokeTest:
         self.model = self.p["model_name"]
         self.client = HTTPClient(self.url, timeout=self.p["timeout"], headers=self.p["headers"])
         self.checks = Checks()
+        self.metadata = None  # the model metadata, when the golden example came from it
         self.result = dict(
             changed=False,
             url=self.url,
@@ -309,6 +315,7 @@ class SmokeTest:
         path = f"/v2/models/{self.model}"
         try:
             status, meta, body = self.get_json(path)
+            self.metadata = meta
         except TRANSPORT_ERRORS as exc:
             self.checks.add(
                 "golden_source",
@@ -456,6 +463,7 @@ class SmokeTest:
             self.checks.add("golden", True, f"{len(expected_outputs)} output(s) within rtol {rtol:g}, atol {atol:g}")
         else:
             self.checks.add("golden", None, "no well-formed response to compare")
+        self.check_entity_golden(expected_outputs, rtol, atol)
         # model version
         if p["expect_model_version"] is not None:
             if first["version"]:
@@ -485,6 +493,38 @@ class SmokeTest:
         else:
             self.checks.add("latency_p99", None, "no successful measured request to time")
         return self.finish()
+
+    def check_entity_golden(self, expected_outputs, rtol, atol):
+        """The golden rows by entity key, when the runtime serves a feature service: features from its online store."""
+        if self.result["golden_source"] != "metadata":  # inline golden outputs need not be the model's own rows
+            return self.checks.add("entity_golden", None, "skipped: the golden example was given inline")
+        service = feature_service_from_metadata(self.metadata)
+        inputs = service.get("golden_entity_inputs") if service else None
+        if not inputs or expected_outputs is None:
+            why = "no feature service" if not service else "no golden rows by entity key"
+            return self.checks.add("entity_golden", None, f"skipped: {why}")
+        label = "entity-keyed request ({} {})".format(service.get("entity_key"), inputs[0].get("data"))
+        try:
+            status, _headers, raw, _elapsed = self.client.request(
+                "POST", f"/v2/models/{self.model}/infer", body=json.dumps({"inputs": inputs}).encode("utf-8")
+            )
+        except TRANSPORT_ERRORS as exc:
+            return self.checks.add("entity_golden", False, f"{label} failed: {describe_transport_error(exc)}")
+        if status != 200:
+            detail = "{} answered {} (feature service {}): {}".format(
+                label, status, service["name"], excerpt(raw) or "(empty body)"
+            )
+            return self.checks.add("entity_golden", False, detail)
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except ValueError:
+            return self.checks.add("entity_golden", False, f"{label}: body is not JSON: {excerpt(raw)}")
+        error = check_infer_response(obj, self.model) or compare_outputs(obj["outputs"], expected_outputs, rtol, atol)
+        if error:
+            return self.checks.add("entity_golden", False, f"{label}: {error}")
+        return self.checks.add(
+            "entity_golden", True, f"{label} via feature service {service['name']}: golden outputs reproduced"
+        )
 
 
 def main():

@@ -1,5 +1,7 @@
 """Verifies the common role on a real systemd container (testinfra, podman backend)."""
 
+import json
+
 import pytest
 
 TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"
@@ -53,6 +55,14 @@ def test_node_exporter_listens_on_internal_address_only(host):
     address = host.interface.default().addresses[0]
     assert host.socket(f"tcp://{address}:9100").is_listening
     assert not host.socket("tcp://0.0.0.0:9100").is_listening
+
+
+def test_contract_publishes_the_internal_address(host):
+    """Issue 15: section common names the internal address every role binds its metrics endpoint to."""
+    fact = json.loads(host.file("/etc/ansible/facts.d/sovereign.fact").content_string)
+    address = host.interface.default().addresses[0]
+    assert fact["common"]["internal_address"] == address
+    assert fact["metrics"]["node_exporter"]["address"] == address
 
 
 def test_textfile_collector_exports_metrics(host):

@@ -15,6 +15,11 @@ COLORS = {"blue": 8001, "green": 8002}
 GOLDEN = "/var/lib/sovereign/models/demo/model.pt.golden.json"
 
 
+def internal(host):
+    """The host's internal address as the common role published it: where the runtimes listen (issue 15)."""
+    return host_contract.read_contract(host)["common"]["internal_address"]
+
+
 def _curl_json(host, *args):
     out = host.check_output("curl -sS --fail-with-body --max-time 10 " + " ".join(args))
     return json.loads(out)
@@ -39,8 +44,8 @@ def test_service_runs_as_dedicated_user_hardened(host, color):
 
 
 @pytest.mark.parametrize(("color", "port"), COLORS.items())
-def test_listens_on_loopback_only(host, color, port):
-    assert host.socket(f"tcp://127.0.0.1:{port}").is_listening
+def test_listens_on_the_internal_address_only(host, color, port):
+    assert host.socket(f"tcp://{internal(host)}:{port}").is_listening
     assert not host.socket(f"tcp://0.0.0.0:{port}").is_listening
 
 
@@ -70,8 +75,8 @@ def test_runtime_gets_the_mlflow_credentials_verbatim(host, color):
 
 @pytest.mark.parametrize(("color", "port"), COLORS.items())
 def test_ready_and_metadata(host, color, port):
-    assert host.run(f"curl -sf http://127.0.0.1:{port}/v2/health/ready").rc == 0
-    meta = _curl_json(host, f"http://127.0.0.1:{port}/v2/models/demo")
+    assert host.run(f"curl -sf http://{internal(host)}:{port}/v2/health/ready").rc == 0
+    meta = _curl_json(host, f"http://{internal(host)}:{port}/v2/models/demo")
     assert meta["name"] == "demo"
     assert meta["platform"] == "pytorch"
     assert "1" in meta["versions"]
@@ -81,7 +86,7 @@ def test_ready_and_metadata(host, color, port):
 def test_infer_matches_golden_output(host, color, port):
     golden = json.loads(host.file(GOLDEN).content_string)
     body = json.dumps({"inputs": golden["inputs"]})
-    url = f"http://127.0.0.1:{port}/v2/models/demo/infer"
+    url = f"http://{internal(host)}:{port}/v2/models/demo/infer"
     result = _curl_json(host, "-X POST -H 'Content-Type: application/json'", f"--data '{body}'", url)
     assert result["model_name"] == "demo"
     got = result["outputs"][0]
@@ -96,7 +101,7 @@ def test_bad_input_is_a_4xx_with_a_message(host, color, port):
     out = host.run(
         "curl -s -o /dev/stdout -w '\\n%{http_code}' -X POST -H 'Content-Type: application/json' "
         f'--data \'{{"inputs": [{{"name": "input-0", "shape": [1, 3], "datatype": "FP32", "data": [1, 2]}}]}}\' '
-        f"http://127.0.0.1:{port}/v2/models/demo/infer"
+        f"http://{internal(host)}:{port}/v2/models/demo/infer"
     )
     body, status = out.stdout.rsplit("\n", 1)
     assert status.startswith("4")
@@ -105,7 +110,7 @@ def test_bad_input_is_a_4xx_with_a_message(host, color, port):
 
 @pytest.mark.parametrize(("color", "port"), COLORS.items())
 def test_metrics_report_model_and_color(host, color, port):
-    metrics = host.check_output(f"curl -sf http://127.0.0.1:{port}/metrics")
+    metrics = host.check_output(f"curl -sf http://{internal(host)}:{port}/metrics")
     assert "sovereign_runtime_requests_total" in metrics
     assert f'color="{color}"' in metrics
 
@@ -126,7 +131,7 @@ def test_host_contract_color_is_what_runs(host, color, port):
     """Every path and port the contract names is the one the running color really uses."""
     spec = _contract(host)["runtime"]["colors"][color]
     assert spec == {
-        "host": "127.0.0.1",
+        "host": internal(host),
         "port": port,
         "unit": f"sovereign-runtime@{color}.service",
         "env_file": f"/etc/sovereign/runtime/{color}.env",
@@ -150,6 +155,7 @@ def test_host_contract_has_node_exporter(host):
     assert (endpoint["port"], endpoint["path"]) == (9100, "/metrics")
     assert (endpoint["scheme"], endpoint["auth"]) == ("http", False)
     assert contract["common"]["textfile_dir"] == "/var/lib/prometheus/node-exporter"
+    assert endpoint["address"] == contract["common"]["internal_address"]
     url = f"http://{endpoint['address']}:{endpoint['port']}{endpoint['path']}"
     assert "node_exporter_build_info" in host.check_output(f"curl -sf {url}")
 
@@ -159,6 +165,6 @@ def test_host_contract_runtime_metrics_endpoint(host, color, port):
     endpoint = _contract(host)["metrics"][f"sovereign_runtime_{color}"]
     assert endpoint["job"] == "sovereign_runtime"
     assert endpoint["labels"] == {"color": color}
-    assert (endpoint["address"], endpoint["port"], endpoint["path"]) == ("127.0.0.1", port, "/metrics")
+    assert (endpoint["address"], endpoint["port"], endpoint["path"]) == (internal(host), port, "/metrics")
     out = host.check_output(f"curl -sf http://{endpoint['address']}:{endpoint['port']}{endpoint['path']}")
     assert f'color="{color}"' in out

@@ -1,5 +1,7 @@
 """Verifies the mlflow role on a real systemd container (testinfra, podman backend)."""
 
+import json
+
 import pytest
 
 ENV_FILE = "/etc/sovereign/mlflow/mlflow.env"
@@ -138,3 +140,18 @@ def test_recorded_database_version(host):
 def test_backup_dir_is_private_to_postgres(host):
     d = host.file("/var/backups/sovereign/mlflow")
     assert (d.user, d.group, d.mode) == ("postgres", "postgres", 0o700)
+
+
+def test_host_contract_publishes_the_metrics_endpoint_with_auth(host):
+    """Issue 15: with mlflow_prometheus_enabled and basic-auth on, the contract tells the prometheus role where
+    /metrics is and that it needs credentials."""
+    fact = json.loads(host.file("/etc/ansible/facts.d/sovereign.fact").content_string)
+    assert fact["mlflow"]["auth"] is True
+    endpoint = fact["metrics"]["mlflow"]
+    assert fact["mlflow"]["url"] == f"http://{endpoint['address']}:{endpoint['port']}"
+    assert (endpoint["job"], endpoint["path"], endpoint["auth"], endpoint["published_by"]) == (
+        "mlflow",
+        "/metrics",
+        True,
+        "mlflow",
+    )

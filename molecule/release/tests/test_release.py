@@ -82,6 +82,7 @@ def where(host):
             map_file=switch.get("map_file", "/etc/haproxy/sovereign/live.map"),
             admin_socket=switch.get("admin_socket", "/run/haproxy/admin.sock"),
             ports={c: int(colors.get(c, {}).get("port", d)) for c, d in (("blue", 8001), ("green", 8002))},
+            hosts={c: colors.get(c, {}).get("host", "127.0.0.1") for c in ("blue", "green")},
             model_env={c: colors.get(c, {}).get("model_env", f"{config_dir}/{c}.model.env") for c in ("blue", "green")},
         )
     return _WHERE[host.backend.name]
@@ -160,7 +161,7 @@ def test_the_host_contract_names_non_default_ports_and_map_file(host):
     assert w["ports"] == {"blue": 8101, "green": 8102}, w
     assert w["map_file"] == "/etc/haproxy/sovereign/release-test.map", w
     for color, port in w["ports"].items():
-        live = host.run(f"curl -sf http://127.0.0.1:{port}/v2/health/live")
+        live = host.run(f"curl -sf http://{w['hosts'][color]}:{port}/v2/health/live")
         assert live.rc == 0, f"{color} does not answer on {port}"
     assert not host.file("/etc/haproxy/sovereign/live.map").exists
 

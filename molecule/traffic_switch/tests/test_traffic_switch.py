@@ -24,7 +24,16 @@ INSTANCE = "molecule-traffic_switch"  # molecule-<scenario>: .config/molecule/co
 ADMIN_SOCKET = "/run/haproxy/admin.sock"
 MAP_FILE = "/etc/haproxy/sovereign/live.map"
 FRONTEND = "http://127.0.0.1:8000"
-STATS = "http://127.0.0.1:8404"
+
+
+def internal_address(host):
+    """The container's default IPv4 address: the stats listener's default bind (no common role here, so no
+    common.internal_address in the contract)."""
+    return host.check_output("ip -4 -o route get 1.1.1.1 | sed -n 's/.* src \\([0-9.]*\\).*/\\1/p'")
+
+
+def stats_url(host):
+    return f"http://{internal_address(host)}:8404"
 
 
 def admin(host, command):
@@ -99,9 +108,10 @@ def test_config_is_valid(host):
 
 def test_listeners(host):
     assert host.socket("tcp://0.0.0.0:8000").is_listening
-    # The Prometheus/stats page is internal only.
-    assert host.socket("tcp://127.0.0.1:8404").is_listening
+    # The Prometheus/stats page is on the internal address only.
+    assert host.socket(f"tcp://{internal_address(host)}:8404").is_listening
     assert not host.socket("tcp://0.0.0.0:8404").is_listening
+    assert not host.socket("tcp://127.0.0.1:8404").is_listening
     # HAProxy binds the admin socket under a temporary name and renames it, so `ss` does not list it by
     # its path: answering a command is the check.
     assert "Name: HAProxy" in admin(host, "show info")
@@ -159,10 +169,18 @@ def test_runtime_flip_via_admin_socket(host):
 
 
 def test_prometheus_metrics(host):
-    out = host.check_output(f"curl -sf {STATS}/metrics")
+    stats = stats_url(host)
+    out = host.check_output(f"curl -sf {stats}/metrics")
     assert "haproxy_process_" in out
     assert 'haproxy_server_status{proxy="be_green",server="green"' in out
-    host.run_expect([0], f"curl -sf -o /dev/null {STATS}/stats")
+    host.run_expect([0], f"curl -sf -o /dev/null {stats}/stats")
+
+
+@pytest.mark.parametrize("path", ["/metrics", "//metrics", "/metrics/", "/%6detrics", "/METRICS?x=1"])
+def test_frontend_refuses_metrics(host, path):
+    """Issue 15: the public frontend never serves the runtime's /metrics (docs/adr/1501-metrics-exposure.md)."""
+    code = host.check_output(f"curl -s -o /dev/null -w '%{{http_code}}' '{FRONTEND}{path}'")
+    assert code == "403", f"{path}: {code}"
 
 
 def test_unit_is_hardened(host):
@@ -238,8 +256,8 @@ def test_host_contract_traffic_switch_section(host):
     assert host.file(section["admin_socket"]).is_socket
     assert section["health_path"] == "/v2/health/ready"
     assert section["default_color"] == "blue"
-    assert section["stats"] == {"address": "127.0.0.1", "port": 8404}
-    assert host.socket(f"tcp://127.0.0.1:{section['stats']['port']}").is_listening
+    assert section["stats"] == {"address": internal_address(host), "port": 8404}
+    assert host.socket(f"tcp://{internal_address(host)}:{section['stats']['port']}").is_listening
 
 
 def test_host_contract_backends_are_the_runtimes_ports(host):
@@ -257,7 +275,7 @@ def test_host_contract_metrics_endpoint_serves_metrics(host):
     endpoint = contract(host)["metrics"]["haproxy"]
     assert endpoint == {
         "job": "haproxy",
-        "address": "127.0.0.1",
+        "address": internal_address(host),
         "port": 8404,
         "path": "/metrics",
         "scheme": "http",

@@ -197,7 +197,11 @@ class App:
     async def _ready(self, send: Callable, method: str) -> None:
         engine = self.engine
         if engine.state == READY:
-            await self._reply(send, "ready", 200, b'{"ready":true}', None, method)
+            if engine.features is None:
+                await self._reply(send, "ready", 200, b'{"ready":true}', None, method)
+            else:  # ready even while the online store is down: vector requests are still served
+                body = dumps({"ready": True, "details": {"feature_store": engine.features.details()}})
+                await self._reply(send, "ready", 200, body, None, method)
         else:
             body = dumps({"ready": False, "state": engine.state, "reason": engine.reason})
             await self._reply(send, "ready", 503, body, None, method)

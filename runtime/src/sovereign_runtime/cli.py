@@ -42,6 +42,24 @@ def check(cfg: config.Settings) -> int:
     return 0 if report.get("ok") else 1
 
 
+def features(cfg: config.Settings) -> int:
+    """The feature service as the runtime would open it (registry only: no model, no online-store read): one JSON
+    document; exit 1, naming the service and those that exist, when the registry does not hold it. Deploys ask
+    this before restarting anything (roles/release)."""
+    from .features import FeatureSource, FeatureStoreError
+
+    source = FeatureSource(cfg.feature_service, cfg.feast_repo)
+    try:
+        source.open()
+    except FeatureStoreError as exc:
+        print(json.dumps({"ok": False, "feature_service": cfg.feature_service, "error": str(exc)}))
+        return 1
+    doc = {"ok": True, "project": source.store.project, **source.details(), "features": source.features}
+    doc.pop("up", None)
+    print(json.dumps(doc))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=NO_NUMPY_WARNING, category=UserWarning)
     command, cfg = config.parse(argv)
@@ -49,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _torch_threads(cfg.torch_threads)
     if command == "check":
         return check(cfg)
+    if command == "features":
+        return features(cfg)
     from .server import serve
 
     return serve(cfg)

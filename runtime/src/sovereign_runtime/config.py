@@ -104,6 +104,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("zenoh-mode", str, "peer", "Zenoh session mode", ("peer", "client", "router"), True),
     Flag("zenoh-connect", str, "", "comma-separated Zenoh endpoints to connect to, e.g. tcp/10.0.0.5:7447", None, True),
     Flag("zenoh-listen", str, "", "comma-separated Zenoh endpoints to listen on", None, True),
+    Flag("feature-service", str, "", "Feast feature service: requests may carry only its entity key"),
+    Flag("feast-repo", str, "", "Feast repository (feature_store.yaml) of --feature-service"),
+    Flag("feature-timeout-ms", _positive_float, 100.0, "socket timeout of one online-store read"),
+    Flag("feature-retry-s", _float, 1.0, "online store down: entity requests fail fast this long"),
     Flag("chaos-latency-ms", _float, 0.0, "TESTS ONLY: extra delay per infer request", None, True),
     Flag("chaos-error-rate", _fraction, 0.0, "TESTS ONLY: fraction of infer requests answered 500", None, True),
     Flag("log-level", str, "info", "log level", ("debug", "info", "warning", "error"), True),
@@ -183,6 +187,10 @@ class Settings:
     zenoh_mode: str = "peer"
     zenoh_connect: str = ""
     zenoh_listen: str = ""
+    feature_service: str = ""
+    feast_repo: str = ""
+    feature_timeout_ms: float = 100.0
+    feature_retry_s: float = 1.0
     chaos_latency_ms: float = 0.0
     chaos_error_rate: float = 0.0
     log_level: str = "info"
@@ -204,14 +212,24 @@ def parser(environ: dict[str, str] | None = None) -> argparse.ArgumentParser:
     add_flags(serve, True, environ)
     check = sub.add_parser("check", help="load, warm up and golden-check the model; print JSON; exit 1 on failure")
     add_flags(check, False, environ)
+    features = sub.add_parser(
+        "features", help="look a feature service up in the Feast registry (no model); print JSON; exit 1 if absent"
+    )
+    add_flags(features, False, environ)
     return top
 
 
 def parse(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> tuple[str, Settings]:
     p = parser(environ)
     ns = p.parse_args(argv)
-    if not ns.model_uri:
+    if ns.command == "features":
+        if not (ns.feature_service and ns.feast_repo):
+            p.error("features: --feature-service and --feast-repo are required")
+        ns.model_uri = ns.model_uri or ""
+    elif not ns.model_uri:
         p.error("--model-uri (or SOVEREIGN_RUNTIME_MODEL_URI) is required")
+    if bool(getattr(ns, "feature_service", "")) != bool(getattr(ns, "feast_repo", "")):
+        p.error("--feature-service and --feast-repo go together (SOVEREIGN_RUNTIME_FEATURE_SERVICE / _FEAST_REPO)")
     if ns.tracking_uri is None:
         ns.tracking_uri = (environ if environ is not None else os.environ).get("MLFLOW_TRACKING_URI")
     return ns.command, Settings.from_namespace(ns)

@@ -21,6 +21,7 @@ Not here: loading, warm-up and the golden check (startup.py, once per process), 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import deque
@@ -35,7 +36,7 @@ from .config import Settings
 from .logs import log_event
 from .metrics import Metrics
 from .model import LoadedModel, cuda_memory, normalise_outputs
-from .protocol import Decoder, RequestError, TensorSpec, dumps, encode_outputs, error_body
+from .protocol import DecodedRequest, Decoder, RequestError, TensorSpec, dumps, encode_outputs, error_body
 
 perf_counter = time.perf_counter
 get_running_loop = asyncio.get_running_loop
@@ -97,10 +98,13 @@ class Engine:
         self._module: Any = None
         self._cuda = False
         self._resp_prefix = b""
+        self.features: Any = None  # features.FeatureSource when served with a feature service
         m = self.metrics
         m.model_labels["color"] = cfg.color
         m.gauge("in_flight_requests", "Infer requests being handled", lambda: self.in_flight)
         m.gauge("queue_depth", "Admitted infer requests waiting for compute", lambda: self.waiting)
+        # The bound queue_depth is measured against (--max-queue-size): alerts need no copy of the flag.
+        m.gauge("queue_capacity", "Requests that may wait (--max-queue-size); beyond: 503", lambda: self.max_waiting)
         m.gauge("ready", "1 when /v2/health/ready answers 200", lambda: 1.0 if self.state == READY else 0.0)
         if cfg.chaos_latency_ms or cfg.chaos_error_rate:  # tests only: wraps infer, see chaos.py
             from .chaos import install
@@ -128,6 +132,59 @@ class Engine:
             dev = model.device
             m.gauge("gpu_memory_allocated_bytes", "torch.cuda.memory_allocated", lambda: cuda_memory(dev)[0])
             m.gauge("gpu_memory_reserved_bytes", "torch.cuda.memory_reserved", lambda: cuda_memory(dev)[1])
+
+    def attach_features(self, source: Any, dtype: torch.dtype) -> None:
+        """Serve entity-keyed requests too: ``source`` (features.FeatureSource, opened) fetches the model's
+        single [-1, F] input. Only then does ``infer`` get the keyed front; without a feature service the
+        vector path is the plain method above."""
+        self.features = source
+        self.metrics.features = source
+        source.latency = self.metrics.feature_fetch_latency
+        vector_infer = self.infer  # the production method (or the chaos wrapper around it)
+        marker = b'"' + source.entity_key.encode() + b'"'
+        decoder = self.decoder
+        assert decoder is not None
+        key = source.entity_key
+        fetch = source.fetch
+        entity_values = source.entity_values
+        infer = Engine.infer
+
+        async def keyed_infer(body: bytes, t0: float) -> tuple[int, bytes, list | None]:
+            if marker not in body:  # carries its vector: exactly the path without a feature service
+                return await vector_infer(body, t0)
+            if not self.serving:
+                return 503, error_body(f"model not ready: {self.reason}"), RETRY_AFTER
+            try:
+                keyed = decode_keyed(body)
+                if keyed is None:
+                    return await vector_infer(body, t0)
+                if self.waiting >= self.max_waiting:
+                    return 503, error_body(f"queue full ({self.max_waiting} requests waiting)"), RETRY_AFTER
+                req = DecodedRequest(keyed[0], [fetch(keyed[1], dtype)], len(keyed[1]), keyed[2])
+            except RequestError as exc:
+                return exc.status, error_body(exc.message), RETRY_AFTER if exc.status == 503 else None
+            return await infer(self, body, t0, req)
+
+        def decode_keyed(body: bytes) -> tuple[str | None, list, list[str] | None] | None:
+            """(id, entity keys, outputs) if the request's input is the entity key, else None."""
+            try:
+                doc = json.loads(body)
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                return None  # the vector decoder says what is wrong with it
+            items = doc.get("inputs") if type(doc) is dict else None
+            if type(items) is not list or not any(type(i) is dict and i.get("name") == key for i in items):
+                return None
+            if len(items) != 1:
+                others = ", ".join(repr(i.get("name")) for i in items if type(i) is dict and i.get("name") != key)
+                raise RequestError(f"an entity-keyed request carries only {key!r}, not also {others}")
+            req_id = doc.get("id")
+            if req_id is not None and type(req_id) is not str:
+                raise RequestError("'id' must be a string")
+            keys = entity_values(items[0])
+            outputs = doc.get("outputs")
+            return req_id, keys, decoder._outputs(outputs) if outputs is not None else None
+
+        self.infer = keyed_infer  # type: ignore[method-assign]
 
     # ---------------------------------------------------------------------------------------------
     # State (called on the loop thread)
@@ -168,14 +225,16 @@ class Engine:
         except Exception as exc:
             return ModelError(exc)
 
-    async def infer(self, body: bytes, t0: float) -> tuple[int, bytes, list | None]:
-        """One OIP infer request body -> (status, JSON body, extra headers). Never raises for bad input."""
-        if not self.serving:
-            return 503, error_body(f"model not ready: {self.reason}"), RETRY_AFTER
-        try:
-            req = self.decoder.decode(body)  # type: ignore[union-attr]
-        except RequestError as exc:
-            return exc.status, error_body(exc.message), None
+    async def infer(self, body: bytes, t0: float, req: DecodedRequest | None = None) -> tuple[int, bytes, list | None]:
+        """One OIP infer request body -> (status, JSON body, extra headers). Never raises for bad input.
+        ``req``: already decoded (an entity-keyed request whose features were fetched, see attach_features)."""
+        if req is None:
+            if not self.serving:
+                return 503, error_body(f"model not ready: {self.reason}"), RETRY_AFTER
+            try:
+                req = self.decoder.decode(body)  # type: ignore[union-attr]
+            except RequestError as exc:
+                return exc.status, error_body(exc.message), None
         if self.waiting >= self.max_waiting:
             return 503, error_body(f"queue full ({self.max_waiting} requests waiting)"), RETRY_AFTER
         self.waiting += 1
@@ -312,6 +371,22 @@ class Engine:
                 "color": self.cfg.color,
                 "max_batch_size": self.max_batch if self.batching else 1,
                 **extra,
+                **self._feature_metadata(golden),
                 **model.details,
             },
         }
+
+    def _feature_metadata(self, golden: Any) -> dict[str, Any]:
+        """``parameters.feature_service``: what an entity-keyed request looks like, and the golden rows by
+        key (the deploy's smoke test replays them: plugins/modules/smoke_test.py)."""
+        source = self.features
+        if source is None:
+            return {}
+        doc: dict[str, Any] = {
+            "name": source.service_name,
+            "entity_key": source.entity_key,
+            "features": list(source.features),
+        }
+        if golden is not None and golden.entity_inputs:
+            doc["golden_entity_inputs"] = golden.entity_inputs
+        return {"feature_service": doc}

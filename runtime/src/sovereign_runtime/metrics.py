@@ -68,6 +68,8 @@ class Metrics:
         self.compute_latency = Histogram(LATENCY_BUCKETS)
         self.batch_size = Histogram(BATCH_BUCKETS)
         self.chaos_injected = 0
+        self.feature_fetch_latency = Histogram(LATENCY_BUCKETS)
+        self.features: Any = None  # features.FeatureSource when the model has a feature service
         self.model_labels: dict[str, str] = {"model": "", "version": "", "color": "", "device": ""}
         self.info: dict[str, str] = {}
         self.load_seconds = 0.0
@@ -112,6 +114,8 @@ class Metrics:
         chaos = CounterMetricFamily(PREFIX + "chaos_injected", "Infer requests failed on purpose (chaos knob)")
         chaos.add_metric([], self.chaos_injected)
         yield chaos
+        if self.features is not None:
+            yield from self._feature_families(lbl)
         info = InfoMetricFamily(PREFIX + "model", "The model this process serves")
         info.add_metric([], {**self.model_labels, **self.info})
         yield info
@@ -119,6 +123,29 @@ class Metrics:
         yield _gauge(PREFIX + "warmup_seconds", "Seconds of warm-up and golden check", self.warmup_seconds)
         for name, (doc, read) in self.gauges.items():
             yield _gauge(PREFIX + name, doc, read())
+
+    def _feature_families(self, lbl: dict[str, str]) -> Iterator[Metric]:
+        source = self.features
+        yield self.feature_fetch_latency.family(
+            PREFIX + "feature_fetch_duration_seconds",
+            "Online-store read per entity-keyed request (all its keys, all feature views), success or not",
+            lbl,
+        )
+        fetches = CounterMetricFamily(
+            PREFIX + "feature_fetches",
+            "Entity-keyed requests by fetch result: ok, unknown_entity (404), unavailable (503)",
+            labels=["model", "feature_service", "result"],
+        )
+        for result, n in (("ok", source.ok), ("unknown_entity", source.unknown), ("unavailable", source.unavailable)):
+            fetches.add_metric([lbl["model"], source.service_name, result], n)
+        yield fetches
+        up = GaugeMetricFamily(
+            PREFIX + "feature_store_up",
+            "1 while the last online-store read succeeded (0: entity-keyed requests get 503)",
+            labels=["model", "feature_service"],
+        )
+        up.add_metric([lbl["model"], source.service_name], 1.0 if source.up else 0.0)
+        yield up
 
 
 def _gauge(name: str, doc: str, value: Any) -> GaugeMetricFamily:

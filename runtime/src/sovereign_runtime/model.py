@@ -60,6 +60,9 @@ class Golden:
     rtol: float = 1e-4
     atol: float = 1e-5
     source: str = ""
+    # The same rows by entity key (``[{"name": "customer_id", ...}]``), for a model served with a feature
+    # service: start-up and the deploy's smoke test replay them through the online store.
+    entity_inputs: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -317,7 +320,11 @@ def read_golden(path: Path) -> Golden:
             tensor_from_json(item)
     except RequestError as exc:
         raise ModelLoadError(f"golden file {path}: {exc.message}") from None
-    return Golden(raw["inputs"], raw["outputs"], float(raw.get("rtol", 1e-4)), float(raw.get("atol", 1e-5)), str(path))
+    entity = raw.get("entity_inputs")
+    if entity is not None and (type(entity) is not list or not all(type(i) is dict for i in entity)):
+        raise ModelLoadError(f"golden file {path}: 'entity_inputs' must be a list of OIP tensors")
+    rtol, atol = float(raw.get("rtol", 1e-4)), float(raw.get("atol", 1e-5))
+    return Golden(raw["inputs"], raw["outputs"], rtol, atol, str(path), entity or None)
 
 
 def load(

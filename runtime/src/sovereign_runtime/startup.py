@@ -40,6 +40,8 @@ def prepare(engine: Engine, on_retry: Callable[[str, dict[str, Any]], None] | No
         on_retry=on_retry,
     )
     engine.attach(model)
+    if cfg.feature_service:
+        attach_features(engine)
     log_event(
         "model_loaded",
         model=model.name,
@@ -57,12 +59,61 @@ def prepare(engine: Engine, on_retry: Callable[[str, dict[str, Any]], None] | No
         )
     t0 = time.perf_counter()
     report = warmup_and_check(engine, model.golden)
+    if report.get("ok") and engine.features is not None:
+        report.update(check_entity_golden(engine, model.golden))
     engine.metrics.warmup_seconds = time.perf_counter() - t0
     report.update(model=model.name, version=model.version, device=str(model.device), format=model.format)
     report["load_seconds"] = round(model.load_seconds, 3)
     report["warmup_seconds"] = round(engine.metrics.warmup_seconds, 3)
     engine.golden_report = report
     return report
+
+
+def attach_features(engine: Engine) -> None:
+    """Open the model's feature service (registry read once, here) and give the engine its keyed path."""
+    from .features import FeatureSource, FeatureStoreError
+
+    cfg = engine.cfg
+    assert engine.model is not None
+    source = FeatureSource(cfg.feature_service, cfg.feast_repo, cfg.feature_timeout_ms / 1000.0, cfg.feature_retry_s)
+    try:
+        source.open()
+        _, dtype = source.check_model(engine.model.inputs)
+    except FeatureStoreError as exc:
+        raise ModelLoadError(str(exc)) from None
+    engine.attach_features(source, dtype)
+
+
+def check_entity_golden(engine: Engine, golden: Golden | None) -> dict[str, Any]:
+    """The golden rows by entity key, through the online store: their features must equal the golden
+    input (training and serving read the same definitions) and give the golden outputs. An unreachable
+    store does not stop start-up (vector requests can be served); it is reported and logged."""
+    source = engine.features
+    if golden is None or not golden.entity_inputs:
+        return {"entity_golden": "absent"}
+    item = golden.entity_inputs[0]
+    try:
+        keys = source.entity_values(item)
+        x = source.fetch(keys, engine.decoder.decode(dumps({"inputs": golden.inputs})).tensors[0].dtype)
+    except RequestError as exc:
+        if exc.status == 503:
+            log_event("entity_golden_skipped", logging.WARNING, reason=exc.message)
+            return {"entity_golden": f"skipped: {exc.message}"}
+        return {"ok": False, "entity_golden": "failed", "error": f"golden entity rows: {exc.message}"}
+    want = engine.decoder.decode(dumps({"inputs": golden.inputs})).tensors[0]
+    if tuple(x.shape) != tuple(want.shape) or not torch.allclose(x.double(), want.double(), rtol=1e-6, atol=1e-6):
+        diff = (x.double() - want.double()).abs().max().item() if x.shape == want.shape else float("nan")
+        return {
+            "ok": False,
+            "entity_golden": "failed",
+            "error": f"the online features of {source.entity_key} {keys} differ from the golden input "
+            f"(max abs difference {diff:.3g}): training and serving disagree on feature service "
+            f"{source.service_name!r}, or the online store holds other values",
+        }
+    report = _compare(engine, engine.forward([x]), golden)
+    if not report["ok"]:
+        return {"ok": False, "entity_golden": "failed", "error": f"by entity key: {report['error']}"}
+    return {"entity_golden": "ok"}
 
 
 def warmup_and_check(engine: Engine, golden: Golden | None) -> dict[str, Any]:

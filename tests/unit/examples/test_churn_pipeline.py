@@ -24,11 +24,14 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from feast_testrepo import RedisServer, apply_and_materialize, feature_store_yaml
 from mlflow_testserver import MlflowServer
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE = ROOT / "examples" / "churn"
-PIPELINE_FILES = ("dvc.yaml", "params.yaml", "generate.py", "train.py")
+PIPELINE_FILES = ("dvc.yaml", "params.yaml", "generate.py", "train.py", "feature_repo")
+FEATURES = ["tenure_months", "monthly_charges", "support_calls", "contract_one_year", "contract_two_year",
+            "autopay", "num_products", "data_usage_gb"]  # fmt: skip
 SMALL = {"data": {"rows": 1500}, "train": {"epochs": 4, "hidden": [16, 8]}}  # seconds, not minutes
 
 try:  # installed in the project venv, or from the checkout
@@ -104,7 +107,10 @@ def make_repo(base: Path, env: dict[str, str]) -> Path:
     repo = base / "repo"
     repo.mkdir()
     for name in PIPELINE_FILES:
-        shutil.copy2(EXAMPLE / name, repo / name)
+        if (EXAMPLE / name).is_dir():
+            shutil.copytree(EXAMPLE / name, repo / name, ignore=shutil.ignore_patterns(".feast", "__pycache__"))
+        else:
+            shutil.copy2(EXAMPLE / name, repo / name)
     set_params(repo, **SMALL)
     git(repo, env, "init", "-q", "-b", "main")
     git(repo, env, "config", "user.name", "Example Test")
@@ -160,6 +166,9 @@ def test_pipeline_trains_logs_registers_and_serves(mlflow_server, tmp_path, monk
     assert (params["data.rev"], params["data.md5"]) == (tags["data.rev"], tags["data.md5"]) == (head, md5)
     assert tags["data.path"] == "data" and tags["data.committed"] == "false"  # dvc.lock not committed yet
     assert tags["registered_model"] == f"models:/churn/{record['version']}"
+    # the features came through Feast's offline store, in the feature service's order (the runtime's order)
+    assert tags["feature_service"] == "churn" and tags["features"] == ",".join(FEATURES)
+    assert params["data.as_of"] == "2026-11-01T00:00:00+00:00"
     assert {"train_loss", "test_accuracy", "test_auc", "test_log_loss", "test_churn_rate"} <= metrics.keys()
     assert 0.5 < metrics["test_accuracy"] <= 1 and 0.5 < metrics["test_auc"] <= 1
     assert len(client.get_metric_history(run_.info.run_id, "train_loss")) == 4
@@ -204,7 +213,7 @@ def test_pipeline_trains_logs_registers_and_serves(mlflow_server, tmp_path, monk
     eager.load_state_dict(program.state_dict)
     test_rows = (repo / "data" / "test.csv").read_text().splitlines()[1:]
     table = torch.tensor([[float(v) for v in line.split(",")] for line in test_rows])
-    for rows in (table[5:12, :8], table[20:21, :8]):  # a batch of 7 (the example had 4) and a batch of 1
+    for rows in (table[5:12, 1:9], table[20:21, 1:9]):  # a batch of 7 (the example had 4) and a batch of 1
         body = {"inputs": [{"name": "input__0", "datatype": "FP32", "shape": list(rows.shape),
                             "data": rows.reshape(-1).tolist()}]}  # fmt: skip
         status, raw, _ = asyncio.run(engine.infer(json.dumps(body).encode(), time.perf_counter()))
@@ -214,6 +223,35 @@ def test_pipeline_trains_logs_registers_and_serves(mlflow_server, tmp_path, monk
         with torch.no_grad():
             expected = eager(rows)
         assert torch.allclose(torch.tensor(output["data"]).reshape(-1, 1), expected, rtol=1e-5, atol=1e-6)
+
+    # Served with its feature service: the example's own definitions applied to a Redis online store and
+    # materialized from data/customers.parquet; a request by customer_id gets the same answer as the vector
+    serving = repo / "serving_repo"  # beside data/: the definitions' ../data/customers.parquet resolves
+    serving.mkdir()
+    redis = RedisServer(tmp_path / "redis").start()
+    try:
+        (serving / "feature_store.yaml").write_text(feature_store_yaml("churn", redis, tmp_path / "registry.db"))
+        spec = importlib.util.spec_from_file_location("churn_features", repo / "feature_repo" / "features.py")
+        definitions = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(definitions)
+        apply_and_materialize(serving, [definitions.customer, definitions.customers, definitions.churn_features,
+                                        definitions.churn])  # fmt: skip
+        keyed = Engine(Settings(model_uri="models:/churn@candidate", tracking_uri=mlflow_server.url,
+                                feature_service="churn", feast_repo=str(serving)))  # fmt: skip
+        report = prepare(keyed)
+        assert report["ok"] and report["entity_golden"] == "ok", report  # golden rows by customer_id, via Redis
+        keyed.set_ready()
+        assert keyed.metadata()["parameters"]["feature_service"]["features"] == FEATURES
+        ids = [int(line.split(",")[0]) for line in test_rows[5:12]]
+        body = {"inputs": [{"name": "customer_id", "datatype": "INT64", "shape": [len(ids)], "data": ids}]}
+        status, raw, _ = asyncio.run(keyed.infer(json.dumps(body).encode(), time.perf_counter()))
+        assert status == 200, raw
+        with torch.no_grad():
+            expected = eager(table[5:12, 1:9])
+        (output,) = json.loads(raw)["outputs"]
+        assert torch.allclose(torch.tensor(output["data"]).reshape(-1, 1), expected, rtol=1e-5, atol=1e-6)
+    finally:
+        redis.stop()
 
     # Re-running without changes does nothing: both stages skipped, no new run, no new version
     lock_before = (repo / "dvc.lock").read_bytes()

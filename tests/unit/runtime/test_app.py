@@ -139,6 +139,7 @@ def test_metrics_names_present(loaded, client_for):
         "sovereign_runtime_batch_size_bucket",
         "sovereign_runtime_in_flight_requests",
         "sovereign_runtime_queue_depth",
+        "sovereign_runtime_queue_capacity",
         "sovereign_runtime_model_info",
         "sovereign_runtime_model_load_seconds",
         "sovereign_runtime_ready",

@@ -71,6 +71,23 @@ CASES = [
             'sovereign_deploy_last_success{action="rollback"} 1.0',
         ],
     ),
+    dict(
+        id="switched-back-after-a-degraded-watch",
+        records=[
+            dict(RECORD, result="failed", switched_back=True, reason="watch: degraded; traffic switched back to blue"),
+            dict(RECORD, action="rollback", result="success", switched_back=False),
+        ],
+        metrics=[
+            'sovereign_deploy_last_switched_back{action="deploy"} 1.0',
+            'sovereign_deploy_last_switched_back{action="rollback"} 0.0',
+            'sovereign_deploy_last_success{action="deploy"} 0.0',
+        ],
+    ),
+    dict(
+        id="a-success-after-it-clears-switched-back",
+        records=[dict(RECORD, result="failed", switched_back=True), dict(RECORD, result="success")],
+        metrics=['sovereign_deploy_last_switched_back{action="deploy"} 0.0'],
+    ),
 ]
 
 

@@ -5,7 +5,9 @@
 
 watch=ready: a real HTTP server answering /v2/health/ready from a script of answers (the runtime's readiness
 bodies), or nothing listening. watch=traffic: a real haproxy rendered from the traffic_switch role's template, in
-front of two OIP servers (blue, green) in threads; HAProxy sets X-Sovereign-Color as in production.
+front of two OIP servers (blue, green) in threads; HAProxy sets X-Sovereign-Color as in production. With
+prometheus_url: a real Prometheus process (Debian's) scraping a runtime-shaped metrics page (see the section at the
+end).
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ import time
 
 import pytest
 from ansible_collections.sovereign.mlops.plugins.modules import release_watch
+from ansible_collections.sovereign.mlops.tests.unit.plugins.module_utils.prometheus_fixture import (
+    PrometheusProcess,
+    RuntimeMetrics,
+    drive,
+    needs_prometheus,
+)
 from ansible_collections.sovereign.mlops.tests.unit.plugins.modules.release_fixtures.harness import (
     GOLDEN,
     HAProxy,
@@ -30,6 +38,7 @@ from ansible_collections.sovereign.mlops.tests.unit.plugins.modules.release_fixt
     render_haproxy_cfg,
     run_module,
     template_vars,
+    warnings,
 )
 
 LOADING = (503, {"ready": False, "state": "loading", "reason": "model is loading"})
@@ -324,3 +333,114 @@ def test_watch_reconnects_when_the_frontend_closes_each_connection(capsys):
     assert not result.get("failed"), result
     assert result["errors"] == 0
     assert server.connections >= result["requests"] > 5
+
+
+# --- the Prometheus source (plugins/module_utils/_prometheus.py) ------------------------------------------------
+# A real Prometheus process (Debian's, from make bootstrap) scraping a runtime-shaped /metrics page of green on
+# host inf-01 every 0.5 s (tests/unit/plugins/module_utils/prometheus_fixture.py): those counters stand for every
+# client's traffic; the watch's own golden requests go through the real haproxy above as in the other cases.
+
+
+@pytest.fixture
+def prometheus_runtime():
+    metrics = RuntimeMetrics()
+    prom = PrometheusProcess({f"127.0.0.1:{metrics.port}": {"host": "inf-01", "color": "green"}})
+    try:
+        prom.wait_targets_up(1)
+        yield prom, metrics
+    finally:
+        prom.close()
+        metrics.close()
+
+
+PROM_WATCH = dict(WATCH, prometheus_host="inf-01", prometheus_scrape_interval=0.5)
+
+
+def _watch_during(env, prom, metrics, ok, errors, slow, capsys, **extra):
+    """Run the watch while ``metrics`` sees ok/errors requests a second (slow of every 100 over 50 ms)."""
+    drive(metrics, 1.5, ok=ok, errors=errors, slow_per_100=slow)  # history before the window
+    stop = threading.Event()
+
+    def traffic():
+        while not stop.is_set():
+            drive(metrics, 0.25, ok=ok, errors=errors, slow_per_100=slow)
+
+    thread = threading.Thread(target=traffic, daemon=True)
+    thread.start()
+    try:
+        return run_module(
+            release_watch.main, dict(PROM_WATCH, url=env.url, prometheus_url=prom.url, seconds=2.0, **extra), capsys
+        )
+    finally:
+        stop.set()
+        thread.join()
+
+
+@needs_haproxy
+@needs_prometheus
+def test_prometheus_figures_judge_the_window(capsys, prometheus_runtime):
+    prom, metrics = prometheus_runtime
+    with switch(live="green") as env:
+        result = _watch_during(env, prom, metrics, ok=100, errors=0, slow=0, capsys=capsys)
+    assert not result.get("failed"), result
+    assert result["source"] == "prometheus" and result["prometheus_error"] == ""
+    assert result["requests"] == result["prometheus"]["requests"] and result["requests"] >= 100
+    assert result["error_ratio"] == 0.0 and result["p99_ms"] <= 10
+    assert result["probes"]["requests"] >= WATCH["min_requests"] and result["probes"]["errors"] == 0
+    assert "(Prometheus http://127.0.0.1:" in result["msg"]
+
+
+@needs_haproxy
+@needs_prometheus
+def test_prometheus_sees_errors_the_probes_do_not(capsys, prometheus_runtime):
+    """Other clients get 5 % 503s from green while the watch's golden requests succeed: degraded, by Prometheus."""
+    prom, metrics = prometheus_runtime
+    with switch(live="green") as env:
+        result = _watch_during(env, prom, metrics, ok=95, errors=5, slow=0, capsys=capsys)
+    assert result.get("failed"), result
+    assert result["source"] == "prometheus" and result["degraded"] is True
+    assert result["probes"]["errors"] == 0
+    assert result["error_ratio"] == pytest.approx(0.05, abs=0.01)
+    assert "error ratio" in result["msg"] and "Prometheus" in result["msg"]
+
+
+@needs_haproxy
+@needs_prometheus
+def test_prometheus_p99_over_the_limit_is_degraded(capsys, prometheus_runtime):
+    prom, metrics = prometheus_runtime
+    with switch(live="green") as env:
+        result = _watch_during(env, prom, metrics, ok=100, errors=0, slow=3, capsys=capsys, max_p99_ms=50)
+    assert result.get("failed"), result
+    assert result["source"] == "prometheus" and result["p99_ms"] > 50
+    assert "p99" in result["reason"]
+
+
+@needs_haproxy
+def test_unreachable_prometheus_falls_back_to_the_probes(capsys):
+    url = f"http://127.0.0.1:{free_port()}"
+    with switch(live="green") as env:
+        result = run_module(release_watch.main, dict(PROM_WATCH, url=env.url, prometheus_url=url), capsys)
+    assert not result.get("failed"), result
+    assert result["source"] == "probes"
+    assert f"cannot reach Prometheus at {url}" in result["prometheus_error"]
+    assert any("judged on direct probes" in w for w in warnings(result)), result
+    assert result["requests"] == result["probes"]["requests"] >= WATCH["min_requests"]
+
+
+@needs_haproxy
+@needs_prometheus
+def test_prometheus_without_data_for_the_host_falls_back_to_the_probes(capsys, prometheus_runtime):
+    prom, _metrics = prometheus_runtime
+    with switch(live="green") as env:
+        args = dict(PROM_WATCH, url=env.url, prometheus_url=prom.url, prometheus_host="inf-09")
+        result = run_module(release_watch.main, args, capsys)
+    assert not result.get("failed"), result
+    assert result["source"] == "probes"
+    assert "has 0 infer requests of green on host inf-09" in result["prometheus_error"]
+
+
+def test_prometheus_url_needs_the_host_label(capsys):
+    result = run_module(
+        release_watch.main, dict(WATCH, url="http://127.0.0.1:1", prometheus_url="http://127.0.0.1:2"), capsys
+    )
+    assert result.get("failed") and "prometheus_host" in result["msg"], result

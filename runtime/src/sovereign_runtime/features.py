@@ -1,0 +1,310 @@
+"""Online features for entity-keyed requests: the model's Feast feature service, read in-process.
+
+With ``--feature-service NAME --feast-repo PATH`` an infer request may carry the entity key instead of
+the feature vector (``{"name": "customer_id", "datatype": "INT64", "shape": [n], "data": [...]}``). The
+runtime reads that entity's features from Feast's online store itself (the Feast SDK straight to Redis:
+no feature-server HTTP hop), lays them out in the model's input order and runs the usual batching and
+forward. A request that carries its vector is decoded exactly as without a feature service.
+
+Read path (docs/adr/1620-runtime-feature-fetch.md; measured in docs/benchmarks.md): the FeatureStore is
+opened once, at start-up (the registry is read then: the service, its feature views, the entity's join
+key, the feature order); each request is one ``Provider.online_read`` per feature view (one Redis
+pipeline of HMGETs), decoded here straight into a tensor. ``FeatureStore.get_online_features`` does the
+same read and then builds a columnar response (type maps, status vectors, a dict per feature): 3-5x the
+cost of the read itself for one entity, for nothing a tensor needs.
+
+Failure handling, all on the event loop thread:
+
+* an entity the online store does not hold (Feast answers nulls, not "not found"), or one whose row is
+  older than its feature view's ``ttl``, or with any null feature: 404 naming the key and the values;
+  nulls never reach the model;
+* the online store unreachable (connection refused, timeout, auth): 503 naming the store and the error.
+  The store is then marked *down*: for ``retry_s`` entity-keyed requests fail fast with that 503 without
+  touching the network (so a blackholed Redis cannot stall the loop once per request), then the next one
+  tries again; the first read that succeeds marks it up. Requests that carry their vector never touch
+  the store, readiness stays 200 (with the outage in its ``details``), and ``/metrics`` shows it
+  (``feature_store_up``, ``feature_fetches_total{result}``, ``feature_fetch_duration_seconds``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+
+from .logs import log_event
+from .protocol import OIP_TO_TORCH, RequestError, TensorSpec
+
+perf_counter = time.perf_counter
+
+# Feast ValueProto fields that carry a scalar the model can take, by Feast entity value type.
+_ENTITY_FIELD = {"INT64": "int64_val", "INT32": "int32_val", "STRING": "string_val"}
+_ENTITY_OIP = {"INT64": ("INT64", "INT32", "UINT32", "UINT16", "UINT8", "INT16", "INT8"), "INT32": ("INT32",)}
+
+
+class FeatureStoreError(Exception):
+    """The feature service cannot be used at all (bad repo, unknown service, model mismatch): start fails."""
+
+
+class FeatureSource:
+    """One feature service of one Feast repository, opened once; ``fetch`` is the per-request read."""
+
+    def __init__(self, service: str, repo: str, timeout_s: float = 0.1, retry_s: float = 1.0) -> None:
+        self.service_name = service
+        self.repo = repo
+        self.timeout_s = timeout_s
+        self.retry_s = retry_s
+        self.store: Any = None
+        self.entity_key = ""
+        self.entity_type = ""
+        self.features: list[str] = []  # feature names, in the order the model takes them
+        self.where = ""  # the online store, for messages ("redis 10.0.0.5:6379")
+        self._reads: list[tuple[Any, list[str], int, float]] = []  # (feature view, names, first column, ttl s)
+        self._read: Any = None
+        self._config: Any = None
+        self._make_key: Any = None
+        self._value_type: Any = None
+        # Health of the online store as last seen (loop thread only).
+        self.up = True
+        self.down_since = 0.0
+        self.last_error = ""
+        self._retry_at = 0.0
+        self.ok = 0
+        self.unknown = 0
+        self.unavailable = 0
+        self.latency: Any = None  # metrics.Histogram, set by the engine
+
+    # ---------------------------------------------------------------------------------------------
+    # Start-up (loader thread)
+
+    def open(self) -> None:
+        """Read the registry: the service, its feature views and their entity. Raises FeatureStoreError."""
+        try:
+            from feast import FeatureStore
+            from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+            from feast.protos.feast.types.Value_pb2 import Value
+        except ImportError as exc:
+            raise FeatureStoreError(
+                f"--feature-service needs the Feast SDK: install sovereign-runtime[feast] ({exc})"
+            ) from None
+        try:
+            store = FeatureStore(repo_path=self.repo)
+        except Exception as exc:
+            raise FeatureStoreError(
+                f"cannot open the Feast repository {self.repo}: {type(exc).__name__}: {exc}"
+            ) from None
+        try:
+            service = store.get_feature_service(self.service_name, allow_cache=False)
+        except Exception as exc:
+            try:
+                known = sorted(s.name for s in store.list_feature_services())
+            except Exception:
+                known = []
+            raise FeatureStoreError(
+                f"feature service {self.service_name!r} is not in the Feast registry of project "
+                f"{store.project!r} ({type(exc).__name__}); it has {', '.join(map(repr, known)) or 'none'}"
+            ) from None
+        join_keys: set[tuple[str, str]] = set()
+        column = 0
+        for projection in service.feature_view_projections:
+            fv = store.get_feature_view(projection.name)
+            names = [f.name for f in projection.features]
+            for entity_name in fv.entities:
+                entity = store.get_entity(entity_name)
+                key = projection.join_key_map.get(entity.join_key, entity.join_key)
+                join_keys.add((key, entity.value_type.name))
+            ttl = fv.ttl.total_seconds() if fv.ttl else 0.0
+            self._reads.append((fv, names, column, ttl))
+            self.features.extend(names)
+            column += len(names)
+        if len(join_keys) != 1:
+            raise FeatureStoreError(
+                f"feature service {self.service_name!r}: its feature views must share one single-key entity "
+                f"(found join keys {sorted(join_keys)})"
+            )
+        ((self.entity_key, self.entity_type),) = join_keys
+        if self.entity_type not in _ENTITY_FIELD:
+            raise FeatureStoreError(
+                f"entity key {self.entity_key!r} has value type {self.entity_type}; the runtime takes INT64, "
+                "INT32 or STRING keys"
+            )
+        self.store = store
+        self._config = store.config
+        online = store.config.online_store
+        address = _strip_secret(getattr(online, "connection_string", ""))
+        self.where = f"{getattr(online, 'type', 'online store')} {address}"
+        self._limit_redis_waits(online)
+        self._read = store._get_provider().online_read
+        self._make_key = EntityKey
+        self._value_type = Value
+        log_event(
+            "feature_service_opened",
+            service=self.service_name,
+            project=store.project,
+            entity_key=self.entity_key,
+            features=",".join(self.features),
+            online_store=self.where,
+        )
+
+    def _limit_redis_waits(self, online: Any) -> None:
+        """Bound how long one read may block the loop: socket timeouts on the Redis connection (unless the
+        repo's connection string sets its own) and no client-side retry loop with back-off sleeps."""
+        text = getattr(online, "connection_string", None)
+        if getattr(online, "type", "") != "redis" or not isinstance(text, str):
+            return
+        parts = [p for p in text.split(",") if p]
+        given = {p.split("=", 1)[0] for p in parts if "=" in p}
+        for option in ("socket_timeout", "socket_connect_timeout"):
+            if option not in given:
+                parts.append(f"{option}={self.timeout_s:g}")
+        online.connection_string = ",".join(parts)
+        try:
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+
+            store = self.store._get_provider().online_store
+            client = store._get_client(online)
+            client.connection_pool.connection_kwargs["retry"] = Retry(NoBackoff(), 0)
+            client.retry = Retry(NoBackoff(), 0)  # redis-py >= 6 retries 3 times with back-off by default
+        except Exception as exc:  # not fatal: the socket timeouts still bound each attempt
+            log_event("feature_store_retry_unchanged", logging.WARNING, error=f"{type(exc).__name__}: {exc}")
+
+    def check_model(self, inputs: list[TensorSpec]) -> tuple[int, torch.dtype]:
+        """Which model input the features fill and in which dtype: one input of shape [-1, F] (F = the
+        service's feature count), columns in the service's order. Raises FeatureStoreError otherwise."""
+        n = len(self.features)
+        if len(inputs) == 1:
+            spec = inputs[0]
+            fits = spec.shape is None or (len(spec.shape) == 2 and spec.shape[1] in (-1, n))
+            dtype = OIP_TO_TORCH.get(spec.datatype or "FP32")
+            if fits and dtype is not None and dtype.is_floating_point:
+                return 0, dtype
+        shapes = ", ".join(f"{s.name} {s.datatype} {list(s.shape) if s.shape else '?'}" for s in inputs)
+        raise FeatureStoreError(
+            f"feature service {self.service_name!r} yields {n} features ({', '.join(self.features)}); the model "
+            f"takes {shapes}: it needs one floating-point input of shape [-1, {n}]"
+        )
+
+    # ---------------------------------------------------------------------------------------------
+    # Hot path (event loop thread)
+
+    def entity_values(self, item: dict[str, Any]) -> list[Any]:
+        """The entity keys of an OIP tensor named after the join key (checked like any input)."""
+        datatype = item.get("datatype")
+        shape = item.get("shape")
+        data = item.get("data")
+        key = self.entity_key
+        if self.entity_type == "STRING":
+            if datatype != "BYTES":
+                raise RequestError(f"input {key!r}: datatype must be BYTES (the entity key is a string)")
+        elif datatype not in _ENTITY_OIP.get(self.entity_type, ()):
+            raise RequestError(f"input {key!r}: datatype must be {self.entity_type} (got {datatype!r})")
+        if type(shape) is not list or len(shape) != 1 or type(shape[0]) is not int or shape[0] < 1:
+            raise RequestError(f"input {key!r}: shape must be [n], n >= 1 entity keys")
+        want = str if self.entity_type == "STRING" else int
+        if type(data) is not list or len(data) != shape[0] or not all(type(v) is want for v in data):
+            raise RequestError(f"input {key!r}: 'data' must be a flat list of {shape[0]} {want.__name__} key(s)")
+        return data
+
+    def fetch(self, keys: list[Any], dtype: torch.dtype) -> torch.Tensor:
+        """[len(keys), F] tensor of the keys' online features. Raises RequestError 404 / 503."""
+        now = time.monotonic()
+        if not self.up and now < self._retry_at:
+            self.unavailable += 1
+            raise RequestError(self._down_message(now), 503)
+        t0 = perf_counter()
+        field = _ENTITY_FIELD[self.entity_type]
+        value_type = self._value_type
+        entity = [self._make_key(join_keys=[self.entity_key], entity_values=[value_type(**{field: k})]) for k in keys]
+        rows = [[0.0] * len(self.features) for _ in keys]
+        missing: dict[Any, list[str]] = {}
+        try:
+            for fv, names, first, ttl in self._reads:
+                results = self._read(self._config, fv, entity, names.copy())  # Feast appends to the list
+                oldest = time.time() - ttl if ttl else None
+                for key, row, (stamp, values) in zip(keys, rows, results, strict=True):
+                    if values is None or (stamp is not None and stamp.timestamp() <= 0):
+                        missing.setdefault(key, []).extend(names)
+                        continue
+                    if oldest is not None and stamp is not None and stamp.timestamp() < oldest:
+                        missing.setdefault(key, []).append(f"{fv.name} (older than its ttl {ttl:g}s)")
+                        continue
+                    for j, name in enumerate(names):
+                        value = values.get(name)
+                        kind = value.WhichOneof("val") if value is not None else None
+                        if kind is None or kind == "null_val":
+                            missing.setdefault(key, []).append(name)
+                        else:
+                            row[first + j] = getattr(value, kind)
+        except RequestError:
+            raise
+        except Exception as exc:
+            self._mark_down(now, exc)
+            self.latency.observe(perf_counter() - t0)
+            raise RequestError(self._down_message(now), 503) from None
+        if not self.up:
+            self._mark_up()
+        self.latency.observe(perf_counter() - t0)
+        if missing:
+            self.unknown += 1
+            shown = "; ".join(f"{self.entity_key}={k!r}: {', '.join(v[:8])}" for k, v in list(missing.items())[:5])
+            raise RequestError(
+                f"unknown entity: the online store of feature service {self.service_name!r} has no features for "
+                f"{shown} (not materialized, expired, or no such {self.entity_key})",
+                404,
+            )
+        self.ok += 1
+        return torch.tensor(rows, dtype=dtype)
+
+    def _mark_down(self, now: float, exc: BaseException) -> None:
+        error = f"{type(exc).__name__}: {str(exc)[:200]}"
+        if self.up:
+            self.up = False
+            self.down_since = time.time()
+            log_event("feature_store_down", logging.ERROR, service=self.service_name, store=self.where, error=error)
+        self.last_error = error
+        self._retry_at = now + self.retry_s
+        self.unavailable += 1
+
+    def _mark_up(self) -> None:
+        log_event(
+            "feature_store_up",
+            service=self.service_name,
+            store=self.where,
+            down_s=round(time.time() - self.down_since, 3),
+        )
+        self.up = True
+        self.last_error = ""
+
+    def _down_message(self, now: float) -> str:
+        return (
+            f"feature store unavailable: cannot read {self.where} for feature service {self.service_name!r} "
+            f"({self.last_error}); down since {_iso(self.down_since)}, next attempt in "
+            f"{max(0.0, self._retry_at - now):.1f}s; requests that carry their feature vector are still served"
+        )
+
+    # ---------------------------------------------------------------------------------------------
+
+    def details(self) -> dict[str, Any]:
+        """For the readiness body and model metadata."""
+        doc: dict[str, Any] = {
+            "feature_service": self.service_name,
+            "entity_key": self.entity_key,
+            "online_store": self.where,
+            "up": self.up,
+        }
+        if not self.up:
+            doc.update(error=self.last_error, down_since=_iso(self.down_since))
+        return doc
+
+
+def _iso(stamp: float) -> str:
+    return datetime.fromtimestamp(stamp, UTC).isoformat(timespec="seconds")
+
+
+def _strip_secret(text: str) -> str:
+    """A Redis connection string without its password (``host:port,password=...,ssl=true``)."""
+    return ",".join(p for p in str(text).split(",") if p and not p.startswith(("password=", "username=")))
