@@ -171,7 +171,8 @@ class Repo:
         if res.returncode != 0:
             return 0
         max_age = float(self.cfg.get("stale_lock_age", 14400))
-        host = self.cfg["host"]
+        # restic records the kernel's host name in its locks (not the inventory name).
+        host = socket.gethostname()
         stale = []
         for lock_id in res.stdout.split():
             info = self.restic("cat", "lock", lock_id, "--no-lock", check=False, timeout=300)
