@@ -25,7 +25,10 @@ INVENTORY = os.environ.get("MOLECULE_INVENTORY_FILE", "")
 ANSIBLE_PLAYBOOK = shutil.which("ansible-playbook") or os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
 FACT = "/etc/ansible/facts.d/sovereign.fact"
 TEXTFILE = "/var/lib/prometheus/node-exporter"
-CLIENT = "restic-molecule-backup-data"
+# The containers of molecule.yml: the verifier's host (the data host) and the repository host beside it.
+DATA = os.environ.get("TESTINFRA_DATA_HOST", "molecule-backup-data")
+REPO = DATA.removesuffix("-data") + "-repo"
+CLIENT = f"restic-{DATA}"
 REPO_DIR = f"/srv/restic/{CLIENT}/repo"
 ARTIFACTS = "/var/lib/sovereign/mlflow/artifacts"
 TOOL = "/usr/local/libexec/sovereign/sovereign-restic"
@@ -41,13 +44,13 @@ STANDIN = {
 
 @pytest.fixture(scope="module")
 def repo():
-    return testinfra.get_host("podman://molecule-backup-repo")
+    return testinfra.get_host(f"podman://{REPO}")
 
 
 def play(name, extra=None, timeout=600):
     """Run a playbook of the collection against molecule's inventory; returns (rc, output collapsed)."""
     assert INVENTORY, "MOLECULE_INVENTORY_FILE is not set (run through molecule verify)"
-    cmd = [ANSIBLE_PLAYBOOK, "-i", INVENTORY, str(PROJECT / "playbooks" / name), "-l", "molecule-backup-data"]
+    cmd = [ANSIBLE_PLAYBOOK, "-i", INVENTORY, str(PROJECT / "playbooks" / name), "-l", DATA]
     if extra:
         cmd += ["-e", json.dumps(extra)]
     start = time.monotonic()
@@ -81,7 +84,10 @@ def sample(found, prefix):
 
 
 def tree_digest(host, path):
-    return host.check_output(f"cd {path} && find . -type f -print0 | sort -z | xargs -0 sha256sum; find . -type l -printf '%p -> %l\\n' | sort")
+    return host.check_output(
+        f"cd {path} && find . -type f -print0 | sort -z | xargs -0 sha256sum; "
+        "find . -type l -printf '%p -> %l\\n' | sort"
+    )
 
 
 def row_counts(host, db):
@@ -109,7 +115,11 @@ def test_repository_user_is_sftp_only_in_its_chroot(repo):
 
 
 def test_secrets_are_root_only(host):
-    for path in ("/etc/sovereign/restic/password", "/etc/sovereign/restic/config.json", "/etc/sovereign/restic/id_ed25519"):
+    for path in (
+        "/etc/sovereign/restic/password",
+        "/etc/sovereign/restic/config.json",
+        "/etc/sovereign/restic/id_ed25519",
+    ):
         f = host.file(path)
         assert (f.user, f.mode) == ("root", 0o600), path
 
@@ -150,9 +160,11 @@ def test_drill_playbook_passes_and_writes_metrics(host):
 
 def test_wrong_password_is_a_clear_error_and_initialises_nothing(host, repo):
     before = repo.check_output(f"ls -l --time-style=+%s {REPO_DIR}/keys {REPO_DIR}/config")
-    host.run_expect([0], "jq '.password_file = \"/root/wrong-password\"' /etc/sovereign/restic/config.json > /root/wrong.json "
-                    "|| python3 -c 'import json;c=json.load(open(\"/etc/sovereign/restic/config.json\"));"
-                    "c[\"password_file\"]=\"/root/wrong-password\";json.dump(c,open(\"/root/wrong.json\",\"w\"))'")
+    host.run_expect(
+        [0],
+        "sed 's#/etc/sovereign/restic/password#/root/wrong-password#' /etc/sovereign/restic/config.json"
+        " > /root/wrong.json",
+    )
     host.run_expect([0], "printf 'not-the-password-at-all' > /root/wrong-password")
     res = host.run(f"{TOOL} --config /root/wrong.json init")
     assert res.rc == 1
@@ -169,11 +181,11 @@ def test_repository_host_unreachable_fails_bounded_naming_host_and_port(host, re
     finally:
         repo.run_expect([0], "systemctl start ssh.service")
     assert res.rc == 1
-    assert "cannot reach the repository offsite at molecule-backup-repo:22" in res.stderr
+    assert f"cannot reach the repository offsite at {REPO}:22" in res.stderr
     assert seconds < 30
     found = metrics(host, "restic_backup")
     assert found['sovereign_job_success{job="restic_backup"}'] == 0
-    assert found['sovereign_restic_repository_reachable{address="molecule-backup-repo:22",repository="offsite"}'] == 0
+    assert found[f'sovereign_restic_repository_reachable{{address="{REPO}:22",repository="offsite"}}'] == 0
     assert host.check_output("zfs list -H -o name -t snapshot") == snaps_before, "nothing local was touched"
 
 
@@ -206,14 +218,23 @@ def test_sigkill_mid_backup_then_next_run_names_the_stale_lock(host, repo):
 
 def test_corrupted_pack_fails_the_check_and_the_drill(host, repo):
     before = set(repo.check_output(f"find {REPO_DIR}/data -type f").split())
-    host.run_expect([0], f"head -c 3000000 /dev/urandom > {ARTIFACTS}/1/marker.bin")
+    host.run_expect([0], f"head -c 6000000 /dev/urandom > {ARTIFACTS}/1/marker.bin")
     res, _ = job(host, "restic_backup")
     assert res.rc == 0, res.stderr
     new = set(repo.check_output(f"find {REPO_DIR}/data -type f").split()) - before
-    pack = max(new, key=lambda p: int(repo.check_output(f"stat -c %s {p}")))
+    # The pack that holds marker.bin's data (restic find --pack names the files a pack's blobs belong to), so the
+    # drill of the newest snapshot must read it.
+    pack = next(
+        p
+        for p in sorted(new, key=lambda p: -int(repo.check_output(f"stat -c %s {p}")))
+        if "marker.bin" in host.check_output(f"{TOOL} restic offsite find --pack {os.path.basename(p)}")
+    )
     pack_id = os.path.basename(pack)
-    repo.run_expect([0], f"cp -p {pack} /root/pack.orig && chmod u+w {pack} && "
-                    f"printf 'CORRUPT' | dd of={pack} bs=1 seek=200 conv=notrunc status=none")
+    repo.run_expect(
+        [0],
+        f"cp -p {pack} /root/pack.orig && chmod u+w {pack} && "
+        f"printf 'CORRUPT' | dd of={pack} bs=1 seek=200 conv=notrunc status=none",
+    )
     try:
         results = [job(host, "restic_check")[0] for _ in range(2)]
         failed = [r for r in results if r.rc != 0]
@@ -241,8 +262,10 @@ def test_mlflow_disaster_offsite_restore_brings_it_back_bit_identical(host):
     rc, out = play("restore.yml", {"service": "mlflow", "source": "offsite", "sovereign_restore_services": STANDIN})
     assert rc != 0 and "restore.yml changed nothing" in out
     assert f"replace everything in {ARTIFACTS}" in out and "drop database mlflow" in out and "confirm=mlflow" in out
-    rc, out = play("restore.yml", {"service": "mlflow", "source": "offsite", "confirm": "mlflow",
-                                   "sovereign_restore_services": STANDIN})
+    rc, out = play(
+        "restore.yml",
+        {"service": "mlflow", "source": "offsite", "confirm": "mlflow", "sovereign_restore_services": STANDIN},
+    )
     assert rc == 0, out
     assert tree_digest(host, ARTIFACTS) == artifacts
     assert row_counts(host, "mlflow") == rows
@@ -252,7 +275,9 @@ def test_mlflow_disaster_offsite_restore_brings_it_back_bit_identical(host):
 def test_snapshot_restore_rolls_a_deleted_file_back(host):
     digest = hashlib.sha256(host.file(f"{ARTIFACTS}/1/1/model.bin").content).hexdigest()
     host.run_expect([0], f"rm -f {ARTIFACTS}/1/1/model.bin")
-    rc, out = play("restore.yml", {"service": "mlflow", "source": "snapshot", "confirm": "mlflow",
-                                   "sovereign_restore_services": STANDIN})
+    rc, out = play(
+        "restore.yml",
+        {"service": "mlflow", "source": "snapshot", "confirm": "mlflow", "sovereign_restore_services": STANDIN},
+    )
     assert rc == 0, out
     assert hashlib.sha256(host.file(f"{ARTIFACTS}/1/1/model.bin").content).hexdigest() == digest

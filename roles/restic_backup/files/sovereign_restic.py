@@ -514,11 +514,12 @@ def cmd_check(cfg, args):
             say(f"repository {repo.name}: check of the structure and {what} passed")
         else:
             lines = [ln for ln in ((res.stdout or "") + (res.stderr or "")).splitlines() if ln.strip()]
-            damaged = [
-                ln.strip() for ln in lines if "pack" in ln.lower() or "error" in ln.lower() or "fatal" in ln.lower()
-            ]
+            # The damaged packs first (restic names them "pack 1a2b3c4d: ..."), then its last error lines.
+            packs = [ln.strip() for ln in lines if ln.lower().lstrip().startswith("pack ")]
+            errors = [ln.strip() for ln in lines if "error" in ln.lower() or "fatal" in ln.lower()]
             failed.append(
-                f"repository {repo.name} ({repo.url}): check of {what} FAILED: " + " / ".join((damaged or lines)[-6:])
+                f"repository {repo.name} ({repo.url}): check of {what} FAILED: "
+                + " / ".join(packs[:5] + [e for e in errors[-3:] if e not in packs[:5]] or lines[-6:])
             )
     if failed:
         raise Failure("; ".join(failed) + ". See docs/runbooks/backups.md#backupcheckfailed.")
