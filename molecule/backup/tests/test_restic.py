@@ -74,7 +74,7 @@ def metrics(host, name):
     out = {}
     for line in host.file(f"{TEXTFILE}/sovereign_{name}.prom").content_string.splitlines():
         if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
+            key, value = line.rsplit(" ", 1)
             out[key] = float(value)
     return out
 
@@ -193,7 +193,7 @@ def test_sigkill_mid_backup_then_next_run_names_the_stale_lock(host, repo):
     host.run_expect([0], "head -c 120000000 /dev/urandom > /var/lib/sovereign/dvc/cache/big.bin")
     host.run_expect([0], "systemctl start --no-block sovereign-restic-backup.service")
     pid = ""
-    for _ in range(240):
+    for _attempt in range(240):
         if repo.run(f"ls {REPO_DIR}/locks | grep -q .").rc == 0:
             pid = host.run("pgrep -f '^restic -r .* backup'").stdout.split()
             if pid:
@@ -201,13 +201,13 @@ def test_sigkill_mid_backup_then_next_run_names_the_stale_lock(host, repo):
         time.sleep(0.25)
     assert pid, "restic backup never held a lock"
     host.run_expect([0], f"kill -KILL {pid[0]}")
-    for _ in range(120):
+    for _attempt in range(120):
         if host.service("sovereign-restic-backup.service").is_running is False:
             break
         time.sleep(0.5)
     assert repo.run(f"ls {REPO_DIR}/locks | grep -q .").rc == 0, "the killed restic left its lock behind"
     host.run_expect([0], "rm -f /var/lib/sovereign/dvc/cache/big.bin")
-    res, _ = job(host, "restic_backup")
+    res = job(host, "restic_backup")[0]
     assert res.rc == 0, res.stderr
     assert "removing stale restic lock" in res.stdout
     assert f"by pid {pid[0]} on backup-data): pid {pid[0]} on backup-data is gone" in res.stdout
@@ -219,7 +219,7 @@ def test_sigkill_mid_backup_then_next_run_names_the_stale_lock(host, repo):
 def test_corrupted_pack_fails_the_check_and_the_drill(host, repo):
     before = set(repo.check_output(f"find {REPO_DIR}/data -type f").split())
     host.run_expect([0], f"head -c 6000000 /dev/urandom > {ARTIFACTS}/1/marker.bin")
-    res, _ = job(host, "restic_backup")
+    res = job(host, "restic_backup")[0]
     assert res.rc == 0, res.stderr
     new = set(repo.check_output(f"find {REPO_DIR}/data -type f").split()) - before
     # The pack that holds marker.bin's data (restic find --pack names the files a pack's blobs belong to), so the
@@ -236,7 +236,7 @@ def test_corrupted_pack_fails_the_check_and_the_drill(host, repo):
         f"printf 'CORRUPT' | dd of={pack} bs=1 seek=200 conv=notrunc status=none",
     )
     try:
-        results = [job(host, "restic_check")[0] for _ in range(2)]
+        results = [job(host, "restic_check")[0], job(host, "restic_check")[0]]
         failed = [r for r in results if r.rc != 0]
         assert len(failed) == 1, "exactly one of the two subsets holds the damaged pack"
         assert "check of data subset" in failed[0].stderr and "FAILED" in failed[0].stderr
@@ -253,7 +253,7 @@ def test_corrupted_pack_fails_the_check_and_the_drill(host, repo):
 
 
 def test_mlflow_disaster_offsite_restore_brings_it_back_bit_identical(host):
-    res, _ = job(host, "restic_backup")
+    res = job(host, "restic_backup")[0]
     assert res.rc == 0, res.stderr
     artifacts, rows = tree_digest(host, ARTIFACTS), row_counts(host, "mlflow")
     served = host.check_output("curl -fsS http://127.0.0.1:5000/1/3/model.bin | sha256sum")

@@ -217,7 +217,7 @@ def lock_age(stamp):
     if not stamp:
         return 0.0
     try:
-        head, _, rest = stamp.partition(".")
+        head, _dot, rest = stamp.partition(".")
         zone = ""
         for sep in ("Z", "+", "-"):
             if sep in rest:
@@ -348,7 +348,7 @@ def parse_counts(text):
     counts = {}
     for line in text.splitlines():
         if "|" in line:
-            name, _, value = line.rpartition("|")
+            name, value = line.rsplit("|", 1)
             counts[name] = int(value)
     return counts
 
