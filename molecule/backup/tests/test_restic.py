@@ -142,7 +142,7 @@ def test_backup_playbook_stores_from_a_zfs_snapshot_and_reports(host):
     assert sample(found, "sovereign_restic_snapshots{")[0] >= 1
     assert sample(found, "sovereign_restic_backup_bytes_added{")
     # The clone is gone, the ZFS snapshot it came from is kept for the drill.
-    assert "sovereign-restic-clone" not in host.check_output("zfs list -H -o name")
+    assert "sovereign-restic-backup-" not in host.check_output("zfs list -H -o name")
     assert "@restic-" in host.check_output("zfs list -H -o name -t snapshot")
 
 

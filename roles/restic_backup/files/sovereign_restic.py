@@ -260,13 +260,15 @@ def esc(dataset):
     return dataset.replace("/", "_")
 
 
-def mount_path(cfg, dataset):
-    return os.path.join(cfg["work_dir"], "mnt", esc(dataset))
+def mount_path(cfg, dataset, purpose="backup"):
+    """backup: the fixed path restic backs up (and restores to); drill: where the drill reads its source."""
+    return os.path.join(cfg["work_dir"], "mnt" if purpose == "backup" else "drill-source", esc(dataset))
 
 
-def clone_name(dataset):
+def clone_name(dataset, purpose="backup"):
+    """The clone's own name per purpose, so a drill never destroys the clone a running backup reads."""
     pool = dataset.split("/", 1)[0]
-    return f"{pool}/sovereign-restic-clone-{esc(dataset)}"
+    return f"{pool}/sovereign-restic-{purpose}-{esc(dataset)}"
 
 
 def zfs(*args, check=True):
@@ -279,28 +281,29 @@ def snapshots_of(dataset, prefix):
     return [n.split("@", 1)[1] for n in names if n.split("@", 1)[1].startswith(prefix)]
 
 
-def drop_clone(dataset):
-    name = clone_name(dataset)
+def drop_clone(dataset, purpose="backup"):
+    name = clone_name(dataset, purpose)
     if zfs("list", "-H", "-o", "name", name, check=False).returncode == 0:
         zfs("destroy", "-f", name)
         return True
     return False
 
 
-def mount_snapshot(cfg, dataset, snap):
+def mount_snapshot(cfg, dataset, snap, purpose="backup"):
     """A read-only clone of dataset@snap mounted at the dataset's fixed path under work_dir/mnt.
 
     zfs-fuse (molecule, lab) has no .zfs/snapshot directory; a clone works on OpenZFS and zfs-fuse alike
     (docs/adr/1120-restic-backups-from-zfs-clones.md). The path is the same every run, so restic finds
     its parent snapshot and reads only what changed.
     """
-    if drop_clone(dataset):
-        say(f"removed the clone {clone_name(dataset)} a killed run left behind")
-    path = mount_path(cfg, dataset)
+    name = clone_name(dataset, purpose)
+    if drop_clone(dataset, purpose):
+        say(f"removed the clone {name} a killed run left behind")
+    path = mount_path(cfg, dataset, purpose)
     os.makedirs(path, mode=0o700, exist_ok=True)
-    zfs("clone", "-o", "readonly=on", "-o", f"mountpoint={path}", f"{dataset}@{snap}", clone_name(dataset))
+    zfs("clone", "-o", "readonly=on", "-o", f"mountpoint={path}", f"{dataset}@{snap}", name)
     if not os.path.ismount(path):
-        zfs("mount", clone_name(dataset), check=False)
+        zfs("mount", name, check=False)
     return path
 
 
@@ -619,11 +622,11 @@ def cmd_drill(cfg, args):
                     "no longer exists to compare with"
                 )
                 continue
-            source = mount_snapshot(cfg, dataset, zfs_snap)
+            source = mount_snapshot(cfg, dataset, zfs_snap, "drill")
             try:
                 f, b, d = compare_trees(source, os.path.join(scratch, path.lstrip("/")), dataset)
             finally:
-                drop_clone(dataset)
+                drop_clone(dataset, "drill")
             files, nbytes = files + f, nbytes + b
             diffs.extend(d)
         for db in sorted(manifest["databases"]):
