@@ -190,7 +190,7 @@ def test_repository_host_unreachable_fails_bounded_naming_host_and_port(host, re
 
 
 def test_sigkill_mid_backup_then_next_run_names_the_stale_lock(host, repo):
-    host.run_expect([0], "head -c 120000000 /dev/urandom > /var/lib/sovereign/dvc/cache/big.bin")
+    host.run_expect([0], "head -c 60000000 /dev/urandom > /var/lib/sovereign/dvc/cache/big.bin")
     host.run_expect([0], "systemctl start --no-block sovereign-restic-backup.service")
     pid = ""
     for _attempt in range(240):
