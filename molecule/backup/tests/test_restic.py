@@ -102,7 +102,7 @@ def test_repository_user_is_sftp_only_in_its_chroot(repo):
     assert user.shell == "/usr/sbin/nologin"
     assert "sovereign-restic" in user.groups
     cfg = repo.check_output(f"sshd -T -C user={CLIENT},host=x,addr=127.0.0.1").lower()
-    assert f"chrootdirectory /srv/restic/{CLIENT}" in cfg
+    assert "chrootdirectory /srv/restic/%u" in cfg
     assert "forcecommand internal-sftp -d /repo" in cfg
     assert "authenticationmethods publickey" in cfg
     assert "passwordauthentication no" in cfg
