@@ -282,11 +282,17 @@ def snapshots_of(dataset, prefix):
 
 
 def drop_clone(dataset, purpose="backup"):
+    """Destroy the clone; zfs-fuse reports a just-read clone busy for a moment: unmount, wait, retry."""
     name = clone_name(dataset, purpose)
-    if zfs("list", "-H", "-o", "name", name, check=False).returncode == 0:
-        zfs("destroy", "-f", name)
-        return True
-    return False
+    if zfs("list", "-H", "-o", "name", name, check=False).returncode != 0:
+        return False
+    for attempt in range(10):
+        if zfs("destroy", "-f", name, check=False).returncode == 0:
+            return True
+        zfs("unmount", "-f", name, check=False)
+        time.sleep(0.5 * (attempt + 1))
+    zfs("destroy", "-f", name)
+    return True
 
 
 def mount_snapshot(cfg, dataset, snap, purpose="backup"):
