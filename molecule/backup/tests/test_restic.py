@@ -1,0 +1,283 @@
+"""restic part of the backup scenario: real zfs-fuse, PostgreSQL 15, restic 0.14 and an SFTP repository host.
+
+molecule-backup-data backs up over SFTP into molecule-backup-repo. The jobs run as their timers run them (the
+sovereign-job argv the role publishes in the host contract); the playbooks run as real ansible-playbook processes
+against molecule's inventory. Faults are real: restic is SIGKILLed, a pack file on the repository host is
+overwritten, sshd on the repository host is stopped, a wrong password is given. TEST ADAPTATIONS: zfs-fuse stands
+in for OpenZFS's kernel module, and a database plus artifact files served by a small HTTP unit stand in for the
+MLflow server (converge_restic.yml says why).
+"""
+
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import testinfra
+
+PROJECT = pathlib.Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", pathlib.Path(__file__).resolve().parents[3]))
+INVENTORY = os.environ.get("MOLECULE_INVENTORY_FILE", "")
+ANSIBLE_PLAYBOOK = shutil.which("ansible-playbook") or os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
+FACT = "/etc/ansible/facts.d/sovereign.fact"
+TEXTFILE = "/var/lib/prometheus/node-exporter"
+# The containers of molecule.yml: the verifier's host (the data host) and the repository host beside it.
+DATA = os.environ.get("TESTINFRA_DATA_HOST", "molecule-backup-data")
+REPO = DATA.removesuffix("-data") + "-repo"
+CLIENT = f"restic-{DATA}"
+REPO_DIR = f"/srv/restic/{CLIENT}/repo"
+ARTIFACTS = "/var/lib/sovereign/mlflow/artifacts"
+TOOL = "/usr/local/libexec/sovereign/sovereign-restic"
+STANDIN = {
+    "mlflow": {
+        "units": ["standin-mlflow.service"],
+        "paths": [ARTIFACTS],
+        "databases": ["mlflow"],
+        "check_url": "http://127.0.0.1:5000/1/3/model.bin",
+    }
+}
+
+
+@pytest.fixture(scope="module")
+def repo():
+    return testinfra.get_host(f"podman://{REPO}")
+
+
+def play(name, extra=None, timeout=600):
+    """Run a playbook of the collection against molecule's inventory; returns (rc, output collapsed)."""
+    assert INVENTORY, "MOLECULE_INVENTORY_FILE is not set (run through molecule verify)"
+    cmd = [ANSIBLE_PLAYBOOK, "-i", INVENTORY, str(PROJECT / "playbooks" / name), "-l", DATA]
+    if extra:
+        cmd += ["-e", json.dumps(extra)]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    out = proc.stdout + proc.stderr
+    print(f"--- {name} {extra or ''} -> rc {proc.returncode} in {time.monotonic() - start:.1f}s\n{out[-5000:]}")
+    return proc.returncode, " ".join(out.replace("\\n", " ").split())
+
+
+def job(host, name):
+    """Run a job exactly as its timer does (sovereign-job argv from the host contract)."""
+    argv = json.loads(host.file(FACT).content_string)["restic_backup"]["jobs"][name]["argv"]
+    start = time.monotonic()
+    res = host.run(" ".join(argv))
+    print(f"--- {name} rc {res.rc} in {time.monotonic() - start:.1f}s\n{res.stdout}\n{res.stderr}")
+    return res, time.monotonic() - start
+
+
+def metrics(host, name):
+    """The samples of textfile sovereign_<name>.prom as {'metric{labels}': value}."""
+    out = {}
+    for line in host.file(f"{TEXTFILE}/sovereign_{name}.prom").content_string.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def sample(found, prefix):
+    return [v for k, v in found.items() if k.startswith(prefix)]
+
+
+def tree_digest(host, path):
+    return host.check_output(
+        f"cd {path} && find . -type f -print0 | sort -z | xargs -0 sha256sum; "
+        "find . -type l -printf '%p -> %l\\n' | sort"
+    )
+
+
+def row_counts(host, db):
+    return host.check_output(
+        f"runuser -u postgres -- psql -X -A -t -d {db} -c "
+        "\"SELECT 'models', count(*) FROM registered_models UNION ALL SELECT 'versions', count(*) FROM model_versions\""
+    )
+
+
+def test_repository_user_is_sftp_only_in_its_chroot(repo):
+    user = repo.user(CLIENT)
+    assert user.shell == "/usr/sbin/nologin"
+    assert "sovereign-restic" in user.groups
+    cfg = repo.check_output(f"sshd -T -C user={CLIENT},host=x,addr=127.0.0.1").lower()
+    assert "chrootdirectory /srv/restic/%u" in cfg
+    assert "forcecommand internal-sftp -d /repo" in cfg
+    assert "authenticationmethods publickey" in cfg
+    assert "passwordauthentication no" in cfg
+    assert "allowtcpforwarding no" in cfg and "permittty no" in cfg
+    chroot = repo.file(f"/srv/restic/{CLIENT}")
+    assert (chroot.user, chroot.mode) == ("root", 0o755)
+    assert repo.file(REPO_DIR).user == CLIENT
+    assert repo.file(f"{REPO_DIR}/config").exists, "restic init ran through the SFTP user"
+    assert repo.file(f"/etc/ssh/sovereign-restic/{CLIENT}").content_string.startswith("restrict ssh-ed25519 ")
+
+
+def test_secrets_are_root_only(host):
+    for path in (
+        "/etc/sovereign/restic/password",
+        "/etc/sovereign/restic/config.json",
+        "/etc/sovereign/restic/id_ed25519",
+    ):
+        f = host.file(path)
+        assert (f.user, f.mode) == ("root", 0o600), path
+
+
+def test_timers_are_persistent_with_a_randomized_delay(host):
+    for name in ("backup", "check", "drill"):
+        unit = f"sovereign-restic-{name}.timer"
+        assert host.service(unit).is_enabled
+        show = host.check_output(f"systemctl show {unit} -p Persistent -p RandomizedDelayUSec")
+        assert "Persistent=yes" in show and "RandomizedDelayUSec=30min" in show, show
+
+
+def test_backup_playbook_stores_from_a_zfs_snapshot_and_reports(host):
+    rc, out = play("backup.yml")
+    assert rc == 0, out
+    assert "took ZFS snapshot @restic-" in out and "stored snapshot" in out and "dumped database mlflow" in out
+    found = metrics(host, "restic_backup")
+    assert found['sovereign_job_success{job="restic_backup"}'] == 1
+    assert sample(found, "sovereign_restic_backup_files{")[0] > 0
+    assert sample(found, "sovereign_restic_snapshots{")[0] >= 1
+    assert sample(found, "sovereign_restic_backup_bytes_added{")
+    # The clone is gone, the ZFS snapshot it came from is kept for the drill.
+    assert "sovereign-restic-backup-" not in host.check_output("zfs list -H -o name")
+    assert "@restic-" in host.check_output("zfs list -H -o name -t snapshot")
+
+
+def test_drill_playbook_passes_and_writes_metrics(host):
+    rc, out = play("restore_drill.yml")
+    assert rc == 0, out
+    assert "PASSED, every byte and every row count matches" in out
+    found = metrics(host, "restic_drill")
+    assert found['sovereign_job_success{job="restic_drill"}'] == 1
+    assert sample(found, "sovereign_restic_drill_files_compared{")[0] > 0
+    assert sample(found, "sovereign_restic_drill_tables_compared{")[0] >= 3
+    assert not host.file("/var/lib/sovereign/restic/drill").exists, "the scratch restore is removed"
+    assert "sovereign_drill_" not in host.check_output("runuser -u postgres -- psql -X -A -t -l")
+
+
+def test_wrong_password_is_a_clear_error_and_initialises_nothing(host, repo):
+    before = repo.check_output(f"ls -l --time-style=+%s {REPO_DIR}/keys {REPO_DIR}/config")
+    host.run_expect(
+        [0],
+        "sed 's#/etc/sovereign/restic/password#/root/wrong-password#' /etc/sovereign/restic/config.json"
+        " > /root/wrong.json",
+    )
+    host.run_expect([0], "printf 'not-the-password-at-all' > /root/wrong-password")
+    res = host.run(f"{TOOL} --config /root/wrong.json init")
+    assert res.rc == 1
+    assert "exists but the password does not open it" in res.stderr and "Nothing was initialised" in res.stderr
+    assert repo.check_output(f"ls -l --time-style=+%s {REPO_DIR}/keys {REPO_DIR}/config") == before
+    host.run("rm -f /root/wrong.json /root/wrong-password")
+
+
+def test_repository_host_unreachable_fails_bounded_naming_host_and_port(host, repo):
+    snaps_before = host.check_output("zfs list -H -o name -t snapshot")
+    repo.run_expect([0], "systemctl stop ssh.service ssh.socket")
+    try:
+        res, seconds = job(host, "restic_backup")
+    finally:
+        repo.run_expect([0], "systemctl start ssh.service")
+    assert res.rc == 1
+    assert f"cannot reach the repository offsite at {REPO}:22" in res.stderr
+    assert seconds < 30
+    found = metrics(host, "restic_backup")
+    assert found['sovereign_job_success{job="restic_backup"}'] == 0
+    assert found[f'sovereign_restic_repository_reachable{{address="{REPO}:22",repository="offsite"}}'] == 0
+    assert host.check_output("zfs list -H -o name -t snapshot") == snaps_before, "nothing local was touched"
+
+
+def test_sigkill_mid_backup_then_next_run_names_the_stale_lock(host, repo):
+    host.run_expect([0], "head -c 60000000 /dev/urandom > /var/lib/sovereign/dvc/cache/big.bin")
+    host.run_expect([0], "systemctl start --no-block sovereign-restic-backup.service")
+    pid = ""
+    for _attempt in range(240):
+        if repo.run(f"ls {REPO_DIR}/locks | grep -q .").rc == 0:
+            pid = host.run("pgrep -f '^restic -r .* backup'").stdout.split()
+            if pid:
+                break
+        time.sleep(0.25)
+    assert pid, "restic backup never held a lock"
+    host.run_expect([0], f"kill -KILL {pid[0]}")
+    for _attempt in range(120):
+        if host.service("sovereign-restic-backup.service").is_running is False:
+            break
+        time.sleep(0.5)
+    assert repo.run(f"ls {REPO_DIR}/locks | grep -q .").rc == 0, "the killed restic left its lock behind"
+    host.run_expect([0], "rm -f /var/lib/sovereign/dvc/cache/big.bin")
+    res = job(host, "restic_backup")[0]
+    assert res.rc == 0, res.stderr
+    assert "removing stale restic lock" in res.stdout
+    assert f"by pid {pid[0]} on backup-data): pid {pid[0]} on backup-data is gone" in res.stdout
+    found = metrics(host, "restic_backup")
+    assert found['sovereign_job_success{job="restic_backup"}'] == 1
+    assert sample(found, "sovereign_restic_stale_locks_removed{")[0] == 1
+
+
+def test_corrupted_pack_fails_the_check_and_the_drill(host, repo):
+    before = set(repo.check_output(f"find {REPO_DIR}/data -type f").split())
+    host.run_expect([0], f"head -c 6000000 /dev/urandom > {ARTIFACTS}/1/marker.bin")
+    res = job(host, "restic_backup")[0]
+    assert res.rc == 0, res.stderr
+    new = set(repo.check_output(f"find {REPO_DIR}/data -type f").split()) - before
+    # The pack that holds marker.bin's data (restic find --pack names the files a pack's blobs belong to), so the
+    # drill of the newest snapshot must read it.
+    pack = next(
+        p
+        for p in sorted(new, key=lambda p: -int(repo.check_output(f"stat -c %s {p}")))
+        if "marker.bin" in host.check_output(f"{TOOL} restic offsite find --pack {os.path.basename(p)}")
+    )
+    pack_id = os.path.basename(pack)
+    repo.run_expect(
+        [0],
+        f"cp -p {pack} /root/pack.orig && chmod u+w {pack} && "
+        f"printf 'CORRUPT' | dd of={pack} bs=1 seek=200 conv=notrunc status=none",
+    )
+    try:
+        results = [job(host, "restic_check")[0], job(host, "restic_check")[0]]
+        failed = [r for r in results if r.rc != 0]
+        assert len(failed) == 1, "exactly one of the two subsets holds the damaged pack"
+        assert "check of data subset" in failed[0].stderr and "FAILED" in failed[0].stderr
+        assert pack_id[:8] in failed[0].stderr, failed[0].stderr
+        assert "sovereign_restic_check_success" in host.file(f"{TEXTFILE}/sovereign_restic_check.prom").content_string
+        rc, out = play("restore_drill.yml")
+        assert rc != 0
+        assert "FAILED" in out and "marker.bin" in out, out
+        assert sample(metrics(host, "restic_drill"), "sovereign_restic_drill_success{")[0] == 0
+    finally:
+        repo.run_expect([0], f"cp -p /root/pack.orig {pack} && rm -f /root/pack.orig")
+        host.run(f"rm -f {ARTIFACTS}/1/marker.bin")
+    assert job(host, "restic_check")[0].rc == 0
+
+
+def test_mlflow_disaster_offsite_restore_brings_it_back_bit_identical(host):
+    res = job(host, "restic_backup")[0]
+    assert res.rc == 0, res.stderr
+    artifacts, rows = tree_digest(host, ARTIFACTS), row_counts(host, "mlflow")
+    served = host.check_output("curl -fsS http://127.0.0.1:5000/1/3/model.bin | sha256sum")
+    host.run_expect([0], f"rm -rf {ARTIFACTS}/1")
+    host.run_expect([0], "runuser -u postgres -- dropdb --force mlflow")
+    rc, out = play("restore.yml", {"service": "mlflow", "source": "offsite", "sovereign_restore_services": STANDIN})
+    assert rc != 0 and "restore.yml changed nothing" in out
+    assert f"replace everything in {ARTIFACTS}" in out and "drop database mlflow" in out and "confirm=mlflow" in out
+    rc, out = play(
+        "restore.yml",
+        {"service": "mlflow", "source": "offsite", "confirm": "mlflow", "sovereign_restore_services": STANDIN},
+    )
+    assert rc == 0, out
+    assert tree_digest(host, ARTIFACTS) == artifacts
+    assert row_counts(host, "mlflow") == rows
+    assert host.check_output("curl -fsS http://127.0.0.1:5000/1/3/model.bin | sha256sum") == served
+
+
+def test_snapshot_restore_rolls_a_deleted_file_back(host):
+    digest = hashlib.sha256(host.file(f"{ARTIFACTS}/1/1/model.bin").content).hexdigest()
+    host.run_expect([0], f"rm -f {ARTIFACTS}/1/1/model.bin")
+    rc, out = play(
+        "restore.yml",
+        {"service": "mlflow", "source": "snapshot", "confirm": "mlflow", "sovereign_restore_services": STANDIN},
+    )
+    assert rc == 0, out
+    assert hashlib.sha256(host.file(f"{ARTIFACTS}/1/1/model.bin").content).hexdigest() == digest
