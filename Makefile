@@ -59,9 +59,12 @@ rules: ## promtool: every role's alert rules parse, every alerts_test.yml passes
 sanity: ## ansible-test sanity on a copy laid out as ansible_collections/sovereign/mlops
 	@bash scripts/sanity.sh
 
-# Two processes: importing ansible's module_utils patches sys.intern, which torch's compiler
-# rejects, so the collection's tests and the torch-based ones (runtime, examples) never share one.
-UNIT_GROUPS := "tests/unit/plugins tests/unit/ops tests/unit/playbooks tests/unit/roles" "tests/unit/runtime tests/unit/examples"
+# Three processes: importing ansible's module_utils patches sys.intern, which torch's compiler rejects, so the
+# collection's tests and the torch-based ones (runtime, examples) never share one; and importing controller code
+# (ansible.errors, as filter plugins do) sets ansible's is_controller, after which a module's warnings go to the
+# controller's display instead of its result, so filter tests never share a process with module tests.
+UNIT_GROUPS := "tests/unit/plugins/modules tests/unit/plugins/module_utils tests/unit/ops tests/unit/playbooks tests/unit/roles" \
+               "tests/unit/plugins/filter" "tests/unit/runtime tests/unit/examples"
 
 unit: ## pytest unit tests (modules, module_utils, CLI; runtime and examples in a second process)
 	@rc=0; for group in $(UNIT_GROUPS); do \
