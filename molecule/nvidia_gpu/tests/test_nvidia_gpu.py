@@ -160,7 +160,10 @@ def test_health_gate_unit_is_a_capability_free_oneshot(host):
     assert props.get("CapabilityBoundingSet", "") == ""
     assert props["DevicePolicy"] == "closed"
     # gpu_count 0: the control and unified-memory nodes, no /dev/nvidiaN ("node rw" pairs).
-    assert props["DeviceAllow"].split()[::2] == ["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"]
+    # systemctl show prints one DeviceAllow= line per node (newest first); testinfra keeps only one of them.
+    lines = host.check_output("systemctl show -p DeviceAllow sovereign-gpu-health").splitlines()
+    nodes = [line.split("=", 1)[1].split()[0] for line in lines if line.startswith("DeviceAllow=") and "=" in line]
+    assert sorted(nodes) == ["/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidiactl"], lines
 
 
 def test_venv_has_the_exporters_packages_and_no_torch_without_a_gpu(host):

@@ -64,8 +64,9 @@ def bus(host, command, *args, user=CLIENT, endpoints=(), check=True):
 
 
 def runtime_count(host, color):
-    port = contract(host)["runtime"]["colors"][color]["port"]
-    text = host.check_output(f"curl -sf http://127.0.0.1:{port}/metrics")
+    # The runtimes bind the host's internal address (docs/adr/1501-metrics-exposure.md): ask where the contract says.
+    where = contract(host)["runtime"]["colors"][color]
+    text = host.check_output(f"curl -sf http://{where['host']}:{where['port']}/metrics")
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
