@@ -162,7 +162,9 @@ def test_health_gate_unit_is_a_capability_free_oneshot(host):
     # gpu_count 0: the control and unified-memory nodes, no /dev/nvidiaN ("node rw" pairs).
     # systemctl show prints one DeviceAllow= line per node (newest first); testinfra keeps only one of them.
     lines = host.check_output("systemctl show -p DeviceAllow sovereign-gpu-health").splitlines()
-    nodes = [line.split("=", 1)[1].split()[0] for line in lines if line.startswith("DeviceAllow=") and "=" in line]
+    # ProtectClock=yes adds "char-rtc r" itself: only device paths are the role's.
+    entries = [line.split("=", 1)[1].split()[0] for line in lines if line.startswith("DeviceAllow=")]
+    nodes = [entry for entry in entries if entry.startswith("/dev/")]
     assert sorted(nodes) == ["/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidiactl"], lines
 
 
