@@ -236,8 +236,10 @@ def parse(argv: Sequence[str] | None = None, environ: dict[str, str] | None = No
         ns.model_uri = ns.model_uri or ""
     elif not ns.model_uri:
         p.error("--model-uri (or SOVEREIGN_RUNTIME_MODEL_URI) is required")
-    if bool(getattr(ns, "feature_service", "")) != bool(getattr(ns, "feast_repo", "")):
-        p.error("--feature-service and --feast-repo go together (SOVEREIGN_RUNTIME_FEATURE_SERVICE / _FEAST_REPO)")
+    # A host's runtimes get the repository (inference_runtime writes it wherever an online store exists); only a
+    # model that names a feature service uses it, so a repository without a service is a vector-only model.
+    if getattr(ns, "feature_service", "") and not getattr(ns, "feast_repo", ""):
+        p.error("--feature-service needs --feast-repo (SOVEREIGN_RUNTIME_FEATURE_SERVICE / _FEAST_REPO)")
     if ns.tracking_uri is None:
         ns.tracking_uri = (environ if environ is not None else os.environ).get("MLFLOW_TRACKING_URI")
     return ns.command, Settings.from_namespace(ns)

@@ -162,3 +162,15 @@ def test_settings_defaults_match_flags():
     for flag in config.FLAGS:
         if flag.name != "model-uri":
             assert fields[flag.dest].default == flag.default, flag.name
+
+
+def test_a_feast_repository_without_a_feature_service_is_a_vector_only_model():
+    # inference_runtime writes the host's repository into every color's env; only a model's service uses it.
+    _command, cfg = config.parse(["serve", "--model-uri", "x"], {"SOVEREIGN_RUNTIME_FEAST_REPO": "/etc/feast"})
+    assert cfg.feast_repo == "/etc/feast" and cfg.feature_service == ""
+
+
+def test_a_feature_service_without_a_repository_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        config.parse(["serve", "--model-uri", "x", "--feature-service", "churn"], {})
+    assert "--feature-service needs --feast-repo" in capsys.readouterr().err
