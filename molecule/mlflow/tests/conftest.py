@@ -1,9 +1,13 @@
 """Shared fixtures: where the verifier reaches the MLflow server in the molecule container."""
 
 import os
-import subprocess
+import pathlib
+import sys
 
 import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "shared"))
+import podman_net
 
 INSTANCE = "molecule-mlflow"
 PORT = 5000
@@ -14,20 +18,9 @@ ADMIN_USER = "admin"
 ADMIN_PASSWORD = "molecule-test-admin-password"
 
 
-def _container_ip() -> str:
-    out = subprocess.run(
-        ["podman", "inspect", "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", INSTANCE],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.split()
-    assert out, f"{INSTANCE} has no IP address on a podman network"
-    return out[0]
-
-
 @pytest.fixture(scope="session")
 def container_ip() -> str:
-    return _container_ip()
+    return podman_net.container_ip(INSTANCE)
 
 
 @pytest.fixture(scope="session")
