@@ -171,12 +171,15 @@ def wait_ready(launch: peers.Launch, proc: subprocess.Popen, log: Path, deadline
         if proc.poll() is not None:
             return f"exited with {proc.returncode} before it was ready: {tail(log)}"
         try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    status, _ = post(first.port, first.path, first.body)
-                    if status == 200:
-                        return None
-                    last = f"ready, but infer answered {status}"
+            ready = True
+            if launch.ready:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    ready = resp.status == 200
+            if ready:
+                status, _ = post(first.port, first.path, first.body, timeout=10)
+                if status == 200:
+                    return None
+                last = f"ready, but infer answered {status}"
         except OSError as exc:
             last = f"{url}: {exc}"
         time.sleep(0.5)

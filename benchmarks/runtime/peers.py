@@ -62,7 +62,8 @@ class Target:
 
 @dataclass
 class Launch:
-    """One server process tree to start; ``ready`` is a GET path that answers 200 once it serves."""
+    """One server process tree to start; ``ready`` is a GET path that answers 200 once it serves ("": the
+    first target's request itself is the readiness probe)."""
 
     name: str
     cmd: list[str]
@@ -190,25 +191,35 @@ def _litserve(ctx: Ctx) -> list[Launch]:
 
 
 def _ray(ctx: Ctx) -> list[Launch]:
-    proxy, direct = ctx.port(), ctx.port()
+    """Two Rays: with direct ingress Serve starts no proxy, so proxy and replica are separate launches."""
     batch = ctx.heavy
-    base = "Ray Serve, 1 replica (num_cpus 1), max_ongoing_requests 64, local 1-CPU Ray, no dashboard" + (
-        f", @serve.batch max {MAX_BATCH} wait {HEAVY_WAIT_MS:g} ms" if batch else ", no batching"
+    base = (
+        "Ray Serve, RAY_SERVE_THROUGHPUT_OPTIMIZED=1, 1 replica (num_cpus 1), max_ongoing_requests 64, local "
+        "1-CPU Ray, no dashboard, access log off"
+        + (f", @serve.batch max {MAX_BATCH} wait {HEAVY_WAIT_MS:g} ms" if batch else ", no batching")
     )
     body = json.dumps({"input": [row(ctx.width)]}).encode()
-    targets = [
-        Target("ray serve (proxy)", proxy, "/", body, parse_any, base + "; through the Serve HTTP proxy"),
-        Target("ray serve (replica)", direct, "/", body, parse_any, base + "; straight to the replica's uvicorn"),
-    ]
-    cmd = [ctx.python, str(SERVERS / "ray_server.py"), str(ctx.model_dir), str(proxy), str(direct)]
-    env = {
-        "BENCH_BATCH": str(MAX_BATCH if batch else 1),
-        "BENCH_WAIT_MS": str(HEAVY_WAIT_MS),
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_SERVE_LOG_TO_STDERR": "0",
-        "RAY_TMPDIR": str(ctx.work / "ray"),
-    }
-    return [Launch("ray", cmd, direct, "/-/healthz", targets, base, env=env, cwd=SERVERS)]
+    out = []
+    for direct in (False, True):
+        port, grpc = ctx.port(), ctx.port()
+        label = "ray serve (replica)" if direct else "ray serve (proxy)"
+        config = base + ("; straight to the replica (direct ingress)" if direct else "; through the Serve proxy")
+        env = {
+            "BENCH_BATCH": str(MAX_BATCH if batch else 1),
+            "BENCH_WAIT_MS": str(HEAVY_WAIT_MS),
+            "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+            "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1" if direct else "0",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc + 1),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_TMPDIR": str(ctx.work / f"ray-{port}"),
+        }
+        cmd = [ctx.python, str(SERVERS / "ray_server.py"), str(ctx.model_dir), str(port)]
+        target = Target(label, port, "/", body, parse_any, config)
+        out.append(Launch(label, cmd, port, "", [target], config, env=env, cwd=SERVERS))
+    return out
 
 
 def _bentoml(ctx: Ctx) -> list[Launch]:

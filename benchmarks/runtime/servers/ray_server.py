@@ -1,8 +1,8 @@
-"""Ray Serve: a local 1-CPU Ray, one replica; the Serve HTTP proxy on PROXY_PORT and, with direct ingress
-(RAY_SERVE_ENABLE_DIRECT_INGRESS=1, the replica's own uvicorn), the replica itself on DIRECT_PORT.
-@serve.batch when BENCH_BATCH > 1.
+"""Ray Serve: a local 1-CPU Ray, one replica, @serve.batch when BENCH_BATCH > 1. Without direct ingress the
+Serve HTTP proxy listens on PORT; with it (RAY_SERVE_ENABLE_DIRECT_INGRESS=1, no proxy is started) the replica's
+own HTTP server does (the launcher sets RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT to PORT).
 
-    python ray_server.py MODEL_DIR PROXY_PORT DIRECT_PORT
+    python ray_server.py MODEL_DIR PORT
 """
 
 import os
@@ -10,17 +10,13 @@ import signal
 import sys
 import time
 
-MODEL_DIR, PROXY, DIRECT = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")
-os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", str(DIRECT))
-os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", str(DIRECT + 1))
+import ray
+import torch
+from common import load_model
+from ray import serve
+from starlette.requests import Request
 
-import ray  # noqa: E402  (the Serve constants are read from the environment at import)
-import torch  # noqa: E402
-from common import load_model  # noqa: E402
-from ray import serve  # noqa: E402
-from starlette.requests import Request  # noqa: E402
-
+MODEL_DIR, PORT = sys.argv[1], int(sys.argv[2])
 BATCH = int(os.environ.get("BENCH_BATCH", "1"))
 WAIT = float(os.environ.get("BENCH_WAIT_MS", "2")) / 1000
 
@@ -50,7 +46,7 @@ def _shutdown(*_):
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _shutdown)
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": PROXY}, logging_config={"enable_access_log": False})
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT}, logging_config={"enable_access_log": False})
     serve.run(Model.bind(MODEL_DIR), name="m", route_prefix="/", blocking=False)
     while True:
         time.sleep(3600)
