@@ -142,16 +142,17 @@ def test_backup_dir_is_private_to_postgres(host):
     assert (d.user, d.group, d.mode) == ("postgres", "postgres", 0o700)
 
 
-def test_host_contract_publishes_the_metrics_endpoint_with_auth(host):
-    """Issue 15: with mlflow_prometheus_enabled and basic-auth on, the contract tells the prometheus role where
-    /metrics is and that it needs credentials."""
+def test_host_contract_publishes_the_metrics_listener(host):
+    """Issue 15, docs/adr/1530: with mlflow_prometheus_enabled the contract's endpoint `mlflow` is the
+    credential-free sovereign-mlflow-metrics listener on the internal address, while MLflow itself has auth on."""
     fact = json.loads(host.file("/etc/ansible/facts.d/sovereign.fact").content_string)
     assert fact["mlflow"]["auth"] is True
     endpoint = fact["metrics"]["mlflow"]
-    assert fact["mlflow"]["url"] == f"http://{endpoint['address']}:{endpoint['port']}"
-    assert (endpoint["job"], endpoint["path"], endpoint["auth"], endpoint["published_by"]) == (
+    assert endpoint["address"] == fact["common"]["internal_address"]
+    assert (endpoint["job"], endpoint["port"], endpoint["path"], endpoint["auth"], endpoint["published_by"]) == (
         "mlflow",
+        5001,
         "/metrics",
-        True,
+        False,
         "mlflow",
     )

@@ -1,7 +1,8 @@
 """sovereign.mlops.grafana's preflight, run for real by ansible-playbook on the controller (connection local, check
 mode, tags grafana_install so only preflight and the skipped install run): a play that would leave Grafana with
 admin/admin, no password or a short one fails naming the fix, and so do a wildcard bind and an unpinned version.
-Nothing reaches the configure step, so nothing on this machine is touched. The converge itself: molecule/grafana.
+Nothing reaches the configure step, so nothing on this machine is touched. The converge itself: molecule/monitoring
+(the grafana role on its monitoring host, tests/test_grafana.py there).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ PLAYBOOK_BIN = Path(sys.executable).parent / "ansible-playbook"
 GOOD = "a-long-vault-password"
 
 
-def _run(tmp_path: Path, extra_vars: dict) -> subprocess.CompletedProcess:
+def _run(tmp_path: Path, extra_vars: dict, after: list | None = None) -> subprocess.CompletedProcess:
     play = [
         {
             "name": "Probe",
@@ -30,9 +31,10 @@ def _run(tmp_path: Path, extra_vars: dict) -> subprocess.CompletedProcess:
             "tasks": [
                 {
                     "name": "Grafana",
-                    "ansible.builtin.include_role": {"name": "sovereign.mlops.grafana"},
+                    "ansible.builtin.include_role": {"name": "sovereign.mlops.grafana", "public": True},
                     "tags": ["grafana_install"],
-                }
+                },
+                *(after or []),
             ],
         }
     ]
@@ -78,3 +80,18 @@ def test_good_settings_pass_preflight(tmp_path):
     result = _run(tmp_path, {"grafana_admin_password": GOOD, "grafana_listen_address": "10.0.0.5"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert GOOD not in result.stdout
+
+
+def test_datasource_urls_without_a_monitoring_group_name_the_host_itself(tmp_path):
+    """No monitoring group and no contract: the derived URLs are http://<inventory name>:<port> (molecule/monitoring
+    checks the other two ways: an explicit grafana_prometheus_url, and the monitoring host's contract)."""
+    show = {
+        "name": "Show the derived URLs",
+        "ansible.builtin.debug": {
+            "msg": "URLS {{ _grafana_prometheus_url | trim }} {{ _grafana_alertmanager_url | trim }}"
+        },
+        "tags": ["grafana_install"],
+    }
+    result = _run(tmp_path, {"grafana_admin_password": GOOD, "grafana_listen_address": "10.0.0.5"}, after=[show])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "URLS http://localhost:9090 http://localhost:9093" in result.stdout, result.stdout

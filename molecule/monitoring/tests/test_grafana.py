@@ -1,12 +1,18 @@
-"""The grafana role converged with grafana_install: false (testinfra, podman backend).
+"""The grafana role converged with grafana_install: false on the monitoring host (testinfra, podman backend).
 
 Grafana's server cannot be installed on these machines (no reachable registry carries it), so no grafana-server
-runs here: this checks the provisioning files it would read - datasources, dashboard provider, every dashboard of
-the collection - and that the admin password file is private.
+runs here: this checks the provisioning files it would read - datasources (the Prometheus URL given, the
+Alertmanager URL derived from this host's contract, published by the alertmanager role converged before it),
+dashboard provider, every dashboard of the collection - and that the admin password file is private. The
+derivation without a monitoring group: tests/unit/roles/test_grafana_preflight.py.
 """
 
 import json
 import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "shared"))
+import host_contract
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 DASHBOARDS = "/var/lib/grafana/dashboards/sovereign"
@@ -22,8 +28,10 @@ def test_datasources_name_the_inventory_prometheus_and_alertmanager(host):
     sources = {d["uid"]: d for d in _json(host, f.path)["datasources"]}
     assert sources["sovereign-prometheus"]["url"] == "http://monitoring-ops:9090"
     assert sources["sovereign-prometheus"]["isDefault"] is True
-    # No monitoring group in this scenario: the derived URL names the host itself.
-    assert sources["sovereign-alertmanager"]["url"] == "http://molecule-grafana:9093"
+    # Not given: the URL the monitoring host's contract publishes (the alertmanager role's section).
+    alertmanager = host_contract.read_contract(host)["alertmanager"]["url"]
+    assert alertmanager.startswith("http://") and alertmanager.endswith(":9093"), alertmanager
+    assert sources["sovereign-alertmanager"]["url"] == alertmanager
     assert sources["sovereign-alertmanager"]["type"] == "alertmanager"
 
 
