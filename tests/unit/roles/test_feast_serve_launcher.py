@@ -33,7 +33,9 @@ METRICS_ADDRESS = "127.0.0.2"
 
 
 def launcher(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(LAUNCHER), *args], capture_output=True, text=True, timeout=60, **kwargs)
+    return subprocess.run(
+        [sys.executable, str(LAUNCHER), *args], capture_output=True, text=True, timeout=60, check=False, **kwargs
+    )
 
 
 def refused(address: str, port: int) -> bool:
