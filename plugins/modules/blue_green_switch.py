@@ -320,6 +320,32 @@ CONTRACT_DEFAULTS = dict(
 )
 
 
+def plan_steps(runtime, target, keys):
+    """The runtime commands from map state ``runtime`` to ``target`` ({key: value or None}; a None target leaves the
+    entry as it is), [(key, value)], in an order whose every intermediate state routes only to colors that get
+    traffic before or after: never to one that gets none in both. ``keys`` = (live, canary, weight)."""
+    live_key, canary_key, weight_key = keys
+    current = dict(runtime)
+    out = []
+
+    def put(key):
+        if target[key] is not None and current[key] != target[key]:
+            out.append((key, target[key]))
+            current[key] = target[key]
+
+    split_on = parse_weight(runtime[weight_key]) > 0
+    moves = target[live_key] != runtime[live_key] or target[canary_key] != runtime[canary_key]
+    if split_on and target[live_key] != runtime[live_key] and runtime[canary_key] == target[live_key]:
+        put(live_key)  # the canary becomes live: both entries name it, every request goes to it
+    elif split_on and moves and target[canary_key] is not None:
+        out.append((weight_key, "0"))  # everything on the old live color while the entries move
+        current[weight_key] = "0"
+    put(live_key)
+    put(canary_key)
+    put(weight_key)
+    return out
+
+
 class NullLock:
     def __enter__(self):
         return self
@@ -431,28 +457,7 @@ class Switch:
         return {live_key: live, canary_key: other, weight_key: str(canary_weight)}
 
     def steps(self, runtime, target):
-        """The runtime commands from ``runtime`` to ``target``, [(key, value)], in an order whose every intermediate
-        state routes only to colors that get traffic before or after (never to one that gets none in both)."""
-        live_key, canary_key, weight_key = self.keys()
-        current = dict(runtime)
-        out = []
-
-        def put(key):
-            if target[key] is not None and current[key] != target[key]:
-                out.append((key, target[key]))
-                current[key] = target[key]
-
-        split_on = parse_weight(runtime[weight_key]) > 0
-        moves = target[live_key] != runtime[live_key] or target[canary_key] != runtime[canary_key]
-        if split_on and target[live_key] != runtime[live_key] and runtime[canary_key] == target[live_key]:
-            put(live_key)  # the canary becomes live: both entries name it, every request goes to it
-        elif split_on and moves and target[canary_key] is not None:
-            out.append((weight_key, "0"))  # everything on the old live color while the entries move
-            current[weight_key] = "0"
-        put(live_key)
-        put(canary_key)
-        put(weight_key)
-        return out
+        return plan_steps(runtime, target, self.keys())
 
     # -- flip -------------------------------------------------------------------------------------------------
 
