@@ -11,7 +11,9 @@ What it knows about:
 
 * the admin socket (``stats socket ... level admin``): one command per connection, answer read to EOF;
 * ``show map`` / ``set map`` / ``add map`` / ``del map`` for the live-color map entry;
-* ``show stat`` CSV (server status, backend current sessions).
+* ``show stat`` CSV (server status, backend current sessions);
+* the weighted, sticky split between the two colors (docs/adr/1401): :func:`sticky_bucket`, :func:`shares`,
+  :func:`arm_of`, :func:`key_in_range` - the Python twin of the frontend's routing rules in haproxy.cfg.j2.
 
 The map file on disk (``<key> <value>`` lines) is parsed, rendered and written by ``_files``.
 
@@ -25,6 +27,7 @@ import csv
 import errno
 import io
 import socket
+import zlib
 
 
 def backend_name(color):
@@ -243,3 +246,64 @@ def backend_sessions(sock, color):
     if row is None:
         raise HAProxyError(f"HAProxy has no backend {backend_name(color)}.")
     return stat_int(row, "scur") + stat_int(row, "qcur")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The split (docs/adr/1401): "<live key> <color>", "<canary key> <color>", "<weight key> <0-100>" in the map file.
+# haproxy.cfg.j2 routes a request to the canary color when its bucket < weight; the bucket is
+# crc32(sticky key) mod BUCKETS for a request with a key (header, else cookie), else rand(BUCKETS).
+# ---------------------------------------------------------------------------------------------------------------
+
+BUCKETS = 100
+
+
+def sticky_bucket(key):
+    """The bucket (0..BUCKETS-1) HAProxy gives a request whose sticky key is ``key`` (``crc32,mod(100)``)."""
+    data = key.encode("utf-8") if isinstance(key, str) else bytes(key)
+    return zlib.crc32(data) % BUCKETS
+
+
+def parse_weight(value):
+    """The weight HAProxy routes by for a map value: an integer 0-100; absent, not a number or negative is 0
+    (the frontend's comparison fails and the request goes to the live color), above 100 is 100."""
+    if value is None:
+        return 0
+    try:
+        weight = int(str(value).strip())
+    except ValueError:
+        return 0
+    return max(0, min(BUCKETS, weight))
+
+
+def shares(live, canary, weight, colors=("blue", "green")):
+    """``{color: percent}`` of requests each color gets for a map state (the live color's is the rest)."""
+    out = dict((c, 0) for c in colors)
+    weight = parse_weight(weight)
+    if live not in out:
+        return out
+    if canary in out and canary != live and weight > 0:
+        out[canary] = weight
+        out[live] = BUCKETS - weight
+    else:
+        out[live] = BUCKETS
+    return out
+
+
+def arm_of(key, live, canary, weight):
+    """The color a request with sticky key ``key`` lands on for a map state (both servers usable)."""
+    weight = parse_weight(weight)
+    if canary and canary != live and sticky_bucket(key) < weight:
+        return canary
+    return live
+
+
+def key_in_range(low, high, prefix="sovereign-probe-"):
+    """The first ``<prefix><n>`` whose bucket is in ``[low, high)``; None for an empty range."""
+    if not 0 <= low < high <= BUCKETS:
+        return None
+    n = 0
+    while True:
+        key = f"{prefix}{n}"
+        if low <= sticky_bucket(key) < high:
+            return key
+        n += 1

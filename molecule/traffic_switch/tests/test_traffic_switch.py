@@ -102,7 +102,9 @@ def test_haproxy_installed_running_enabled(host):
 def test_config_is_valid(host):
     host.run_expect([0], "haproxy -c -f /etc/haproxy/haproxy.cfg")
     cfg = host.file("/etc/haproxy/haproxy.cfg")
-    assert cfg.contains("use_backend be_%\\[str(live),map(/etc/haproxy/sovereign/live.map,blue)\\]")
+    assert cfg.contains("use_backend be_%\\[var(txn.sovereign_color)\\]")
+    assert cfg.contains("str(live),map(/etc/haproxy/sovereign/live.map,blue)")
+    assert cfg.contains("req.hdr(X-Sovereign-Key),crc32,mod(100)")
     assert cfg.contains("option idle-close-on-response")
 
 

@@ -186,6 +186,9 @@ class App:
     ) -> None:
         self.metrics.count(endpoint, status)
         head = [content_type, (b"content-length", str(len(body)).encode())]
+        model = self.engine.model
+        if model is not None:  # which model answered (HAProxy adds X-Sovereign-Color; ADR 1401)
+            head.append((b"x-sovereign-model-version", model.version.encode()))
         if headers:
             head.extend(headers)
         await send({"type": "http.response.start", "status": status, "headers": head})

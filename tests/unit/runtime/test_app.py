@@ -26,6 +26,7 @@ def test_infer_matches_torch(fmt, loaded, models, client_for):
     assert resp.status == 200, resp.body
     doc = resp.json()
     assert doc["model_name"] == name and doc["model_version"] == "1" and doc["id"] == "req-7"
+    assert resp.headers[b"x-sovereign-model-version"] == b"1"  # every answer names the model version (ADR 1401)
     (out,) = doc["outputs"]
     assert out["name"] == "output__0" and out["datatype"] == "FP32" and out["shape"] == [5, OUT]
     assert torch.allclose(torch.tensor(out["data"]).reshape(5, OUT), models.expected(x), atol=1e-6)

@@ -264,8 +264,10 @@ def test_template_is_valid(tmp_path, overrides):
         [HAPROXY, "-c", "-f", str(tmp_path / "haproxy.cfg")], capture_output=True, text=True, check=False
     )
     assert check.returncode == 0, check.stdout + check.stderr
+    # The live color (and a split's canary, docs/adr/1401) from the map, per request.
+    assert "use_backend be_%[var(txn.sovereign_color)]" in text
     assert (
-        "use_backend be_%[str({}),map({},{})]".format(
+        "set-var(txn.sovereign_color) str({}),map({},{})".format(
             values["traffic_switch_map_key"], values["traffic_switch_map_file"], values["traffic_switch_default_color"]
         )
         in text

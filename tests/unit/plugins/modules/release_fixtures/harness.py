@@ -65,6 +65,10 @@ def template_vars(tmp, frontend_port, stats_port, colors, **overrides):
         traffic_switch_stats_bind=f"127.0.0.1:{stats_port}",
         traffic_switch_map_file=str(tmp / "live.map"),
         traffic_switch_map_key="live",
+        traffic_switch_canary_key="canary",
+        traffic_switch_weight_key="weight",
+        traffic_switch_sticky_header="X-Sovereign-Key",
+        traffic_switch_sticky_cookie="sovereign_key",
         traffic_switch_default_color="blue",
         traffic_switch_colors=colors,
         # What haproxy.cfg.j2 routes to: the role resolves it from the host contract (vars/main.yml).
