@@ -34,9 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .app import BodyTooLarge
 from .logs import log_event
-from .protocol import dumps, error_body
 from .request_id import HEADER
 
 CONTROL_FILE = "experiment.json"
@@ -55,6 +53,7 @@ CREATE INDEX IF NOT EXISTS assignments_by_experiment ON assignments (experiment,
 CREATE TABLE IF NOT EXISTS outcomes (request_id TEXT NOT NULL, value REAL NOT NULL, t REAL NOT NULL,
     color TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS outcomes_by_request ON outcomes (request_id);
+CREATE TABLE IF NOT EXISTS experiments (name TEXT PRIMARY KEY, definition TEXT NOT NULL, seen REAL NOT NULL);
 """
 
 _ACCEPTED = (b"content-type", b"application/json")
@@ -218,7 +217,8 @@ class ExperimentStore:
         started = float(doc.get("started") or time.time()) if doc else 0.0
         db = self._db
         assert db is not None
-        if name is not None:
+        if name is not None:  # the definition (arms, split, metric) stays with the records: the report reads it
+            db.execute("INSERT OR REPLACE INTO experiments VALUES (?, ?, ?)", (name, json.dumps(doc), time.time()))
             self.requests = db.execute("SELECT count(*) FROM assignments WHERE experiment = ?", (name,)).fetchone()[0]
             self.outcome_count = db.execute("SELECT count(*) FROM outcomes WHERE t >= ?", (started,)).fetchone()[0]
         self.started = started
@@ -258,6 +258,9 @@ class ExperimentStore:
 
 def install(app: Any, color: str, directory: str) -> ExperimentStore:
     """Wire a store into the ASGI app: the infer hook, ``POST /v2/outcomes``, ``GET /v2/experiment``, metrics."""
+    from .app import BodyTooLarge  # here: ``python -m sovereign_runtime.experiment`` (dump) needs no torch
+    from .protocol import dumps, error_body
+
     engine = app.engine
 
     def model() -> tuple[str, str]:
@@ -300,3 +303,41 @@ def install(app: Any, color: str, directory: str) -> ExperimentStore:
     m.gauge("experiment_rows_dropped", "Experiment rows dropped (writer behind)", lambda: store.dropped)
     m.gauge("experiment_write_error", "1 while the experiment database fails", lambda: 1.0 if store.error else 0.0)
     return store
+
+
+def dump(directory: str | Path, name: str) -> dict[str, Any]:
+    """One color's records of experiment ``name``, as ``sovereign-ops experiment report`` and playbooks/experiment.yml
+    read them: ``python -m sovereign_runtime.experiment DIR NAME`` prints this as JSON (read-only; the runtime may
+    be writing: WAL readers do not block it). Outcomes: every one received since the experiment started (an
+    outcome may reach another color or host than its request; the report joins them all)."""
+    path = Path(directory) / DB_FILE
+    doc: dict[str, Any] = {"database": str(path), "definition": None, "assignments": [], "outcomes": []}
+    if not path.exists():
+        return doc
+    db = sqlite3.connect(path, timeout=10)
+    try:
+        row = db.execute("SELECT definition FROM experiments WHERE name = ?", (name,)).fetchone()
+        doc["definition"] = json.loads(row[0]) if row else None
+        doc["assignments"] = db.execute(
+            "SELECT request_id, color, model_name, model_version, t, status, latency_ms FROM assignments"
+            " WHERE experiment = ? ORDER BY t",
+            (name,),
+        ).fetchall()
+        first = db.execute("SELECT min(t) FROM assignments WHERE experiment = ?", (name,)).fetchone()[0]
+        known = [x for x in (first, (doc["definition"] or {}).get("started")) if x is not None]
+        if known:
+            started = min(known)
+            doc["outcomes"] = db.execute(
+                "SELECT request_id, value, t FROM outcomes WHERE t >= ? ORDER BY t", (float(started),)
+            ).fetchall()
+    finally:
+        db.close()
+    return doc
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m sovereign_runtime.experiment EXPERIMENT_DIR NAME")
+    json.dump(dump(sys.argv[1], sys.argv[2]), sys.stdout, separators=(",", ":"))

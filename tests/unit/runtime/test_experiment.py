@@ -9,12 +9,13 @@ import json
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 
 import pytest
 import torch
 from conftest import IN, http, infer_body, make_engine, runtime_command, runtime_env, stop, wait_until
-from sovereign_runtime.experiment import ExperimentStore, parse_outcomes
+from sovereign_runtime.experiment import ExperimentStore, dump, parse_outcomes
 from sovereign_runtime.request_id import new_id
 
 
@@ -86,6 +87,9 @@ def test_store_records_only_while_the_control_file_names_an_experiment(tmp_path)
     (tmp_path / "experiment.json").unlink()
     store.poll_control()
     assert store.active is None
+    doc = dump(tmp_path, "e1")
+    assert doc["definition"]["name"] == "e1" and len(doc["assignments"]) == 2 and tuple(doc["outcomes"][0][:2]) == ("r2", 1.0)
+    assert dump(tmp_path, "other")["assignments"] == []
 
 
 def _serve(models, port: int, state) -> subprocess.Popen:
@@ -136,5 +140,13 @@ def test_server_records_an_experiment_durably_across_a_restart(models, tmp_path)
         assert len(rows) == 21 and {r[1:] for r in rows} == {("green", "mlp", "7", 200)}
         assert set(ids) <= {r[0] for r in rows} and before.json()["id"] not in {r[0] for r in rows}
         assert {r[0] for r in db.execute("SELECT request_id FROM outcomes")} == set(ids[:5])
+        # What the report reads from a host: the dump, without importing torch.
+        code = "import runpy, sys; runpy.run_module('sovereign_runtime.experiment', run_name='__main__'); "
+        code += "assert 'torch' not in sys.modules"
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(state), "ab-1"], env=runtime_env(), capture_output=True, check=True
+        )
+        doc = json.loads(out.stdout)
+        assert doc["definition"]["name"] == "ab-1" and len(doc["assignments"]) == 21 and len(doc["outcomes"]) == 5
     finally:
         stop(proc)
