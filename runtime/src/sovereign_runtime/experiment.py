@@ -5,7 +5,8 @@ reads both colors' databases and joins them.
 Switched on by ``--experiment-dir DIR`` (the role gives each color its own state directory):
 
 * ``DIR/experiment.json`` (written by playbooks/experiment.yml, removed at its end) names the running experiment,
-  ``{"name": "churn-v3-v4", "started": <epoch s>, ...}``. While it does, every infer answer is recorded:
+  ``{"name": "churn-v3-v4", "started": <epoch s>, "ends": <epoch s, optional>, ...}``. While it does, every infer
+  answer between ``started`` and ``ends`` is recorded (both colors start and stop at the same instant):
   experiment, request id, color, model name and version, time, status, latency. Without it nothing is recorded;
   the file is looked at every ``INTERVAL`` seconds, so an experiment starts and stops without a restart.
 * ``POST /v2/outcomes`` takes ``{"id": "<request id>", "value": <number or true/false>}`` or
@@ -75,6 +76,13 @@ def read_control(path: Path) -> dict[str, Any] | None:
     return doc
 
 
+def _time(value: Any, default: float) -> float:
+    try:
+        return float(value) if value is not None else default
+    except (TypeError, ValueError):
+        return default
+
+
 def parse_outcomes(body: bytes) -> list[tuple[str, float]]:
     """``(request id, value)`` pairs of a POST /v2/outcomes body; ValueError names what is wrong."""
     try:
@@ -115,6 +123,7 @@ class ExperimentStore:
         self.model = model  # () -> (name, version) of the loaded model ("", "" while loading)
         self.active: str | None = None  # the experiment being recorded (read on the loop, set by the writer)
         self.started = 0.0
+        self.window = (0.0, math.inf)  # record answers from ``started`` until ``ends`` (epoch seconds)
         self.rows: deque = deque()
         self.outcomes: deque = deque()
         self.dropped = 0
@@ -132,11 +141,15 @@ class ExperimentStore:
         name = self.active
         if name is None:
             return
+        t = time.time()
+        start, end = self.window
+        if not start <= t < end:  # both colors start and stop at the same instant, whenever each read the file
+            return
         if len(self.rows) >= MAX_PENDING:
             self.dropped += 1
             return
         rid = headers[0][1] if headers and headers[0][0] == HEADER else None
-        self.rows.append((name, rid, status, latency, time.time()))
+        self.rows.append((name, rid, status, latency, t))
 
     def add_outcomes(self, pairs: list[tuple[str, float]]) -> int:
         room = MAX_PENDING - len(self.outcomes)
@@ -210,15 +223,20 @@ class ExperimentStore:
         self._control_stamp = stamp
         doc = read_control(self.control) if stamp else None
         name = doc["name"] if doc else None
-        if name == self.active:
-            return
-        if self.active is not None:
-            self.flush()  # the old experiment's rows go in under its name
-        started = float(doc.get("started") or time.time()) if doc else 0.0
         db = self._db
         assert db is not None
         if name is not None:  # the definition (arms, split, metric) stays with the records: the report reads it
             db.execute("INSERT OR REPLACE INTO experiments VALUES (?, ?, ?)", (name, json.dumps(doc), time.time()))
+        if name is not None and name == self.active:  # the same experiment, rewritten (its end set): new window
+            self.window = (self.started, _time(doc.get("ends"), math.inf))
+            return
+        if name == self.active:
+            return
+        if self.active is not None:
+            self.flush()  # the old experiment's rows go in under its name
+        started = _time(doc.get("started"), time.time()) if doc else 0.0
+        self.window = (started, _time(doc.get("ends"), math.inf) if doc else math.inf)
+        if name is not None:
             self.requests = db.execute("SELECT count(*) FROM assignments WHERE experiment = ?", (name,)).fetchone()[0]
             self.outcome_count = db.execute("SELECT count(*) FROM outcomes WHERE t >= ?", (started,)).fetchone()[0]
         self.started = started

@@ -87,6 +87,17 @@ def test_store_records_only_while_the_control_file_names_an_experiment(tmp_path)
     (tmp_path / "experiment.json").unlink()
     store.poll_control()
     assert store.active is None
+    # A window: nothing before "started", nothing after "ends" (both colors switch at the same instant).
+    (tmp_path / "experiment.json").write_text(json.dumps({"name": "e2", "started": time.time() + 60}))
+    store.poll_control()
+    store.record([(b"x-request-id", b"early")], 200, 0.001)
+    assert store.active == "e2" and not store.rows
+    (tmp_path / "experiment.json").write_text(json.dumps({"name": "e2", "started": 1.0, "ends": time.time() - 1}))
+    store.poll_control()  # the same experiment rewritten with its end: the window moves, the name stays
+    store.record([(b"x-request-id", b"late")], 200, 0.001)
+    assert store.active == "e2" and store.window[1] < time.time() and not store.rows
+    (tmp_path / "experiment.json").unlink()
+    store.poll_control()
     doc = dump(tmp_path, "e1")
     assert doc["definition"]["name"] == "e1" and len(doc["assignments"]) == 2 and tuple(doc["outcomes"][0][:2]) == ("r2", 1.0)
     assert dump(tmp_path, "other")["assignments"] == []
