@@ -15,7 +15,7 @@ Switched on by ``--experiment-dir DIR`` (the role gives each color its own state
   assignments by request id, whichever color the outcome reached.
 * ``GET /v2/experiment``: the running experiment and this color's counts (what the playbook waits on).
 
-The hot path never touches the disk: an answer appends one tuple to a deque (~0.3 us); a writer thread drains it
+The hot path never touches the disk: an answer appends one tuple to a deque (~0.7 us); a writer thread drains it
 every ``INTERVAL`` seconds in one transaction. A crash (SIGKILL, power) loses at most the last interval's rows;
 SIGTERM flushes them. Beyond ``MAX_PENDING`` unwritten rows (a stuck disk) rows are dropped and counted
 (``sovereign_runtime_experiment_rows_dropped``), never the request.

@@ -1,7 +1,8 @@
 """Request ids: every infer answer carries one (OIP v2 ``id``), in its body and in an ``x-request-id`` header.
 
 The client's ``id`` is echoed; otherwise the server makes one: a random per-process prefix and a counter
-(``3f9c1ab27d04-17``): unique across restarts and colors without a uuid4 per request (~0.2 us against ~2 us).
+(``3f9c1ab27d04-17``): unique across restarts and colors without a uuid4 per request (0.5 us against 9.5 us, measured
+on a loaded 2-core machine: docs/benchmarks.md "Experiment records").
 A caller quotes the id to post the request's outcome (``POST /v2/outcomes``, experiment.py).
 
 The header repeats the id only when it is safe in a header (printable ASCII, no more than ``MAX_HEADER`` bytes);
