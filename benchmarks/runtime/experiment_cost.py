@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -191,6 +192,7 @@ def main() -> int:
     finally:
         for proc in procs:
             bench.stop(proc)
+        shutil.rmtree(work, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
