@@ -240,10 +240,16 @@ def _verdict(comp, srm_doc, arms, higher, alpha, min_n) -> tuple[str, str]:
             f"{srm_doc['expected_share_b']:.0%} (chi-square p = {srm_doc['p_value']:.2g} < {SRM_P}): the assignment "
             "is broken, the comparison cannot be trusted"
         )
-    small = [a["arm"] for a in arms if a["metric"]["n"] < max(2, min_n)]
+    short = [a["arm"] for a in arms if a["requests"] < min_n]
+    if short:
+        return "not enough data", (
+            f"arm(s) {', '.join(short)} got fewer than the minimum sample of {min_n} requests "
+            "(" + ", ".join(f"{a['arm']}: {a['requests']}" for a in arms) + "): run the experiment longer"
+        )
+    small = [a["arm"] for a in arms if a["metric"]["n"] < 2]
     if comp is None or small:
         return "not enough data", (
-            f"arm(s) {', '.join(small) or 'A/B'} have fewer than {max(2, min_n)} outcomes "
+            f"arm(s) {', '.join(small) or 'A/B'} have fewer than 2 outcomes "
             "(" + ", ".join(f"{a['arm']}: {a['metric']['n']}" for a in arms) + ")"
         )
     if comp.p_value < alpha:

@@ -191,6 +191,15 @@ def test_verdicts(dumps, verdict, method):
         assert lo < 0 < hi and "detects differences of about" in report["verdict_reason"]
 
 
+def test_minimum_sample_not_reached():
+    dumps = _dumps(300, 300, bern(0.1), bern(0.5))
+    for d in dumps:
+        d["definition"]["min_samples"] = 500
+    report = experiment.build("t", dumps)
+    assert report["verdict"] == "not enough data" and "minimum sample of 500 requests" in report["verdict_reason"]
+    assert experiment.build("t", dumps, min_samples=0)["verdict"] == "B better"
+
+
 def test_error_rates_latency_and_the_arms():
     report = experiment.build("t", _dumps(2000, 2000, bern(0.1), bern(0.1), errors_b=0.05))
     a, b = report["arms"]
