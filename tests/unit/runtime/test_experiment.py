@@ -99,7 +99,11 @@ def test_store_records_only_while_the_control_file_names_an_experiment(tmp_path)
     (tmp_path / "experiment.json").unlink()
     store.poll_control()
     doc = dump(tmp_path, "e1")
-    assert doc["definition"]["name"] == "e1" and len(doc["assignments"]) == 2 and tuple(doc["outcomes"][0][:2]) == ("r2", 1.0)
+    assert (
+        doc["definition"]["name"] == "e1"
+        and len(doc["assignments"]) == 2
+        and tuple(doc["outcomes"][0][:2]) == ("r2", 1.0)
+    )
     assert dump(tmp_path, "other")["assignments"] == []
 
 
@@ -161,3 +165,65 @@ def test_server_records_an_experiment_durably_across_a_restart(models, tmp_path)
         assert doc["definition"]["name"] == "ab-1" and len(doc["assignments"]) == 21 and len(doc["outcomes"]) == 5
     finally:
         stop(proc)
+
+
+def test_two_colors_records_make_the_report(models, tmp_path):
+    """Both colors as real processes (version 1 = arm A on blue, version 2 = arm B on green), an experiment.json in
+    each one's directory, answers sent to each color directly (the split itself is HAProxy's: molecule/progressive),
+    outcomes planted by version and posted to the OTHER color (an outcome need not reach the color that answered),
+    then each color's dump and `sovereign-ops experiment report --dump`: the planted winner, with both colors'
+    rows and outcomes joined."""
+    from mlflow_testserver import free_port
+
+    procs, bases, dirs = [], {}, {}
+    try:
+        for color, version in (("blue", "1"), ("green", "2")):
+            port = free_port()
+            dirs[color] = tmp_path / color
+            cmd = [*runtime_command(), "serve", "--model-uri", str(models.torchscript), "--model-name", "mlp"]
+            cmd += ["--port", str(port), "--color", color, "--experiment-dir", str(dirs[color])]
+            procs.append(
+                subprocess.Popen([*cmd, "--model-version", version], env=runtime_env(), stderr=subprocess.PIPE)
+            )
+            bases[color] = f"http://127.0.0.1:{port}"
+        for base in bases.values():
+            wait_until(lambda b=base: http("GET", f"{b}/v2/health/ready", timeout=2).status == 200, 60, "ready")
+        arms = {
+            "A": {"color": "blue", "model": "mlp", "version": "1"},
+            "B": {"color": "green", "model": "mlp", "version": "2"},
+        }
+        definition = {"name": "two", "started": time.time() + 0.5, "split": 50, "arms": arms}
+        for d in dirs.values():
+            (d / "experiment.json").write_text(json.dumps(definition))
+        time.sleep(1)
+        x = torch.randn(1, IN)
+        rates = {"blue": 0.2, "green": 0.6}
+        other = {"blue": "green", "green": "blue"}
+        for color, base in bases.items():
+            ids = [http("POST", f"{base}/v2/models/mlp/infer", infer_body(x)).json()["id"] for _ in range(150)]
+            ones = int(rates[color] * len(ids))
+            labels = [{"id": rid, "value": int(i < ones)} for i, rid in enumerate(ids)]
+            posted = http("POST", f"{bases[other[color]]}/v2/outcomes", json.dumps({"outcomes": labels}).encode())
+            assert posted.status == 202
+        for base in bases.values():
+            wait_until(lambda b=base: http("GET", f"{b}/v2/experiment").json()["requests"] == 150, 10, "rows written")
+        files = []
+        for color, d in dirs.items():
+            out = subprocess.run([sys.executable, "-m", "sovereign_runtime.experiment", str(d), "two"],
+                                 env=runtime_env(), capture_output=True, check=True)  # fmt: skip
+            path = tmp_path / f"{color}.json"
+            path.write_text(json.dumps({**json.loads(out.stdout), "host": "h1", "color": color}))
+            files += ["--dump", str(path)]
+        from sovereign_ops import experiment as report_mod
+        from sovereign_ops.cli import main as ops_main
+
+        dumps = [json.loads((tmp_path / f"{c}.json").read_text()) for c in ("blue", "green")]
+        report = report_mod.build("two", dumps)
+        assert report["verdict"] == "B better", report["verdict_reason"]
+        a, b = report["arms"]
+        assert (a["requests"], a["outcomes"], b["requests"], b["outcomes"]) == (150, 150, 150, 150)
+        assert a["metric"]["mean"] == pytest.approx(0.2) and b["metric"]["mean"] == pytest.approx(0.6)
+        assert ops_main(["experiment", "report", "two", *files]) == 0
+    finally:
+        for proc in procs:
+            stop(proc)
