@@ -110,7 +110,7 @@ def test_store_records_only_while_the_control_file_names_an_experiment(tmp_path)
 def _serve(models, port: int, state) -> subprocess.Popen:
     cmd = [*runtime_command(), "serve", "--model-uri", str(models.torchscript), "--model-name", "mlp"]
     cmd += ["--port", str(port), "--color", "green", "--experiment-dir", str(state), "--model-version", "7"]
-    return subprocess.Popen(cmd, env=runtime_env(), stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, env=runtime_env(), stderr=subprocess.DEVNULL)
 
 
 def test_server_records_an_experiment_durably_across_a_restart(models, tmp_path):
@@ -183,7 +183,7 @@ def test_two_colors_records_make_the_report(models, tmp_path):
             cmd = [*runtime_command(), "serve", "--model-uri", str(models.torchscript), "--model-name", "mlp"]
             cmd += ["--port", str(port), "--color", color, "--experiment-dir", str(dirs[color])]
             procs.append(
-                subprocess.Popen([*cmd, "--model-version", version], env=runtime_env(), stderr=subprocess.PIPE)
+                subprocess.Popen([*cmd, "--model-version", version], env=runtime_env(), stderr=subprocess.DEVNULL)
             )
             bases[color] = f"http://127.0.0.1:{port}"
         for base in bases.values():
