@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import bus, fleet, inventory
+from . import bus, experiment, fleet, inventory
 
 
 def connect(host, timeout=10):
@@ -224,6 +224,36 @@ def cmd_rollback(args, hosts):
             os.close(fd)
 
 
+def cmd_experiment_report(args, hosts):
+    """An A/B experiment's report (ops/sovereign_ops/experiment.py): from --dump files, else from every host."""
+    dumps, errors = [], []
+    if args.dump:
+        for path in args.dump:
+            doc = json.loads(Path(path).read_text())
+            dumps.extend(doc if isinstance(doc, list) else [doc])
+    else:
+        results = on_all(hosts, experiment.remote_command(args.name, args.fact))
+        for h in hosts:
+            got, errs = experiment.parse_remote(h.name, *results[h.name])
+            dumps.extend(got)
+            errors.extend(errs)
+    report = experiment.build(
+        args.name, dumps, alpha=args.alpha, metric_kind=args.metric_kind, higher_is_better=args.higher_is_better
+    )
+    if args.chart:
+        why = experiment.chart(report, args.chart)
+        notes([why or f"chart written to {args.chart}"])
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report, indent=1) if args.json else experiment.format_table(report))
+    for error in errors:
+        print(f"sovereign-ops: warning: {error}", file=sys.stderr)
+    if not any(a["requests"] for a in report["arms"]):
+        print(f"sovereign-ops: no records of experiment {args.name!r} were found", file=sys.stderr)
+        return 1
+    return 1 if errors else 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="sovereign-ops", description=__doc__)
     default = inventory.default_inventory()
@@ -231,7 +261,7 @@ def build_parser():
         "-i",
         "--inventory",
         default=default,
-        required=default is None,
+        required=False,  # checked in main(): experiment report --dump needs none
         help="Ansible inventory, as ansible-playbook takes it (default: $SOVEREIGN_OPS_INVENTORY, $ANSIBLE_INVENTORY)",
     )
     parser.add_argument("-g", "--group", default="inference", help="inventory group of the inference hosts")
@@ -268,13 +298,34 @@ def build_parser():
     p = sub.add_parser("bus", help="Zenoh routers, their sessions and the queryables in sovereign/infer/**")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bus, any_group=True)
+    p = sub.add_parser("experiment", help="A/B experiments (playbooks/experiment.yml)")
+    exp = p.add_subparsers(dest="experiment_command", required=True)
+    p = exp.add_parser("report", help="per-arm numbers, the difference with its interval and p-value, the verdict")
+    p.add_argument("name", help="the experiment's name")
+    p.add_argument("--dump", action="append", help="a dump file (JSON) instead of reading the hosts; repeatable")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
+    p.add_argument("--output", help="also write the JSON report to this file")
+    p.add_argument("--chart", help="write a PNG of the per-arm metrics over time here (needs matplotlib)")
+    p.add_argument("--alpha", type=float, default=experiment.ALPHA, help="significance level (default 0.05)")
+    p.add_argument(
+        "--metric-kind",
+        choices=[experiment.BINARY, experiment.CONTINUOUS],
+        help="default: the definition's, else from the values",
+    )
+    p.add_argument("--lower-is-better", dest="higher_is_better", action="store_false", default=None)
+    p.set_defaults(func=cmd_experiment_report)
     return parser
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.inventory is None and not getattr(args, "dump", None):
+        parser.error("the following arguments are required: -i/--inventory")
     args.vault = inventory.Vault(password_files=args.vault_password_file, ids=args.vault_id, ask=args.ask_vault_pass)
     try:
+        if getattr(args, "dump", None):  # experiment report --dump: files, no inventory
+            return args.func(args, [])
         inv = inventory.load(args.inventory, args.vault, args.ansible_inventory)
         notes(inv.notes)
         args.inv = inv

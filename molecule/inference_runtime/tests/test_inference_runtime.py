@@ -137,11 +137,13 @@ def test_host_contract_color_is_what_runs(host, color, port):
         "env_file": f"/etc/sovereign/runtime/{color}.env",
         "model_env": f"/etc/sovereign/runtime/{color}.model.env",
         "venv": f"/opt/sovereign/runtime/{color}",
+        "experiment_dir": f"/var/lib/sovereign/runtime/{color}",
     }
     assert host.service(spec["unit"].removesuffix(".service")).is_running
     assert host.socket(f"tcp://{spec['host']}:{spec['port']}").is_listening
     env = dict(line.split("=", 1) for line in host.file(spec["env_file"]).content_string.splitlines() if "=" in line)
     assert env["SOVEREIGN_RUNTIME_PORT"] == str(spec["port"])
+    assert env["SOVEREIGN_RUNTIME_EXPERIMENT_DIR"] == spec["experiment_dir"]
     assert host.file(spec["model_env"]).contains("SOVEREIGN_RUNTIME_MODEL_URI=")
     assert host.file(spec["venv"] + "/bin/python").exists
     assert host.run(f"curl -sf http://{spec['host']}:{spec['port']}/v2/health/ready").rc == 0

@@ -40,6 +40,8 @@ class App:
         self.max_body = engine.cfg.max_body_bytes
         self.on_startup = on_startup
         self.on_shutdown = on_shutdown
+        self.on_infer: Callable[[list | None, int, float], None] | None = None  # experiment.py records answers
+        self.post_routes: dict[str, Callable[..., Awaitable[None]]] = {}  # experiment.py: POST /v2/outcomes
         self._exact = {
             "/v2/health/live": self._live,
             "/v2/health/ready": self._ready,
@@ -78,6 +80,10 @@ class App:
             await handler(send, method)
             return
         if not path.startswith("/v2/models/"):
+            post = self.post_routes.get(path)
+            if post is not None:
+                await post(scope, receive, send, method)
+                return
             await self._reply(send, "other", 404, error_body(f"unknown path {path[:200]!r}"))
             return
         parts = path[11:].split("/")
@@ -138,7 +144,10 @@ class App:
                 return
             status, payload, headers = await engine.infer(body, t0)
             await self._reply(send, "infer", status, payload, headers)
-            self.metrics.request_latency.observe(perf_counter() - t0)
+            latency = perf_counter() - t0
+            self.metrics.request_latency.observe(latency)
+            if self.on_infer is not None:
+                self.on_infer(headers, status, latency)
         finally:
             engine.in_flight -= 1
 

@@ -114,6 +114,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("zenoh-live-map-key", str, "live", "the map file's live-color key", None, True),
     Flag("chaos-latency-ms", _float, 0.0, "TESTS ONLY: extra delay per infer request", None, True),
     Flag("chaos-error-rate", _fraction, 0.0, "TESTS ONLY: fraction of infer requests answered 500", None, True),
+    Flag("experiment-dir", str, "", "A/B records to DIR/experiments.sqlite while DIR/experiment.json says", None, True),
     Flag("log-level", str, "info", "log level", ("debug", "info", "warning", "error"), True),
 )
 
@@ -201,6 +202,7 @@ class Settings:
     zenoh_live_map_key: str = "live"
     chaos_latency_ms: float = 0.0
     chaos_error_rate: float = 0.0
+    experiment_dir: str = ""
     log_level: str = "info"
 
     @classmethod

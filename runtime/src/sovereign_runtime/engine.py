@@ -37,6 +37,8 @@ from .logs import log_event
 from .metrics import Metrics
 from .model import LoadedModel, cuda_memory, normalise_outputs
 from .protocol import DecodedRequest, Decoder, RequestError, TensorSpec, dumps, encode_outputs, error_body
+from .request_id import header as request_id_header
+from .request_id import new_id
 
 perf_counter = time.perf_counter
 get_running_loop = asyncio.get_running_loop
@@ -267,8 +269,9 @@ class Engine:
                 self.waiting -= 1
         if type(result) is list:
             outputs = encode_outputs(self.out_specs, result, req.outputs)
-            rid = b',"id":' + dumps(req.id) if req.id is not None else b""
-            return 200, b"".join((self._resp_prefix, rid, b',"outputs":', dumps(outputs), b"}")), None
+            rid = req.id if req.id is not None else new_id()  # request_id.py: every answer has an id
+            body = b"".join((self._resp_prefix, b',"id":', dumps(rid), b',"outputs":', dumps(outputs), b"}"))
+            return 200, body, request_id_header(rid)
         if result is _TIMEOUT:
             return 504, error_body(f"timed out after {self.timeout:g}s waiting for compute"), None
         return result.status, error_body(result.message), None

@@ -67,6 +67,11 @@ class RuntimeServer(uvicorn.Server):
                 date_header=False,
             )
         )
+        self.experiments: Any = None
+        if cfg.experiment_dir:  # A/B records (experiment.py): opened now, so a bad directory fails the start
+            from .experiment import install
+
+            self.experiments = install(self.app, cfg.color, cfg.experiment_dir)
         tasks = self.server_state.tasks  # one per HTTP request being handled
         self.engine.busy = tasks.__len__
         self.exit_code = 0
@@ -201,6 +206,8 @@ class RuntimeServer(uvicorn.Server):
         return await super().on_tick(counter)
 
     async def on_shutdown(self) -> None:
+        if self.experiments is not None:
+            self.experiments.stop()  # writes what is still pending
         if self.bridge is not None:
             await self.bridge.stop()
 
