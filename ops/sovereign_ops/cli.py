@@ -1,4 +1,4 @@
-"""sovereign-ops: on-call CLI (status, history, rollback) for the sovereign.mlops inference fleet."""
+"""sovereign-ops: on-call CLI (status, history, flags, rollback) for the sovereign.mlops inference fleet."""
 
 from __future__ import annotations
 
@@ -254,6 +254,13 @@ def cmd_experiment_report(args, hosts):
     return 1 if errors else 0
 
 
+def cmd_flags(args, hosts):
+    results = on_all(hosts, fleet.flags_command(args.fact))
+    rows = [fleet.parse_flags(h.name, *results[h.name]) for h in hosts]
+    print(json.dumps(rows, indent=1) if args.json else fleet.format_flags(rows))
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="sovereign-ops", description=__doc__)
     default = inventory.default_inventory()
@@ -280,6 +287,9 @@ def build_parser():
     p.add_argument("-n", "--number", type=int, default=30, help="how many records (0 = all)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_history)
+    p = sub.add_parser("flags", help="every host's feature flags (flagd file): state, default variant, rollout")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_flags)
     p = sub.add_parser("rollback", help="flip each host back to its previous color (runs playbooks/rollback.yml)")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.add_argument("--to", choices=["blue", "green"], help="the color to roll back to (default: each host's previous)")

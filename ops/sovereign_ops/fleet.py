@@ -26,6 +26,10 @@ def ledger_command(fact=None):
     return _command("ledger", fact)
 
 
+def flags_command(fact=None):
+    return _command("flags", fact)
+
+
 def answer(rc, stdout, stderr=""):
     """(probe's JSON answer, None) or (None, one-line error) for one host's run of a probe command."""
     if rc != 0:
@@ -176,4 +180,38 @@ def format_history(records):
             f"{cell['time']:<21} {cell['host']:<16} {action:<9} {cell['result']:<8} {move:<14} {model:<22} "
             f"{short_data_rev(r):<12} {cell['who']:<20} {reason}"
         )
+    return "\n".join(lines)
+
+
+def parse_flags(host, rc, stdout, stderr=""):
+    """One host's answer of `flags`: {host, ok, error, file, flags: {key: {state, default, rollout, ...}}}."""
+    row = dict(host=host, ok=False, error=None, file=None, flags={})
+    data, error = answer(rc, stdout, stderr)
+    if error:
+        row["error"] = error
+        return row
+    row["file"] = data.get("flags_file")
+    row["error"] = data.get("flags_error")
+    row["flags"] = data.get("flags") or {}
+    row["ok"] = row["error"] is None
+    return row
+
+
+def describe_rollout(flag):
+    rollout = flag.get("rollout")
+    if rollout:
+        return f"{rollout['percentage']:g}% {rollout['variant']}, rest {rollout['rest']}"
+    return "targeting rules" if flag.get("targeting") else "-"
+
+
+def format_flags(rows):
+    lines = [f"{'HOST':<20} {'FLAG':<28} {'STATE':<9} {'DEFAULT':<10} ROLLOUT"]
+    for row in rows:
+        if row["error"]:
+            lines.append(f"{row['host']:<20} {'-':<28} {'-':<9} {'-':<10} PROBLEM: {row['error']}")
+            continue
+        for key, flag in row["flags"].items():
+            state = flag.get("state") or "?"
+            default = str(flag.get("default"))
+            lines.append(f"{row['host']:<20} {key:<28} {state:<9} {default:<10} {describe_rollout(flag)}")
     return "\n".join(lines)

@@ -7,7 +7,9 @@ and benchmarks/switch alike.
 
 MODE ``status``: the live color (map file, and HAProxy's own view on the admin socket), each color's model
 (its model env file) and readiness (``GET /v2/health/ready`` on its port). MODE ``ledger``: the deploy ledger's
-text. Both print one JSON object with the resolved ``contract`` (where each value came from).
+text. MODE ``flags``: the flagd flag file the host contract names (roles/feature_flags), each flag's state,
+default variant and fractional rollout. Each prints one JSON object with the resolved ``contract`` (where each
+value came from).
 """
 
 import json
@@ -35,6 +37,10 @@ DEFAULTS = {
     },
     "release": {"ledger": "/var/lib/sovereign/deployments.jsonl"},
 }
+
+
+# roles/feature_flags' default file, for a host whose contract has no feature_flags section (said in the answer).
+FLAGS_FILE = "/etc/sovereign/flags/flags.json"
 
 
 def read_fact(path=FACT):
@@ -234,6 +240,47 @@ def ledger(paths):
         return {"ledger_text": "", "ledger_error": f"{paths['ledger']}: {exc.strerror or exc}"}
 
 
+def _rollout(targeting):
+    """{variant, percentage, rest} of a targeting that is one two-bucket fractional, else None."""
+    fractional = targeting.get("fractional") if isinstance(targeting, dict) and len(targeting) == 1 else None
+    buckets = [b for b in fractional if isinstance(b, list)] if isinstance(fractional, list) else []
+    if len(buckets) != 2 or any(len(b) != 2 or not isinstance(b[1], (int, float)) for b in buckets):
+        return None
+    total = buckets[0][1] + buckets[1][1]
+    return {"variant": buckets[0][0], "percentage": round(100.0 * buckets[0][1] / total, 2) if total else 0.0,
+            "rest": buckets[1][0]}  # fmt: skip
+
+
+def flags(fact):
+    section = fact.get("feature_flags") if isinstance(fact, dict) else None
+    path = section.get("file") if isinstance(section, dict) and section.get("file") else None
+    out = {"flags_file": path or FLAGS_FILE, "flags_defaulted": path is None, "flags": None}
+    try:
+        doc = json.loads(_read(out["flags_file"]))
+    except FileNotFoundError:
+        out["flags_error"] = f"{out['flags_file']}: no flag file (roles/feature_flags writes it)"
+        return out
+    except (OSError, ValueError) as exc:
+        out["flags_error"] = f"{out['flags_file']}: {getattr(exc, 'strerror', None) or exc}"
+        return out
+    table = doc.get("flags") if isinstance(doc, dict) else None
+    if not isinstance(table, dict):
+        out["flags_error"] = f"{out['flags_file']}: no 'flags' object"
+        return out
+    out["flags"] = {}
+    for key, flag in sorted(table.items()):
+        flag = flag if isinstance(flag, dict) else {}
+        targeting = flag.get("targeting") or {}
+        out["flags"][key] = {
+            "state": flag.get("state"),
+            "default": flag.get("defaultVariant"),
+            "variants": sorted(flag.get("variants") or {}),
+            "rollout": _rollout(targeting),
+            "targeting": bool(targeting),
+        }
+    return out
+
+
 def main(argv):
     mode = argv[1] if len(argv) > 1 else "status"
     fact_path = argv[2] if len(argv) > 2 else FACT
@@ -250,7 +297,7 @@ def main(argv):
         print(json.dumps(out))
         return 0
     out["contract"] = paths
-    out.update(status(paths) if mode == "status" else ledger(paths))
+    out.update(status(paths) if mode == "status" else flags(fact) if mode == "flags" else ledger(paths))
     print(json.dumps(out))
     return 0
 

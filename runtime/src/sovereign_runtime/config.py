@@ -112,6 +112,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("zenoh-host-key-expr", str, "", "also answer here, live or not ({model}, {color} filled in)", None, True),
     Flag("zenoh-live-map", str, "", "HAProxy live-color map file: answer --zenoh-key-expr only while live", None, True),
     Flag("zenoh-live-map-key", str, "live", "the map file's live-color key", None, True),
+    Flag("flags-file", str, "", "flagd flag file of operator switches, re-read on change (off if empty)", None, True),
+    Flag("flags-poll-ms", _positive_int, 1000, "how often the flag file's mtime is checked", None, True),
     Flag("chaos-latency-ms", _float, 0.0, "TESTS ONLY: extra delay per infer request", None, True),
     Flag("chaos-error-rate", _fraction, 0.0, "TESTS ONLY: fraction of infer requests answered 500", None, True),
     Flag("experiment-dir", str, "", "A/B records to DIR/experiments.sqlite while DIR/experiment.json says", None, True),
@@ -200,6 +202,8 @@ class Settings:
     zenoh_host_key_expr: str = ""
     zenoh_live_map: str = ""
     zenoh_live_map_key: str = "live"
+    flags_file: str = ""
+    flags_poll_ms: int = 1000
     chaos_latency_ms: float = 0.0
     chaos_error_rate: float = 0.0
     experiment_dir: str = ""

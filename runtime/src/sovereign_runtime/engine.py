@@ -101,6 +101,7 @@ class Engine:
         self._cuda = False
         self._resp_prefix = b""
         self.features: Any = None  # features.FeatureSource when served with a feature service
+        self.flags: Any = None  # flags.RuntimeFlags when served with --flags-file
         m = self.metrics
         m.model_labels["color"] = cfg.color
         m.gauge("in_flight_requests", "Infer requests being handled", lambda: self.in_flight)

@@ -33,6 +33,7 @@ import uvicorn
 from .app import App
 from .config import Settings
 from .engine import DRAINING, LOADING, Engine
+from .flags import open_flags
 from .logs import log_event
 from .model import ModelLoadError
 from .startup import freeze_heap, prepare
@@ -100,6 +101,7 @@ class RuntimeServer(uvicorn.Server):
             registry_attempts=cfg.registry_attempts,
             chaos=bool(cfg.chaos_latency_ms or cfg.chaos_error_rate),
         )
+        open_flags(self.engine, self._loop)  # --flags-file: operator switches from a flagd file (flags.py)
         threading.Thread(target=self._load, name="model-loader", daemon=True).start()
 
     def _load(self) -> None:
@@ -142,6 +144,8 @@ class RuntimeServer(uvicorn.Server):
         if engine.state == DRAINING:  # SIGTERM arrived while loading: serve, but never report ready
             engine.serving = True
             return
+        if engine.flags is not None:
+            engine.flags.model_ready()
         engine.set_ready()
         log_event("ready", **report)
 
@@ -208,6 +212,8 @@ class RuntimeServer(uvicorn.Server):
     async def on_shutdown(self) -> None:
         if self.experiments is not None:
             self.experiments.stop()  # writes what is still pending
+        if self.engine.flags is not None:
+            self.engine.flags.close()
         if self.bridge is not None:
             await self.bridge.stop()
 

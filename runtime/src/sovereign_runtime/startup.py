@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .engine import Engine
+from .flags import gate_fetch
 from .logs import log_event
 from .model import Golden, ModelLoadError, load
 from .protocol import OIP_TO_TORCH, TORCH_TO_OIP, RequestError, TensorSpec, dumps, tensor_from_json
@@ -81,6 +82,7 @@ def attach_features(engine: Engine) -> None:
         _, dtype = source.check_model(engine.model.inputs)
     except FeatureStoreError as exc:
         raise ModelLoadError(str(exc)) from None
+    gate_fetch(engine, source)  # runtime-feature-fetch: before attach_features binds source.fetch
     engine.attach_features(source, dtype)
 
 
