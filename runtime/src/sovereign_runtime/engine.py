@@ -21,7 +21,6 @@ Not here: loading, warm-up and the golden check (startup.py, once per process), 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import deque
@@ -36,7 +35,17 @@ from .config import Settings
 from .logs import log_event
 from .metrics import Metrics
 from .model import LoadedModel, cuda_memory, normalise_outputs
-from .protocol import DecodedRequest, Decoder, RequestError, TensorSpec, dumps, encode_outputs, error_body
+from .protocol import (
+    DecodedRequest,
+    Decoder,
+    RequestError,
+    TensorSpec,
+    dumps,
+    dumps_outputs,
+    encode_outputs,
+    error_body,
+    loads,
+)
 
 perf_counter = time.perf_counter
 get_running_loop = asyncio.get_running_loop
@@ -168,7 +177,7 @@ class Engine:
         def decode_keyed(body: bytes) -> tuple[str | None, list, list[str] | None] | None:
             """(id, entity keys, outputs) if the request's input is the entity key, else None."""
             try:
-                doc = json.loads(body)
+                doc = loads(body)
             except (ValueError, UnicodeDecodeError, RecursionError):
                 return None  # the vector decoder says what is wrong with it
             items = doc.get("inputs") if type(doc) is dict else None
@@ -268,7 +277,7 @@ class Engine:
         if type(result) is list:
             outputs = encode_outputs(self.out_specs, result, req.outputs)
             rid = b',"id":' + dumps(req.id) if req.id is not None else b""
-            return 200, b"".join((self._resp_prefix, rid, b',"outputs":', dumps(outputs), b"}")), None
+            return 200, b"".join((self._resp_prefix, rid, b',"outputs":', dumps_outputs(outputs), b"}")), None
         if result is _TIMEOUT:
             return 504, error_body(f"timed out after {self.timeout:g}s waiting for compute"), None
         return result.status, error_body(result.message), None

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from math import prod
 from typing import Any
 
+import orjson
 import torch
 
 # Every datatype of the Open Inference Protocol. The collection keeps the same set for its smoke test and
@@ -90,6 +91,9 @@ _ARRAY_CODES = {
     if array(code).itemsize == size
 }
 _encode = json.JSONEncoder(separators=(",", ":")).encode
+_fast_dumps = orjson.dumps
+_fast_loads = orjson.loads
+_FAST_OPTS = orjson.OPT_NON_STR_KEYS  # int dict keys become strings, as with the standard library
 
 
 class RequestError(Exception):
@@ -114,7 +118,42 @@ class TensorSpec:
 
 
 def dumps(obj: Any) -> bytes:
-    return _encode(obj).encode()
+    """Compact JSON (orjson, ADR 1701). What orjson refuses (integers past 64 bits) the standard library
+    encodes, so the answer never depends on the codec."""
+    try:
+        return _fast_dumps(obj, option=_FAST_OPTS)
+    except TypeError:
+        return _encode(obj).encode()
+
+
+def dumps_outputs(outputs: list[dict[str, Any]]) -> bytes:
+    """Output tensors as JSON. orjson writes NaN and +-Infinity as ``null``; the standard library (and so
+    this server before ADR 1701) writes ``NaN``/``Infinity``: a ``null`` in numeric output means one of
+    them, and the body is encoded the old way."""
+    body = dumps(outputs)
+    if b"null" in body:
+        return _encode(outputs).encode()
+    return body
+
+
+def _std_loads(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise RequestError("request body is not valid JSON: nested too deeply") from None
+
+
+def loads(body: bytes | str) -> Any:
+    """Parse JSON: orjson, and for anything it refuses the standard library's verdict, value or error (it
+    also takes NaN/Infinity literals, integers past 64 bits, lone surrogates, UTF-16/32 bodies), so
+    parse errors are exactly those of ``json.loads``. Integers past 64 bits come back as floats: a caller
+    whose verdict depends on them re-reads with ``json.loads`` (``Decoder.decode`` does)."""
+    try:
+        return _fast_loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
 
 
 def error_body(message: str, **extra: Any) -> bytes:
@@ -145,11 +184,18 @@ class Decoder:
 
     def decode(self, body: bytes) -> DecodedRequest:
         try:
-            req = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise RequestError(f"request body is not valid JSON: {exc}") from None
-        except RecursionError:
-            raise RequestError("request body is not valid JSON: nested too deeply") from None
+            req = _fast_loads(body)
+        except orjson.JSONDecodeError:
+            return self.validate(_std_loads(body))
+        try:
+            return self.validate(req)
+        except RequestError:
+            # orjson reads integers past 64 bits as floats: the standard library's reading has the last word,
+            # so a refused request gets exactly the answer it got before ADR 1701.
+            return self.validate(_std_loads(body))
+
+    def validate(self, req: Any) -> DecodedRequest:
+        """A parsed request document -> tensors, or RequestError."""
         if type(req) is not dict:
             raise RequestError("request body must be a JSON object with an 'inputs' list")
         items = req.get("inputs")
