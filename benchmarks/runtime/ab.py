@@ -13,7 +13,9 @@ instead of JSON.
     python benchmarks/runtime/ab.py --heavy --variant d0 runtime/src "--max-batch-delay-ms 0" \\
         --variant d1 runtime/src "--max-batch-delay-ms 1"
 
-Prints req/s, p50, p99, p99.9, mean rows per forward and the 1-minute load average. Nothing asserted.
+Prints req/s, p50, p99, p99.9, mean rows per forward, the server's CPU time per request (user + system
+from /proc, over every request it answered in the rounds, warm-up included: far less sensitive to other
+tenants than latency) and the 1-minute load average. Nothing asserted.
 """
 
 from __future__ import annotations
@@ -65,6 +67,32 @@ def request(port: int, body: bytes, header_len: int | None) -> bytes:
     return head.encode() + body
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/PID/stat), robust to other tenants' load."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Variant(bench.Target):
+    """bench.Target plus the server's own CPU time per answered request."""
+
+    def __init__(self, label: str, port: int, pid: int) -> None:
+        super().__init__(label, port, "/v2/models/m/infer", b"", True)
+        self.pid = pid
+        self.cpu: dict[int, float] = {}
+
+    def run(self, c: int, args: argparse.Namespace, duration: float) -> None:
+        before = cpu_seconds(self.pid)
+        super().run(c, args, duration)
+        self.cpu[c] = self.cpu.get(c, 0.0) + cpu_seconds(self.pid) - before
+
+    def result(self, c: int) -> dict:
+        r = super().result(c)
+        rows = self.batches[c][1]  # rows of every request the server answered in these rounds, warm-up included
+        r["server_cpu_us_per_request"] = 1e6 * self.cpu[c] / rows if rows else 0.0
+        return r
+
+
 def start(src: str, model_dir: Path, port: int, flags: list[str], pin: bool, log: Path):
     cmd = [sys.executable, "-m", "sovereign_runtime", "serve", "--model-uri", str(model_dir), "--model-name", "m"]
     cmd += ["--port", str(port), *flags]
@@ -101,8 +129,9 @@ def main() -> int:
             binary = "@binary" in tokens
             tokens = [t for t in tokens if t != "@binary"]
             port = bench.free_port()
-            procs.append(start(src, model_dir, port, tokens, args.pin, work / f"{label}.log"))
-            t = bench.Target(label, port, "/v2/models/m/infer", b"", True)
+            proc = start(src, model_dir, port, tokens, args.pin, work / f"{label}.log")
+            procs.append(proc)
+            t = Variant(label, port, proc.pid)
             if binary:
                 body, hlen = binary_body(width)
                 t.payload = request(port, body, hlen)
@@ -117,7 +146,8 @@ def main() -> int:
                     t.run(c, args, args.duration / args.rounds)
             for t in targets:
                 r = results[f"{t.label} c={c}"] = t.result(c)
-                print(f"{t.label:24} {bench.fmt(r)} batch {r['mean_batch_rows']:.1f}", flush=True)
+                cpu = r["server_cpu_us_per_request"]
+                print(f"{t.label:24} {bench.fmt(r)} batch {r['mean_batch_rows']:.1f} cpu/req {cpu:.0f} us", flush=True)
     finally:
         for proc in procs:
             bench.stop(proc)

@@ -42,6 +42,7 @@ from .protocol import (
     TensorSpec,
     dumps,
     dumps_outputs,
+    encode_binary,
     encode_outputs,
     error_body,
     loads,
@@ -52,6 +53,7 @@ get_running_loop = asyncio.get_running_loop
 
 LOADING, READY, FAILED, DRAINING = "loading", "ready", "failed", "draining"
 RETRY_AFTER = [(b"retry-after", b"1")]
+BINARY_TYPE = (b"content-type", b"application/octet-stream")  # first of the headers: App uses it as the type
 _TIMEOUT = object()  # future result: the request's deadline passed before its batch started
 
 
@@ -275,12 +277,29 @@ class Engine:
             if not picked:
                 self.waiting -= 1
         if type(result) is list:
+            if req.binary is not None:
+                return self._binary_reply(req, result)
             outputs = encode_outputs(self.out_specs, result, req.outputs)
             rid = b',"id":' + dumps(req.id) if req.id is not None else b""
             return 200, b"".join((self._resp_prefix, rid, b',"outputs":', dumps_outputs(outputs), b"}")), None
         if result is _TIMEOUT:
             return 504, error_body(f"timed out after {self.timeout:g}s waiting for compute"), None
         return result.status, error_body(result.message), None
+
+    async def infer_binary(self, body: bytes, header_length: bytes, t0: float) -> tuple[int, bytes, list | None]:
+        """An infer request of the binary tensor extension (an ``Inference-Header-Content-Length`` header)."""
+        if not self.serving:
+            return 503, error_body(f"model not ready: {self.reason}"), RETRY_AFTER
+        try:
+            req = self.decoder.decode(body, header_length)  # type: ignore[union-attr]
+        except RequestError as exc:
+            return exc.status, error_body(exc.message), None
+        return await Engine.infer(self, body, t0, req)
+
+    def _binary_reply(self, req: DecodedRequest, result: list[torch.Tensor]) -> tuple[int, bytes, list]:
+        rid = b',"id":' + dumps(req.id) if req.id is not None else b""
+        body, head = encode_binary(self._resp_prefix + rid, self.out_specs, result, req.outputs, req.binary)  # type: ignore[arg-type]
+        return 200, body, [BINARY_TYPE, (b"inference-header-content-length", str(head).encode())]
 
     def _enqueue(self, item: _Item, loop: asyncio.AbstractEventLoop) -> None:
         self._queue.append(item)

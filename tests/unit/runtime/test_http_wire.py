@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 import subprocess
 import urllib.error
 import urllib.request
@@ -133,3 +134,108 @@ def test_one_write_per_response(loaded):
     assert len(transport.writes) == 3, transport.writes
     for w in transport.writes:
         assert w.startswith(b"HTTP/1.1 200 OK\r\n") and w.endswith(b"\r\n\r\n" + want)
+
+
+# --------------------------------------------------------------------------------------------------
+# The binary tensor extension (Triton's), as tritonclient speaks it
+
+
+def _triton(server: str):
+    import tritonclient.http as triton
+
+    return triton, triton.InferenceServerClient(server.removeprefix("http://"))
+
+
+def _expected(models, x: torch.Tensor) -> list[list[float]]:
+    return models.expected(x).tolist()
+
+
+@pytest.mark.parametrize(("binary_in", "binary_out"), [(True, True), (True, False), (False, True), (False, False)])
+def test_tritonclient_infers(server, models, binary_in, binary_out):
+    np = pytest.importorskip("numpy")
+    triton, client = _triton(server)
+    x = torch.arange(3 * IN, dtype=torch.float32).reshape(3, IN) / 10
+    inp = triton.InferInput("input__0", [3, IN], "FP32")
+    inp.set_data_from_numpy(x.numpy(), binary_data=binary_in)
+    out = triton.InferRequestedOutput("output__0", binary_data=binary_out)
+    result = client.infer("mlp", [inp], outputs=[out], request_id="r1")
+    got = result.as_numpy("output__0")
+    assert got.dtype == np.float32 and got.shape == (3, 2)
+    assert np.allclose(got, np.array(_expected(models, x), dtype=np.float32), rtol=1e-5, atol=1e-6)
+    assert result.get_response()["id"] == "r1"
+    raw = result.get_output("output__0")
+    assert ("binary_data_size" in raw.get("parameters", {})) is binary_out
+
+
+def test_tritonclient_without_outputs_gets_every_output_binary(server, models):
+    """tritonclient naming no outputs asks for ``binary_data_output``: every output comes back raw."""
+    triton, client = _triton(server)
+    x = torch.ones(2, IN)
+    inp = triton.InferInput("input__0", [2, IN], "FP32")
+    inp.set_data_from_numpy(x.numpy())
+    result = client.infer("mlp", [inp])
+    assert result.get_output("output__0")["parameters"] == {"binary_data_size": 2 * 2 * 4}
+    assert torch.allclose(torch.from_numpy(result.as_numpy("output__0")), models.expected(x), atol=1e-6)
+
+
+def _binary_request(header: dict, raw: bytes, length: int | None = None) -> tuple[bytes, list]:
+    head = json.dumps(header).encode()
+    return head + raw, [(b"inference-header-content-length", str(len(head) if length is None else length).encode())]
+
+
+def _fp32_input(rows: int, size: int | None = None) -> dict:
+    return {
+        "name": "input__0",
+        "datatype": "FP32",
+        "shape": [rows, IN],
+        "parameters": {"binary_data_size": rows * IN * 4 if size is None else size},
+    }
+
+
+BINARY_CASES = [
+    ("header length not a number", {"inputs": [_fp32_input(1)]}, 16, "x", "Inference-Header-Content-Length"),
+    ("header length past the body", {"inputs": [_fp32_input(1)]}, 16, 10**6, "Inference-Header-Content-Length"),
+    ("size not the shape's", {"inputs": [_fp32_input(1, size=12)]}, 12, None, "needs 16 bytes"),
+    ("size past the body", {"inputs": [_fp32_input(2)]}, 16, None, "past the end"),
+    ("bytes left over", {"inputs": [_fp32_input(1)]}, 20, None, "add up to 16"),
+    ("header not JSON", None, 16, None, "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize(("case", "header", "nraw", "length", "words"), BINARY_CASES, ids=[c[0] for c in BINARY_CASES])
+def test_bad_binary_requests_get_400(loaded, case, header, nraw, length, words):
+    engine = make_engine(loaded["mlflow_pt2"], model_name="mlp")
+    raw = bytes(nraw)
+    if header is None:
+        body, headers = b"{not json" + raw, [(b"inference-header-content-length", b"9")]
+    else:
+        body, headers = _binary_request(header, raw, length)
+    resp = asyncio.run(AsgiClient(App(engine)).request("POST", "/v2/models/mlp/infer", body, headers))
+    assert resp.status == 400, resp.body
+    assert words in resp.json()["error"]
+
+
+def test_binary_data_size_without_the_header_is_explained(loaded):
+    engine = make_engine(loaded["mlflow_pt2"], model_name="mlp")
+    body = json.dumps({"inputs": [_fp32_input(1)]}).encode()
+    resp = asyncio.run(AsgiClient(App(engine)).post("/v2/models/mlp/infer", body))
+    assert resp.status == 400 and "Inference-Header-Content-Length" in resp.json()["error"]
+
+
+def test_hand_built_binary_request_by_the_spec(loaded, models):
+    """Without tritonclient: a JSON header, raw little-endian FP32 after it, binary output by request
+    parameter; the response's JSON header is Inference-Header-Content-Length bytes long, raw output after."""
+    engine = make_engine(loaded["mlflow_pt2"], model_name="mlp")
+    x = torch.linspace(-1, 1, 2 * IN).reshape(2, IN)
+    raw = struct.pack(f"<{2 * IN}f", *x.reshape(-1).tolist())
+    body, headers = _binary_request(
+        {"id": "b", "inputs": [_fp32_input(2)], "parameters": {"binary_data_output": True}}, raw
+    )
+    resp = asyncio.run(AsgiClient(App(engine)).request("POST", "/v2/models/mlp/infer", body, headers))
+    assert resp.status == 200 and resp.headers[b"content-type"] == b"application/octet-stream"
+    n = int(resp.headers[b"inference-header-content-length"])
+    doc = json.loads(resp.body[:n])
+    assert doc["id"] == "b" and doc["outputs"][0]["parameters"] == {"binary_data_size": 16}
+    assert "data" not in doc["outputs"][0]
+    out = torch.frombuffer(bytearray(resp.body[n:]), dtype=torch.float32).reshape(2, 2)
+    assert torch.allclose(out, models.expected(x), atol=1e-6)
