@@ -25,16 +25,28 @@ import json
 import os
 import shlex
 import shutil
+import signal
+import socket
 import struct
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import bench  # noqa: E402  (the load generator, model builder and server helpers)
+import bench  # noqa: E402  (the model builder)
+import loadgen  # noqa: E402  (the closed-loop load generator)
+
+
+def oip_body(width: int) -> bytes:
+    data = [round(0.01 * (i % 100), 2) for i in range(width)]
+    return json.dumps(
+        {"inputs": [{"name": "input__0", "shape": [1, width], "datatype": "FP32", "data": data}]}
+    ).encode()
 
 
 def binary_body(width: int) -> tuple[bytes, int]:
@@ -67,33 +79,59 @@ def request(port: int, body: bytes, header_len: int | None) -> bytes:
     return head.encode() + body
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (/proc/PID/stat), robust to other tenants' load."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class Variant(bench.Target):
-    """bench.Target plus the server's own CPU time per answered request."""
+def batch_counters(port: int) -> tuple[float, float]:
+    """(forwards, rows) so far, from the server's own metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    vals = {}
+    for line in text.splitlines():
+        for key in ("sovereign_runtime_batch_size_count", "sovereign_runtime_batch_size_sum"):
+            if line.startswith(key):
+                vals[key] = float(line.rsplit(" ", 1)[1])
+    return vals.get("sovereign_runtime_batch_size_count", 0.0), vals.get("sovereign_runtime_batch_size_sum", 0.0)
 
-    def __init__(self, label: str, port: int, pid: int) -> None:
-        super().__init__(label, port, "/v2/models/m/infer", b"", True)
-        self.pid = pid
-        self.cpu: dict[int, float] = {}
+
+class Variant:
+    """One running server: its samples per concurrency, rows per forward and CPU time per request."""
+
+    def __init__(self, label: str, port: int, pid: int, payload: bytes) -> None:
+        self.label, self.port, self.pid, self.payload = label, port, pid, payload
+        self.samples: dict[int, list[dict]] = {}
+        self.acc: dict[int, list[float]] = {}  # forwards, rows, cpu seconds
 
     def run(self, c: int, args: argparse.Namespace, duration: float) -> None:
-        before = cpu_seconds(self.pid)
-        super().run(c, args, duration)
-        self.cpu[c] = self.cpu.get(c, 0.0) + cpu_seconds(self.pid) - before
+        f0, r0 = batch_counters(self.port)
+        cpu0 = cpu_seconds(self.pid)
+        sample = loadgen.drive("127.0.0.1", self.port, self.payload, c, args.warmup, duration, args.pin)
+        cpu1 = cpu_seconds(self.pid)
+        f1, r1 = batch_counters(self.port)
+        self.samples.setdefault(c, []).append(sample)
+        acc = self.acc.setdefault(c, [0.0, 0.0, 0.0])
+        acc[0] += f1 - f0
+        acc[1] += r1 - r0
+        acc[2] += cpu1 - cpu0
 
     def result(self, c: int) -> dict:
-        r = super().result(c)
-        rows = self.batches[c][1]  # rows of every request the server answered in these rounds, warm-up included
-        r["server_cpu_us_per_request"] = 1e6 * self.cpu[c] / rows if rows else 0.0
+        r = loadgen.summarize(self.samples[c])
+        forwards, rows, cpu = self.acc[c]
+        r["mean_batch_rows"] = rows / forwards if forwards else 0.0
+        # over every request answered in the rounds, warm-up included (rows = requests of one row each)
+        r["server_cpu_us_per_request"] = 1e6 * cpu / rows if rows else 0.0
         return r
 
 
-def start(src: str, model_dir: Path, port: int, flags: list[str], pin: bool, log: Path):
+def start(src: str, model_dir: Path, port: int, flags: list[str], pin: bool, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "sovereign_runtime", "serve", "--model-uri", str(model_dir), "--model-name", "m"]
     cmd += ["--port", str(port), *flags]
     if pin and shutil.which("taskset"):
@@ -101,8 +139,36 @@ def start(src: str, model_dir: Path, port: int, flags: list[str], pin: bool, log
     env = {**os.environ, "PYTHONPATH": str(Path(src).resolve()) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with open(log, "wb") as err:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True)
-    bench.wait_http(f"http://127.0.0.1:{port}/v2/health/ready", proc)
-    return proc
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{src}: server exited with {proc.returncode}; see {log}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as resp:
+                if resp.status == 200:
+                    return proc
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise SystemExit(f"{src}: not ready after 180 s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def fmt(r: dict) -> str:
+    return (
+        f"c={r['concurrency']:<3} {r['rps']:>8,.0f} req/s  p50 {r['p50_ms']:7.3f} ms  p99 {r['p99_ms']:7.3f} ms  "
+        f"p99.9 {r['p999_ms']:8.3f} ms  n={r['requests']:,} err={r['errors']} load {r['loadavg_1m']:.1f}  "
+        f"batch {r['mean_batch_rows']:.1f}  cpu/req {r['server_cpu_us_per_request']:.0f} us"
+    )
 
 
 def main() -> int:
@@ -122,35 +188,29 @@ def main() -> int:
     procs = []
     results: dict[str, dict] = {}
     try:
-        model_dir, width = bench.build_model(work, args.heavy)
-        targets = []
+        model_dir, width, _ = bench.build_model(work, "heavy" if args.heavy else "light")
+        variants = []
         for label, src, flags in args.variant:
             tokens = shlex.split(flags)
             binary = "@binary" in tokens
             tokens = [t for t in tokens if t != "@binary"]
-            port = bench.free_port()
+            port = free_port()
             proc = start(src, model_dir, port, tokens, args.pin, work / f"{label}.log")
             procs.append(proc)
-            t = Variant(label, port, proc.pid)
-            if binary:
-                body, hlen = binary_body(width)
-                t.payload = request(port, body, hlen)
-            else:
-                t.payload = request(port, bench.oip_body(width), None)
-            targets.append(t)
+            payload = request(port, *binary_body(width)) if binary else request(port, oip_body(width), None)
+            variants.append(Variant(label, port, proc.pid, payload))
         print(f"# {os.cpu_count()} CPUs, pin={args.pin}, {args.duration}s per variant and concurrency, "
               f"{args.rounds} interleaved rounds, {'heavy' if args.heavy else 'light'} model")  # fmt: skip
         for c in (int(x) for x in args.concurrency.split(",")):
             for _ in range(args.rounds):
-                for t in targets:
-                    t.run(c, args, args.duration / args.rounds)
-            for t in targets:
-                r = results[f"{t.label} c={c}"] = t.result(c)
-                cpu = r["server_cpu_us_per_request"]
-                print(f"{t.label:24} {bench.fmt(r)} batch {r['mean_batch_rows']:.1f} cpu/req {cpu:.0f} us", flush=True)
+                for v in variants:
+                    v.run(c, args, args.duration / args.rounds)
+            for v in variants:
+                r = results[f"{v.label} c={c}"] = v.result(c)
+                print(f"{v.label:24} {fmt(r)}", flush=True)
     finally:
         for proc in procs:
-            bench.stop(proc)
+            stop(proc)
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
