@@ -104,7 +104,7 @@ def main() -> int:
 
     sources = [str(Path(s).resolve()) for s in (args.src or [ROOT / "runtime" / "src"])]
     with tempfile.TemporaryDirectory(prefix="hotpath-") as tmp:
-        model_dir, _ = build_model(Path(tmp), heavy=False)
+        model_dir, _, _ = build_model(Path(tmp), "light")
         for r in range(1, args.rounds + 1):
             for src in sources:
                 env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}

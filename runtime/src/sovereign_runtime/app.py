@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import __version__
-from .engine import READY, RETRY_AFTER, Engine
+from .engine import BINARY_TYPE, READY, RETRY_AFTER, Engine
 from .protocol import dumps, error_body
 
 perf_counter = time.perf_counter
@@ -19,7 +19,9 @@ METRICS_TYPE = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
 GET_ONLY = [(b"allow", b"GET, HEAD")]
 POST_ONLY = [(b"allow", b"POST")]
 _LIVE = dumps({"live": True})
-_SERVER = dumps({"name": "sovereign-runtime", "version": __version__, "extensions": ["model_repository_none"]})
+_SERVER = dumps(
+    {"name": "sovereign-runtime", "version": __version__, "extensions": ["model_repository_none", "binary_tensor_data"]}
+)
 
 
 class BodyTooLarge(Exception):
@@ -142,8 +144,17 @@ class App:
                 return
             if body is None:  # client went away
                 return
-            status, payload, headers = await engine.infer(body, t0)
-            await self._reply(send, "infer", status, payload, headers)
+            for key, value in scope["headers"]:  # the binary tensor extension (Triton's, tritonclient's)
+                if key == b"inference-header-content-length":
+                    status, payload, headers = await engine.infer_binary(body, value, t0)
+                    break
+            else:
+                status, payload, headers = await engine.infer(body, t0)
+            if headers and headers[0] is BINARY_TYPE:
+                headers = headers[1:]
+                await self._reply(send, "infer", status, payload, headers, "POST", BINARY_TYPE)
+            else:
+                await self._reply(send, "infer", status, payload, headers)
             latency = perf_counter() - t0
             self.metrics.request_latency.observe(latency)
             if self.on_infer is not None:

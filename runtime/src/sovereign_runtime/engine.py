@@ -21,7 +21,6 @@ Not here: loading, warm-up and the golden check (startup.py, once per process), 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import deque
@@ -36,7 +35,18 @@ from .config import Settings
 from .logs import log_event
 from .metrics import Metrics
 from .model import LoadedModel, cuda_memory, normalise_outputs
-from .protocol import DecodedRequest, Decoder, RequestError, TensorSpec, dumps, encode_outputs, error_body
+from .protocol import (
+    DecodedRequest,
+    Decoder,
+    RequestError,
+    TensorSpec,
+    dumps,
+    dumps_outputs,
+    encode_binary,
+    encode_outputs,
+    error_body,
+    loads,
+)
 from .request_id import header as request_id_header
 from .request_id import new_id
 
@@ -45,6 +55,7 @@ get_running_loop = asyncio.get_running_loop
 
 LOADING, READY, FAILED, DRAINING = "loading", "ready", "failed", "draining"
 RETRY_AFTER = [(b"retry-after", b"1")]
+BINARY_TYPE = (b"content-type", b"application/octet-stream")  # first of the headers: App uses it as the type
 _TIMEOUT = object()  # future result: the request's deadline passed before its batch started
 
 
@@ -171,7 +182,7 @@ class Engine:
         def decode_keyed(body: bytes) -> tuple[str | None, list, list[str] | None] | None:
             """(id, entity keys, outputs) if the request's input is the entity key, else None."""
             try:
-                doc = json.loads(body)
+                doc = loads(body)
             except (ValueError, UnicodeDecodeError, RecursionError):
                 return None  # the vector decoder says what is wrong with it
             items = doc.get("inputs") if type(doc) is dict else None
@@ -269,13 +280,32 @@ class Engine:
             if not picked:
                 self.waiting -= 1
         if type(result) is list:
+            if req.binary is not None:
+                return self._binary_reply(req, result)
             outputs = encode_outputs(self.out_specs, result, req.outputs)
             rid = req.id if req.id is not None else new_id()  # request_id.py: every answer has an id
-            body = b"".join((self._resp_prefix, b',"id":', dumps(rid), b',"outputs":', dumps(outputs), b"}"))
+            body = b"".join((self._resp_prefix, b',"id":', dumps(rid), b',"outputs":', dumps_outputs(outputs), b"}"))
             return 200, body, request_id_header(rid)
         if result is _TIMEOUT:
             return 504, error_body(f"timed out after {self.timeout:g}s waiting for compute"), None
         return result.status, error_body(result.message), None
+
+    async def infer_binary(self, body: bytes, header_length: bytes, t0: float) -> tuple[int, bytes, list | None]:
+        """An infer request of the binary tensor extension (an ``Inference-Header-Content-Length`` header)."""
+        if not self.serving:
+            return 503, error_body(f"model not ready: {self.reason}"), RETRY_AFTER
+        try:
+            req = self.decoder.decode(body, header_length)  # type: ignore[union-attr]
+        except RequestError as exc:
+            return exc.status, error_body(exc.message), None
+        return await Engine.infer(self, body, t0, req)
+
+    def _binary_reply(self, req: DecodedRequest, result: list[torch.Tensor]) -> tuple[int, bytes, list]:
+        rid = req.id if req.id is not None else new_id()  # request_id.py: every answer has an id
+        prefix = b"".join((self._resp_prefix, b',"id":', dumps(rid)))
+        body, head = encode_binary(prefix, self.out_specs, result, req.outputs, req.binary)  # type: ignore[arg-type]
+        head_length = (b"inference-header-content-length", str(head).encode())
+        return 200, body, [BINARY_TYPE, head_length, *request_id_header(rid)]
 
     def _enqueue(self, item: _Item, loop: asyncio.AbstractEventLoop) -> None:
         self._queue.append(item)

@@ -6,12 +6,14 @@ Everything a client sends is checked here, before it reaches the model; every pr
 
 from __future__ import annotations
 
+import ctypes
 import json
 from array import array
 from dataclasses import dataclass
 from math import prod
 from typing import Any
 
+import orjson
 import torch
 
 # Every datatype of the Open Inference Protocol. The collection keeps the same set for its smoke test and
@@ -90,6 +92,9 @@ _ARRAY_CODES = {
     if array(code).itemsize == size
 }
 _encode = json.JSONEncoder(separators=(",", ":")).encode
+_fast_dumps = orjson.dumps
+_fast_loads = orjson.loads
+_FAST_OPTS = orjson.OPT_NON_STR_KEYS  # int dict keys become strings, as with the standard library
 
 
 class RequestError(Exception):
@@ -114,7 +119,42 @@ class TensorSpec:
 
 
 def dumps(obj: Any) -> bytes:
-    return _encode(obj).encode()
+    """Compact JSON (orjson, ADR 1701). What orjson refuses (integers past 64 bits) the standard library
+    encodes, so the answer never depends on the codec."""
+    try:
+        return _fast_dumps(obj, option=_FAST_OPTS)
+    except TypeError:
+        return _encode(obj).encode()
+
+
+def dumps_outputs(outputs: list[dict[str, Any]]) -> bytes:
+    """Output tensors as JSON. orjson writes NaN and +-Infinity as ``null``; the standard library (and so
+    this server before ADR 1701) writes ``NaN``/``Infinity``: a ``null`` in numeric output means one of
+    them, and the body is encoded the old way."""
+    body = dumps(outputs)
+    if b"null" in body:
+        return _encode(outputs).encode()
+    return body
+
+
+def _std_loads(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise RequestError("request body is not valid JSON: nested too deeply") from None
+
+
+def loads(body: bytes | str) -> Any:
+    """Parse JSON: orjson, and for anything it refuses the standard library's verdict, value or error (it
+    also takes NaN/Infinity literals, integers past 64 bits, lone surrogates, UTF-16/32 bodies), so
+    parse errors are exactly those of ``json.loads``. Integers past 64 bits come back as floats: a caller
+    whose verdict depends on them re-reads with ``json.loads`` (``Decoder.decode`` does)."""
+    try:
+        return _fast_loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
 
 
 def error_body(message: str, **extra: Any) -> bytes:
@@ -127,6 +167,7 @@ class DecodedRequest:
     tensors: list[torch.Tensor]  # in model input order
     rows: int  # size of the batch dimension (1 when the model has no batch dimension)
     outputs: list[str] | None  # output names asked for, None = all
+    binary: frozenset[str] | None = None  # outputs to answer as raw bytes (binary tensor extension), None = none
 
 
 class Decoder:
@@ -143,13 +184,48 @@ class Decoder:
         self.output_names = {spec.name for spec in outputs} if outputs else None
         self.batch_dim = batch_dim
 
-    def decode(self, body: bytes) -> DecodedRequest:
+    def decode(self, body: bytes, header_length: bytes | None = None) -> DecodedRequest:
+        """``header_length``: the ``Inference-Header-Content-Length`` header (binary tensor extension): the
+        JSON document is that many leading bytes of ``body``, raw input tensors follow it."""
+        if header_length is not None:
+            return self._decode_binary(body, header_length)
         try:
-            req = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise RequestError(f"request body is not valid JSON: {exc}") from None
-        except RecursionError:
-            raise RequestError("request body is not valid JSON: nested too deeply") from None
+            req = _fast_loads(body)
+        except orjson.JSONDecodeError:
+            return self.validate(_std_loads(body))
+        try:
+            return self.validate(req)
+        except RequestError:
+            # orjson reads integers past 64 bits as floats: the standard library's reading has the last word,
+            # so a refused request gets exactly the answer it got before ADR 1701.
+            return self.validate(_std_loads(body))
+
+    def _decode_binary(self, body: bytes, header_length: bytes) -> DecodedRequest:
+        try:
+            n = int(header_length)
+        except ValueError:
+            n = -1
+        if not 0 <= n <= len(body):
+            raise RequestError(
+                f"Inference-Header-Content-Length {header_length[:40].decode('latin-1')!r} must be an integer"
+                f" between 0 and the body's {len(body)} bytes"
+            )
+        raw = _Raw(body, n)
+        head = body[:n]
+        try:
+            doc = _fast_loads(head)
+        except orjson.JSONDecodeError:
+            doc = _std_loads(head)
+        req = self.validate(doc, raw)
+        if raw.offset != len(body):
+            raise RequestError(
+                f"binary data: {len(body) - n} byte(s) follow the JSON header, the inputs' binary_data_size"
+                f" add up to {raw.offset - n}"
+            )
+        return req
+
+    def validate(self, req: Any, raw: _Raw | None = None) -> DecodedRequest:
+        """A parsed request document -> tensors, or RequestError. ``raw``: the binary part of the body."""
         if type(req) is not dict:
             raise RequestError("request body must be a JSON object with an 'inputs' list")
         items = req.get("inputs")
@@ -165,7 +241,7 @@ class Decoder:
         tensors: list[torch.Tensor | None] = [None] * len(specs)
         rows = -1
         for item in items:
-            idx, tensor = self._tensor(item)
+            idx, tensor = self._tensor(item, raw)
             if tensors[idx] is not None:
                 raise RequestError(f"input {specs[idx].name!r} given more than once")
             tensors[idx] = tensor
@@ -180,12 +256,13 @@ class Decoder:
                 raise RequestError("the batch dimension (shape[0]) must be at least 1")
         else:
             rows = 1
-        outputs = req.get("outputs")
-        if outputs is not None:
-            outputs = self._outputs(outputs)
-        return DecodedRequest(req_id, tensors, rows, outputs)  # type: ignore[arg-type]
+        wanted = req.get("outputs")
+        outputs = self._outputs(wanted) if wanted is not None else None
+        params = req.get("parameters")
+        binary = binary_outputs(params, wanted) if params is not None or wanted is not None else None
+        return DecodedRequest(req_id, tensors, rows, outputs, binary)  # type: ignore[arg-type]
 
-    def _tensor(self, item: Any) -> tuple[int, torch.Tensor]:
+    def _tensor(self, item: Any, raw: _Raw | None = None) -> tuple[int, torch.Tensor]:
         if type(item) is not dict:
             raise RequestError("each input must be an object with name, shape, datatype and data")
         name = item.get("name")
@@ -215,6 +292,9 @@ class Decoder:
                     raise RequestError(f"input {name!r}: shape {shape} does not match the model's {list(want)}")
         elif self.batch_dim and not shape:
             raise RequestError(f"input {name!r}: shape must have a batch dimension")
+        params = item.get("parameters")
+        if params is not None and type(params) is dict and "binary_data_size" in params:
+            return idx, _binary_tensor(raw, params["binary_data_size"], name, datatype, shape)
         data = item.get("data")
         if type(data) is not list:
             raise RequestError(f"input {name!r}: 'data' must be a list")
@@ -249,6 +329,92 @@ class Decoder:
                 raise RequestError(f"unknown output {name!r}; the model has {sorted(self.output_names)}")
             names.append(name)
         return names
+
+
+class _Raw:
+    """The binary part of a request body (after the JSON header), consumed input by input."""
+
+    __slots__ = ("buf", "offset")
+
+    def __init__(self, body: bytes, offset: int) -> None:
+        self.buf = bytearray(body)  # writable: torch.frombuffer shares it without a warning
+        self.offset = offset
+
+
+def _binary_tensor(raw: _Raw | None, size: Any, name: str, datatype: str, shape: list[int]) -> torch.Tensor:
+    """An input sent as raw little-endian bytes (binary tensor extension): ``binary_data_size`` bytes, the
+    next ones after the previous binary input."""
+    if raw is None:
+        raise RequestError(
+            f"input {name!r}: binary_data_size needs the binary tensor extension: send the JSON header's length"
+            " in an Inference-Header-Content-Length header, the raw tensor bytes after it"
+        )
+    dtype = OIP_TO_TORCH[datatype]
+    count = prod(shape)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if type(size) is not int or size != count * itemsize:
+        raise RequestError(
+            f"input {name!r}: binary_data_size {size!r}, shape {shape} of {datatype} needs {count * itemsize} bytes"
+        )
+    start = raw.offset
+    if start + size > len(raw.buf):
+        raise RequestError(f"input {name!r}: binary_data_size {size} runs past the end of the body")
+    raw.offset = start + size
+    if not count:
+        return torch.empty(shape, dtype=dtype)
+    tensor = torch.frombuffer(raw.buf, dtype=torch.uint8 if dtype is torch.bool else dtype, count=count, offset=start)
+    if dtype is torch.bool:
+        if tensor.max().item() > 1:
+            raise RequestError(f"input {name!r}: BOOL data must be bytes 0 or 1")
+        tensor = tensor.view(torch.bool)
+    return tensor.reshape(shape)
+
+
+ALL_OUTPUTS = frozenset(["*"])  # DecodedRequest.binary: every output as raw bytes
+
+
+def binary_outputs(params: Any, wanted: Any) -> frozenset[str] | None:
+    """Which outputs the request wants as raw bytes: request ``parameters.binary_data_output`` (all of them,
+    what tritonclient asks when it names no outputs) and per-output ``parameters.binary_data``."""
+    every = type(params) is dict and params.get("binary_data_output") is True
+    if type(wanted) is not list:
+        return ALL_OUTPUTS if every else None
+    names = set()
+    for out in wanted:
+        p = out.get("parameters") if type(out) is dict else None
+        flag = p.get("binary_data") if type(p) is dict else None
+        if flag is True or (every and flag is None):
+            names.add(out["name"])
+    return frozenset(names) if names else None
+
+
+def encode_binary(
+    prefix: bytes, specs: list[TensorSpec], tensors: list[torch.Tensor], wanted: list[str] | None, binary: frozenset
+) -> tuple[bytes, int]:
+    """A binary-extension response: (JSON header + raw output bytes, length of the JSON header). ``prefix`` is
+    the response document's opening (model name, version, id)."""
+    outs: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    every = binary is ALL_OUTPUTS
+    for spec, tensor in zip(specs, tensors, strict=False):
+        if wanted is not None and spec.name not in wanted:
+            continue
+        if every or spec.name in binary:
+            t = tensor.contiguous()
+            size = t.numel() * t.element_size()
+            chunks.append(ctypes.string_at(t.data_ptr(), size) if size else b"")
+            outs.append(
+                {
+                    "name": spec.name,
+                    "datatype": TORCH_TO_OIP.get(t.dtype, spec.datatype),
+                    "shape": list(t.shape),
+                    "parameters": {"binary_data_size": size},
+                }
+            )
+        else:
+            outs.extend(encode_outputs([spec], [tensor], None))
+    head = b"".join((prefix, b',"outputs":', dumps_outputs(outs), b"}"))
+    return head + b"".join(chunks), len(head)
 
 
 def _general_tensor(data: list, datatype: str, dtype: torch.dtype) -> torch.Tensor:

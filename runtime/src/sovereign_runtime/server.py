@@ -34,6 +34,7 @@ from .app import App
 from .config import Settings
 from .engine import DRAINING, LOADING, Engine
 from .flags import open_flags
+from .httpproto import Protocol
 from .logs import log_event
 from .model import ModelLoadError
 from .startup import freeze_heap, prepare
@@ -55,7 +56,7 @@ class RuntimeServer(uvicorn.Server):
                 host=cfg.host,
                 port=cfg.port,
                 loop="uvloop",
-                http="httptools",
+                http=Protocol,  # httptools, one write per response, lingering close (httpproto.py)
                 lifespan="on",
                 access_log=False,
                 log_config=None,
