@@ -19,12 +19,24 @@ from ansible_collections.sovereign.mlops.tests.unit.plugins.modules.release_fixt
     needs_haproxy,
     run_module,
 )
-from ansible_collections.sovereign.mlops.tests.unit.plugins.modules.test_blue_green_switch import (  # noqa: F401
-    _wait_up,
-    make_env,
-)
+from ansible_collections.sovereign.mlops.tests.unit.plugins.modules.test_blue_green_switch import Env, _wait_up
 
 KEYS = [f"user-{n}" for n in range(200)]
+
+
+@pytest.fixture
+def make_env():
+    """Env (test_blue_green_switch): haproxy from the role's template and blue/green backends, closed after."""
+    envs = []
+
+    def make(**kwargs):
+        env = Env(**kwargs)
+        envs.append(env)
+        return env
+
+    yield make
+    for env in envs:
+        env.close()
 
 
 def _entries(text):
@@ -112,7 +124,7 @@ def test_shares(case):
 
 
 @needs_haproxy
-def test_split_routes_by_key_and_weight_and_persists(make_env, capsys):  # noqa: F811
+def test_split_routes_by_key_and_weight_and_persists(make_env, capsys):
     env = make_env()
     _wait_up(env)
     result = run_module(blue_green_switch.main, env.args("green", weight=25), capsys, diff=True)
@@ -161,7 +173,7 @@ def test_split_routes_by_key_and_weight_and_persists(make_env, capsys):  # noqa:
 
 
 @needs_haproxy
-def test_split_promote_to_100_then_switch(make_env, capsys):  # noqa: F811
+def test_split_promote_to_100_then_switch(make_env, capsys):
     env = make_env()
     _wait_up(env)
     run_module(blue_green_switch.main, env.args("green", weight=100), capsys)
@@ -174,7 +186,7 @@ def test_split_promote_to_100_then_switch(make_env, capsys):  # noqa: F811
 
 
 @needs_haproxy
-def test_split_check_mode_changes_nothing(make_env, capsys):  # noqa: F811
+def test_split_check_mode_changes_nothing(make_env, capsys):
     env = make_env()
     _wait_up(env)
     before = env.file_text()
@@ -186,7 +198,7 @@ def test_split_check_mode_changes_nothing(make_env, capsys):  # noqa: F811
 
 @needs_haproxy
 @pytest.mark.parametrize("weight", [-1, 101, 250])
-def test_split_weight_out_of_range_changes_nothing(make_env, capsys, weight):  # noqa: F811
+def test_split_weight_out_of_range_changes_nothing(make_env, capsys, weight):
     env = make_env()
     before = env.file_text()
     result = run_module(blue_green_switch.main, env.args("green", weight=weight), capsys)
@@ -196,7 +208,7 @@ def test_split_weight_out_of_range_changes_nothing(make_env, capsys, weight):  #
 
 
 @needs_haproxy
-def test_split_refuses_unhealthy_canary(make_env, capsys):  # noqa: F811
+def test_split_refuses_unhealthy_canary(make_env, capsys):
     env = make_env(green_healthy=False)
     env.haproxy.wait_status("blue", "UP")
     result = run_module(blue_green_switch.main, env.args("green", weight=5), capsys)
@@ -205,7 +217,7 @@ def test_split_refuses_unhealthy_canary(make_env, capsys):  # noqa: F811
 
 
 @needs_haproxy
-def test_split_canary_down_falls_back_to_live(make_env, capsys):  # noqa: F811
+def test_split_canary_down_falls_back_to_live(make_env, capsys):
     """A canary whose server HAProxy marks down loses no request: the live color answers its keys."""
     env = make_env()
     _wait_up(env)
