@@ -1,4 +1,3 @@
-#!/usr/bin/python3
 """Hold an experiment on one host (playbooks/experiment.yml): poll both arms' GET /v2/experiment until the duration
 has passed, or, with a minimum sample size, until every arm has recorded that many requests (the duration is then the
 limit). Prints one JSON line: {"reason", "elapsed_s", "arms": {A: {...}, B: {...}}, "unreachable_polls"}.
