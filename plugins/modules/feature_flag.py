@@ -60,7 +60,7 @@ options:
   definitions:
     description:
       - The whole file's flags, a mapping of flag key to its flagd definition (C(state), C(variants),
-        C(defaultVariant), C(targeting), C(metadata)). Written as C({"$schema": ..., "flags": ...}).
+        C(defaultVariant), C(targeting), C(metadata)). Written as the file's C(flags) object, with C($schema).
     type: dict
   metadata:
     description:
