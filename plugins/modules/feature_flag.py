@@ -82,7 +82,7 @@ attributes:
   check_mode:
     support: full
     details:
-      - In check mode the file is read and checked, nothing is written; RV(changed) and the diff say what would change.
+      - In check mode the file is read and checked, nothing is written; C(changed) and the diff say what would change.
   diff_mode:
     support: full
     details:
