@@ -60,7 +60,7 @@ options:
   definitions:
     description:
       - The whole file's flags, a mapping of flag key to its flagd definition (C(state), C(variants),
-        C(defaultVariant), C(targeting), C(metadata)). Written as C({"$schema": ..., "flags": ...}).
+        C(defaultVariant), C(targeting), C(metadata)). Written as the file's C(flags) object, with C($schema).
     type: dict
   metadata:
     description:
@@ -82,7 +82,7 @@ attributes:
   check_mode:
     support: full
     details:
-      - In check mode the file is read and checked, nothing is written; RV(changed) and the diff say what would change.
+      - In check mode the file is read and checked, nothing is written; C(changed) and the diff say what would change.
   diff_mode:
     support: full
     details:
