@@ -85,7 +85,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("host", str, "127.0.0.1", "address to listen on", serve_only=True),
     Flag("port", _int, 8000, "TCP port", serve_only=True),
     Flag("color", str, "", "deployment color, reported in metrics and metadata", ("", "blue", "green"), True),
-    Flag("max-batch-delay-ms", _float, 0.0, "wait up to this long to fill a batch, only under concurrency", None, True),
+    Flag("max-batch-delay-ms", _float, 1.0, "wait up to this long to fill a batch, only under concurrency", None, True),
     Flag("max-queue-size", _positive_int, 256, "admitted requests waiting for compute; beyond: 503", None, True),
     Flag("request-timeout-s", _float, 30.0, "a request still waiting for compute after this gets 504", None, True),
     Flag("drain-timeout-s", _float, 30.0, "on SIGTERM, wait this long for in-flight requests", None, True),
@@ -182,7 +182,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     color: str = ""
-    max_batch_delay_ms: float = 0.0
+    max_batch_delay_ms: float = 1.0
     max_queue_size: int = 256
     request_timeout_s: float = 30.0
     drain_timeout_s: float = 30.0

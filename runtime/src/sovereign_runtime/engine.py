@@ -108,6 +108,13 @@ class Engine:
         # uvicorn's set of request tasks, which holds a request from the moment its headers are parsed).
         # 1 with an empty queue = alone: run inline, skipping the batching hop. None = unknown: batch.
         self.busy: Callable[[], int] | None = None
+        # How many clients sent a request since a given perf_counter() time (the server wires it to its
+        # connections, httpproto.Protocol.last_request). A batch waits (up to the delay) for that many
+        # requests: the clients answered by the previous batch come back a round trip later, and a batch
+        # formed without them splits the clients into cohorts that never merge (ADR 1704). None: unknown.
+        self.clients: Callable[[float], int] | None = None
+        self._target = 1  # rows the timed flush waits for
+        self._batch_seconds = 0.0  # how long the last batched forward took
         self._module: Any = None
         self._cuda = False
         self._resp_prefix = b""
@@ -258,7 +265,13 @@ class Engine:
             now = perf_counter()
             if now > deadline:
                 result: Any = _TIMEOUT
-            elif self.batching and (self._queue or self._flush_handle or self.busy is None or self.busy() > 1):
+            elif self.batching and (
+                self._queue
+                or self._flush_handle
+                or self.busy is None
+                or self.busy() > 1
+                or (self.delay and self._last_batch > 1)  # a client of a concurrent batch: wait for the others
+            ):
                 loop = get_running_loop()
                 item = _Item(req.tensors, req.rows, loop.create_future(), now, deadline)
                 self._enqueue(item, loop)
@@ -312,16 +325,31 @@ class Engine:
         self._queued_rows += item.rows
         handle = self._flush_handle
         if handle is None:
-            if self.delay and self._last_batch > 1 and self._queued_rows < self.max_batch:
+            if (
+                self.delay
+                and self._last_batch > 1  # there is concurrency: wait (up to the delay) for every active client
+                and self._queued_rows < self.max_batch
+                and self._queued_rows < (target := self._expected())
+            ):
+                self._target = target
                 self._flush_handle = loop.call_later(self.delay, self._flush)
                 self._flush_is_timer = True
             else:
                 self._flush_handle = loop.call_soon(self._flush)
                 self._flush_is_timer = False
-        elif self._flush_is_timer and (self._queued_rows >= self.max_batch or len(self._queue) >= self._last_batch):
+        elif self._flush_is_timer and self._queued_rows >= self._target:
             handle.cancel()
             self._flush_handle = loop.call_soon(self._flush)
             self._flush_is_timer = False
+
+    def _expected(self) -> int:
+        """Rows the next batch waits for: one per client active in the last few batch cycles (at most
+        ``max_batch_size``); without the server's connection count, the previous batch's size."""
+        clients = self.clients
+        if clients is None:
+            return min(self.max_batch, self._last_batch)
+        window = max(10 * self.delay, 3 * self._batch_seconds)
+        return max(1, min(self.max_batch, clients(perf_counter() - window)))
 
     def _flush(self) -> None:
         self._flush_handle = None
@@ -370,7 +398,8 @@ class Engine:
                 parts = [o.split(sizes) for o in outs]
                 for j, it in enumerate(batch):
                     it.fut.set_result([p[j] for p in parts])
-        m.compute_latency.observe(perf_counter() - t)
+        self._batch_seconds = perf_counter() - t
+        m.compute_latency.observe(self._batch_seconds)
         m.batch_size.observe(rows)
 
     # ---------------------------------------------------------------------------------------------

@@ -15,13 +15,17 @@ any answer) that reaches a client still writing its request body before the conn
   closes when the client does, or at either bound. On a keep-alive connection uvicorn already discards
   the rest of the body and goes on with the next request.
 
-Both rely on uvicorn internals (``RequestResponseCycle``); tests/unit/runtime/test_httpproto.py checks
+It also notes when each connection's latest request arrived (``last_request``): the engine's batcher counts
+the clients that are active (ADR 1704).
+
+All of it relies on uvicorn internals (``RequestResponseCycle``); tests/unit/runtime/test_httpproto.py checks
 them against the uvicorn version pinned in requirements/constraints.txt.
 """
 
 from __future__ import annotations
 
 import asyncio
+from time import perf_counter
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
@@ -95,7 +99,10 @@ class Protocol(HttpToolsProtocol):
     _linger_left = -1  # >= 0: lingering, this many more bytes are read and dropped
     _linger_timer: asyncio.TimerHandle | None = None
 
+    last_request = 0.0  # perf_counter() when this connection's latest request arrived (Engine.clients)
+
     def on_headers_complete(self) -> None:
+        self.last_request = perf_counter()
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and type(cycle) is RequestResponseCycle:

@@ -76,6 +76,12 @@ class RuntimeServer(uvicorn.Server):
             self.experiments = install(self.app, cfg.color, cfg.experiment_dir)
         tasks = self.server_state.tasks  # one per HTTP request being handled
         self.engine.busy = tasks.__len__
+        connections = self.server_state.connections
+
+        def clients(since: float) -> int:  # connections whose latest request arrived after `since`
+            return sum(1 for c in connections if getattr(c, "last_request", 0.0) >= since)
+
+        self.engine.clients = clients
         self.exit_code = 0
         self.bridge: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None

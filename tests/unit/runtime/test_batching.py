@@ -205,3 +205,43 @@ def test_chaos_is_a_wrapper_installed_only_when_asked(loaded):
     assert "chaos" not in inspect.getsource(Engine.infer)  # and it has no chaos branch
     chaotic = make_engine(loaded["mlflow_pt2"], chaos_latency_ms=1)
     assert vars(chaotic)["infer"].__module__ == "sovereign_runtime.chaos"
+
+
+def test_batch_waits_for_every_active_client(loaded, client_for):
+    """ADR 1704: clients answered by one batch come back a round trip later; a batch formed without them
+    splits the clients into cohorts that never merge (3 + 2 + 11 rows of 16 clients, run after run). With
+    a delay, the next batch waits for as many requests as there are active clients (the server counts
+    its connections: engine.clients), not just as many as the last batch held, and a request of a
+    concurrent client does not take the inline path even when it is momentarily alone."""
+    engine = make_engine(loaded["mlflow_pt2"], max_batch_size=16, max_batch_delay_ms=30_000)
+    client = client_for(engine)
+
+    async def go():
+        await asyncio.gather(*(client.post(INFER, infer_body(torch.zeros(1, IN))) for _ in range(3)))  # batch of 3
+        engine.busy = lambda: 1  # each request below is alone in the server when it arrives...
+        engine.clients = lambda since: 8  # ...but 8 clients are active
+        first = [asyncio.create_task(client.post(INFER, infer_body(torch.ones(1, IN)))) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        held = not any(t.done() for t in first)  # 5 > the last batch's 3: still waiting for all 8
+        rest = [client.post(INFER, infer_body(torch.ones(1, IN))) for _ in range(3)]
+        done = await asyncio.wait_for(asyncio.gather(*first, *rest), timeout=20)  # released by the 8th
+        return held, done
+
+    held, done = asyncio.run(go())
+    assert held
+    assert all(r.status == 200 for r in done)
+    hist = engine.metrics.batch_size
+    assert hist.counts[hist.bounds.index(8)] == 1 and sum(hist.counts) == 2
+
+
+def test_batch_wait_ends_at_the_delay_when_clients_stay_away(loaded, client_for):
+    """Fewer requests than active clients: the batch still goes when the delay is up."""
+    engine = make_engine(loaded["mlflow_pt2"], max_batch_size=16, max_batch_delay_ms=50)
+    client = client_for(engine)
+
+    async def go():
+        await asyncio.gather(*(client.post(INFER, infer_body(torch.zeros(1, IN))) for _ in range(3)))
+        engine.clients = lambda since: 16
+        return await asyncio.wait_for(client.post(INFER, infer_body(torch.ones(1, IN))), timeout=20)
+
+    assert asyncio.run(go()).status == 200
