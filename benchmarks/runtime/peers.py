@@ -216,7 +216,9 @@ def _ray(ctx: Ctx) -> list[Launch]:
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_TMPDIR": str(ctx.work / f"ray-{port}"),
         }
-        cmd = [ctx.python, str(SERVERS / "ray_server.py"), str(ctx.model_dir), str(port)]
+        # with direct ingress the (idle) proxy still binds its own port: never the replica's
+        proxy = ctx.port() if direct else port
+        cmd = [ctx.python, str(SERVERS / "ray_server.py"), str(ctx.model_dir), str(proxy)]
         target = Target(label, port, "/", body, parse_any, config)
         out.append(Launch(label, cmd, port, "", [target], config, env=env, cwd=SERVERS))
     return out
