@@ -200,6 +200,15 @@ def batch_counters(port: int) -> tuple[float, float]:
     return vals.get("sovereign_runtime_batch_size_count", 0.0), vals.get("sovereign_runtime_batch_size_sum", 0.0)
 
 
+class Failures(list):
+    """The run's failures, each also printed the moment it happens (a run cut short still shows them)."""
+
+    def append(self, failure: peers.Failure) -> None:
+        where = " ".join(x for x in (failure.model, failure.target) if x)
+        print(f"# FAILED {failure.peer} ({where or '-'}) at {failure.stage}: {failure.reason}", flush=True)
+        super().append(failure)
+
+
 class Runner:
     """One target under load: its samples per concurrency (and sovereign's rows per forward)."""
 
@@ -358,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     names = peers.select(args.peers)
     if args.pin and (os.cpu_count() or 1) < 2:
         args.pin = False
-    failures: list[peers.Failure] = []
+    failures: list[peers.Failure] = Failures()
     if "torchserve" in names and args.setup:
         print(f"# {peers.ensure_java()}", flush=True)
     installed = []

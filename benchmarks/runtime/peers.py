@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,6 +255,11 @@ def _pytriton(ctx: Ctx) -> list[Launch]:
     cmd.append(str(ctx.port()))
     env = {"BENCH_BATCH": str(MAX_BATCH if batch else 0), "BENCH_WAIT_MS": str(HEAVY_WAIT_MS)}
     env["PYTRITON_HOME"] = str(ctx.work / f"pytriton-{port}")
+    # Triton's Python-backend stub loads libpython3.X.so by name: without this it finds the system's (Debian's
+    # 3.11.2, whose RLock lacks _recursion_count, which PyTriton's model proxy calls), not the venv's own build
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if libdir:
+        env["LD_LIBRARY_PATH"] = libdir + os.pathsep + os.environ.get("LD_LIBRARY_PATH", "")
     return [Launch("pytriton", cmd, port, "/v2/health/ready", [target], config, env=env, cwd=SERVERS)]
 
 
