@@ -116,7 +116,7 @@ def start(launch: peers.Launch, python: str, pin: bool, log: Path) -> subprocess
     )
 
 
-def stop(proc: subprocess.Popen, work: Path) -> None:
+def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -126,12 +126,11 @@ def stop(proc: subprocess.Popen, work: Path) -> None:
             proc.wait()
         except ProcessLookupError:
             pass
-    reap(work)
 
 
 def reap(work: Path) -> None:
-    """SIGKILL what is left of our servers: processes whose command line names this run's work dir
-    (Ray's and TorchServe's helpers may leave the process group)."""
+    """SIGKILL what is left of this run's servers once all are stopped: processes whose command line or
+    environment names this run's work dir (Ray's and TorchServe's helpers may leave the process group)."""
     mark = str(work).encode()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -201,6 +200,15 @@ def batch_counters(port: int) -> tuple[float, float]:
     return vals.get("sovereign_runtime_batch_size_count", 0.0), vals.get("sovereign_runtime_batch_size_sum", 0.0)
 
 
+class Failures(list):
+    """The run's failures, each also printed the moment it happens (a run cut short still shows them)."""
+
+    def append(self, failure: peers.Failure) -> None:
+        where = " ".join(x for x in (failure.model, failure.target) if x)
+        print(f"# FAILED {failure.peer} ({where or '-'}) at {failure.stage}: {failure.reason}", flush=True)
+        super().append(failure)
+
+
 class Runner:
     """One target under load: its samples per concurrency (and sovereign's rows per forward)."""
 
@@ -263,7 +271,7 @@ def measure_model(model: str, names: list[str], args, work: Path, failures: list
             why = wait_ready(launch, proc, log, deadline)
             if why:
                 failures.append(peers.Failure(name, "start", why, model, launch.name))
-                stop(proc, work)
+                stop(proc)
                 continue
             ok: list[peers.Target] = []
             for t in launch.targets:
@@ -314,7 +322,8 @@ def measure_model(model: str, names: list[str], args, work: Path, failures: list
                 print(f"{model:5} {r.target.label:30} {fmt(res)}{extra}", flush=True)
     finally:
         for _, _, proc, _ in started:
-            stop(proc, work)
+            stop(proc)
+        reap(work)
         if args.keep_logs:
             for _, _, _, log in started:
                 shutil.copy(log, args.keep_logs / log.name)
@@ -353,10 +362,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # a SIGTERM (timeout, kill) still stops every server this run started: finally blocks run on SystemExit
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     names = peers.select(args.peers)
     if args.pin and (os.cpu_count() or 1) < 2:
         args.pin = False
-    failures: list[peers.Failure] = []
+    failures: list[peers.Failure] = Failures()
     if "torchserve" in names and args.setup:
         print(f"# {peers.ensure_java()}", flush=True)
     installed = []

@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,7 +217,9 @@ def _ray(ctx: Ctx) -> list[Launch]:
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_TMPDIR": str(ctx.work / f"ray-{port}"),
         }
-        cmd = [ctx.python, str(SERVERS / "ray_server.py"), str(ctx.model_dir), str(port)]
+        # with direct ingress the (idle) proxy still binds its own port: never the replica's
+        proxy = ctx.port() if direct else port
+        cmd = [ctx.python, str(SERVERS / "ray_server.py"), str(ctx.model_dir), str(proxy)]
         target = Target(label, port, "/", body, parse_any, config)
         out.append(Launch(label, cmd, port, "", [target], config, env=env, cwd=SERVERS))
     return out
@@ -252,6 +255,11 @@ def _pytriton(ctx: Ctx) -> list[Launch]:
     cmd.append(str(ctx.port()))
     env = {"BENCH_BATCH": str(MAX_BATCH if batch else 0), "BENCH_WAIT_MS": str(HEAVY_WAIT_MS)}
     env["PYTRITON_HOME"] = str(ctx.work / f"pytriton-{port}")
+    # Triton's Python-backend stub loads libpython3.X.so by name: without this it finds the system's (Debian's
+    # 3.11.2, whose RLock lacks _recursion_count, which PyTriton's model proxy calls), not the venv's own build
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if libdir:
+        env["LD_LIBRARY_PATH"] = libdir + os.pathsep + os.environ.get("LD_LIBRARY_PATH", "")
     return [Launch("pytriton", cmd, port, "/v2/health/ready", [target], config, env=env, cwd=SERVERS)]
 
 

@@ -20,4 +20,5 @@ class Model:
 
     @bentoml.api(batchable=BATCH, batch_dim=0, max_batch_size=16, max_latency_ms=1000)
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return self.model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+        with torch.inference_mode():  # a sync API runs in a worker thread: autograd is per thread
+            return self.model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()

@@ -9,6 +9,7 @@ import os
 import torch
 from common import load_model
 from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer
+from kserve.utils.utils import generate_uuid
 
 
 class MLP(Model):
@@ -21,7 +22,7 @@ class MLP(Model):
         y = self.net(torch.from_numpy(payload.inputs[0].as_numpy())).numpy()
         out = InferOutput(name="output__0", shape=list(y.shape), datatype="FP32")
         out.set_data_from_numpy(y, binary_data=False)
-        return InferResponse(model_name=self.name, infer_outputs=[out], response_id=payload.id)
+        return InferResponse(model_name=self.name, infer_outputs=[out], response_id=payload.id or generate_uuid())
 
 
 if __name__ == "__main__":

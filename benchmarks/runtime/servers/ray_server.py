@@ -1,8 +1,8 @@
-"""Ray Serve: a local 1-CPU Ray, one replica, @serve.batch when BENCH_BATCH > 1. Without direct ingress the
-Serve HTTP proxy listens on PORT; with it (RAY_SERVE_ENABLE_DIRECT_INGRESS=1, no proxy is started) the replica's
-own HTTP server does (the launcher sets RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT to PORT).
+"""Ray Serve: a local 1-CPU Ray, one replica, @serve.batch when BENCH_BATCH > 1. The Serve HTTP proxy listens
+on PROXY_PORT; with direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1) the replica's own HTTP server listens on
+the port the launcher gave in RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT.
 
-    python ray_server.py MODEL_DIR PORT
+    python ray_server.py MODEL_DIR PROXY_PORT
 """
 
 import os
