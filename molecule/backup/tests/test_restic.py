@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -190,17 +191,20 @@ def test_repository_host_unreachable_fails_bounded_naming_host_and_port(host, re
 
 
 def test_sigkill_mid_backup_then_next_run_names_the_stale_lock(host, repo):
-    host.run_expect([0], "head -c 60000000 /dev/urandom > /var/lib/sovereign/dvc/cache/big.bin")
+    host.run_expect([0], "head -c 20000000 /dev/urandom > /var/lib/sovereign/dvc/cache/big.bin")
     host.run_expect([0], "systemctl start --no-block sovereign-restic-backup.service")
-    pid = ""
-    for _attempt in range(240):
+    # restic backup is frozen (SIGSTOP) as soon as it starts and let run in 0.2 s steps until its lock is in the
+    # repository, then SIGKILLed: mid-backup with its lock held, however loaded the machine is.
+    pid = host.check_output(
+        'timeout 300 bash -c \'until p=$(pgrep -f "^restic -r .* backup"); do sleep 0.05; done;'
+        " kill -STOP ${p%%[[:space:]]*}; echo ${p%%[[:space:]]*}'"
+    )
+    assert pid.isdigit(), "restic backup never started"
+    for _attempt in range(300):
         if repo.run(f"ls {REPO_DIR}/locks | grep -q .").rc == 0:
-            pid = host.run("pgrep -f '^restic -r .* backup'").stdout.split()
-            if pid:
-                break
-        time.sleep(0.25)
-    assert pid, "restic backup never held a lock"
-    host.run_expect([0], f"kill -KILL {pid[0]}")
+            break
+        host.run_expect([0], f"kill -CONT {pid}; sleep 0.2; kill -STOP {pid}")
+    host.run_expect([0], f"kill -KILL {pid}")
     for _attempt in range(120):
         if host.service("sovereign-restic-backup.service").is_running is False:
             break
@@ -210,7 +214,7 @@ def test_sigkill_mid_backup_then_next_run_names_the_stale_lock(host, repo):
     res = job(host, "restic_backup")[0]
     assert res.rc == 0, res.stderr
     assert "removing stale restic lock" in res.stdout
-    assert f"by pid {pid[0]} on backup-data): pid {pid[0]} on backup-data is gone" in res.stdout
+    assert f"by pid {pid} on backup-data): pid {pid} on backup-data is gone" in res.stdout
     found = metrics(host, "restic_backup")
     assert found['sovereign_job_success{job="restic_backup"}'] == 1
     assert sample(found, "sovereign_restic_stale_locks_removed{")[0] == 1
@@ -224,12 +228,15 @@ def test_corrupted_pack_fails_the_check_and_the_drill(host, repo):
     new = set(repo.check_output(f"find {REPO_DIR}/data -type f").split()) - before
     # The pack that holds marker.bin's data (restic find --pack names the files a pack's blobs belong to), so the
     # drill of the newest snapshot must read it.
-    pack = next(
-        p
+    listings = (
+        (p, host.check_output(f"{TOOL} restic offsite find --pack {os.path.basename(p)}"))
         for p in sorted(new, key=lambda p: -int(repo.check_output(f"stat -c %s {p}")))
-        if "marker.bin" in host.check_output(f"{TOOL} restic offsite find --pack {os.path.basename(p)}")
     )
+    pack, listing = next((p, text) for p, text in listings if "marker.bin" in text)
     pack_id = os.path.basename(pack)
+    # The files with blobs in that pack (marker.bin, and any other whose blob restic stored there): the drill must
+    # name the one the damaged bytes belong to.
+    in_pack = set(re.findall(r"/var/lib/sovereign/restic/mnt/[^/\s]+/(\S+)", listing)) or {"1/marker.bin"}
     repo.run_expect(
         [0],
         f"cp -p {pack} /root/pack.orig && chmod u+w {pack} && "
@@ -244,7 +251,7 @@ def test_corrupted_pack_fails_the_check_and_the_drill(host, repo):
         assert "sovereign_restic_check_success" in host.file(f"{TEXTFILE}/sovereign_restic_check.prom").content_string
         rc, out = play("restore_drill.yml")
         assert rc != 0
-        assert "FAILED" in out and "marker.bin" in out, out
+        assert "FAILED" in out and any(rel in out for rel in in_pack), (in_pack, out)
         assert sample(metrics(host, "restic_drill"), "sovereign_restic_drill_success{")[0] == 0
     finally:
         repo.run_expect([0], f"cp -p /root/pack.orig {pack} && rm -f /root/pack.orig")

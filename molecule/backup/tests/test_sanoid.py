@@ -42,12 +42,16 @@ def metrics(host):
 
 @pytest.fixture(scope="module")
 def sanoid_run(host):
-    """One run of the role's unit, once the seeded snapshots are older than the test policy keeps."""
+    """One run of the role's unit, once the seeded snapshots are older than the test policy keeps.
+
+    The timer (every 15 min) may have run between the converge and this test and pruned the seeded snapshots
+    already: that is the role's own unit too, and test_expired_snapshots_pruned_manual_kept reads its journal.
+    """
     seeded = snapshots(host, f"{ROOT}/dvc_cache")
-    assert set(SEEDED) <= set(seeded), "the converge seeds three snapshots; a timer run may have pruned them already"
     host.run("zfs destroy %s", MANUAL)
     host.check_output("zfs snapshot %s", MANUAL)
-    wait = max(seeded[s] for s in SEEDED) + 65 - time.time()
+    present = [seeded[s] for s in SEEDED if s in seeded]
+    wait = max(present) + 65 - time.time() if present else 0
     if wait > 0:
         time.sleep(wait)
     started = time.time()
@@ -95,7 +99,8 @@ def test_expired_snapshots_pruned_manual_kept(host, sanoid_run):
     assert not set(SEEDED) & set(names), "sanoid did not prune the expired frequently snapshots"
     assert MANUAL in names, "sanoid pruned a snapshot it did not take"
     frequent = [n for n in names if n.endswith("_frequently")]
-    assert len(frequent) == 1 and names[frequent[0]] >= int(sanoid_run) - 1
+    # keep 1: the newest, taken by this run or by the timer's within the last period.
+    assert len(frequent) == 1 and names[frequent[0]] >= int(sanoid_run) - 900
     journal = host.check_output("journalctl -u sovereign-sanoid.service --no-pager -o cat")
     for snap in SEEDED:
         assert f"pruning {snap}" in journal
