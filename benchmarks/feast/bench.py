@@ -23,24 +23,79 @@ import argparse
 import json
 import os
 import platform
+import shutil
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-# benchmarks/runtime/bench.py's load generator (importable by name: its spawned workers import it again),
-# tests/unit/feast_testrepo.py's Redis and Feast helpers.
+# benchmarks/runtime/loadgen.py, the runtime benchmark's load generator (importable by name: its spawned workers
+# import it again), tests/unit/feast_testrepo.py's Redis and Feast helpers.
 sys.path[:0] = [str(ROOT / "benchmarks" / "runtime"), str(ROOT / "runtime" / "src"), str(ROOT / "tests" / "unit")]
 
-import bench as rb  # noqa: E402
+import loadgen  # noqa: E402
 from feast_testrepo import RedisServer, apply_and_materialize, feature_store_yaml  # noqa: E402
 
 N_ENTITIES = 10_000
 KEY = 4242  # the single entity every request asks for
 FEATURES = ["tenure_months", "monthly_charges", "support_calls", "contract_one_year", "contract_two_year",
             "autopay", "num_products", "data_usage_gb"]  # fmt: skip
+
+
+# Process helpers (what benchmarks/runtime/bench.py had before its peers rework moved them away).
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise SystemExit(f"{url} not ready after {timeout}s")
+
+
+def start(cmd: list[str], pin: bool, log: Path) -> subprocess.Popen:
+    if pin and shutil.which("taskset"):
+        cmd = ["taskset", "-c", "1", *cmd]
+    env = {
+        **os.environ,
+        "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+        "PYTHONPATH": str(ROOT / "runtime" / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "wb"), env=env, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def sovereign(model_dir: Path, port: int, pin: bool, log: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "sovereign_runtime", "serve", "--model-uri", str(model_dir), "--model-name", "m"]
+    proc = start([*cmd, "--port", str(port), *extra], pin, log)
+    wait_http(f"http://127.0.0.1:{port}/v2/health/ready", proc)
+    return proc
 
 
 def build_repo(work: Path, redis: RedisServer) -> tuple[Path, list]:
@@ -122,8 +177,8 @@ def show(label: str, by_c: dict[int, dict]) -> None:
 
 
 def http_rows(port: int, path: str, body: bytes, seconds: float, pin: bool) -> dict[int, dict]:
-    payload = rb._request("127.0.0.1", port, path, body)
-    return {c: rb.summarize([rb.drive("127.0.0.1", port, payload, c, 1.0, seconds, pin)]) for c in (1, 16)}
+    payload = loadgen.request("127.0.0.1", port, path, body)
+    return {c: loadgen.summarize([loadgen.drive("127.0.0.1", port, payload, c, 1.0, seconds, pin)]) for c in (1, 16)}
 
 
 def main() -> int:
@@ -158,7 +213,7 @@ def main() -> int:
             sdk = lambda: store.get_online_features(features=service, entity_rows=[{"customer_id": KEY}]).to_dict()  # noqa: E731
             sdk()
             results["Feast SDK get_online_features (in-process)"] = {
-                c: rb.summarize([in_process(sdk, c, args.seconds)]) for c in (1, 16)
+                c: loadgen.summarize([in_process(sdk, c, args.seconds)]) for c in (1, 16)
             }
             # 2. The runtime's read path alone: FeatureSource.fetch, one online_read, straight into a tensor.
             source = FeatureSource("churn", str(repo))
@@ -167,17 +222,17 @@ def main() -> int:
             fetch = lambda: source.fetch([KEY], torch.float32)  # noqa: E731
             assert torch.allclose(fetch(), torch.tensor(row))
             results["runtime fetch: FeatureSource.fetch (in-process)"] = {
-                c: rb.summarize([in_process(fetch, c, args.seconds)]) for c in (1, 16)
+                c: loadgen.summarize([in_process(fetch, c, args.seconds)]) for c in (1, 16)
             }
             # 3. feast serve, /get-online-features alone.
-            port = rb.free_port()
+            port = free_port()
             cmd = [str(Path(sys.executable).parent / "feast"), "-c", str(repo), "serve", "-h", "127.0.0.1", "-p",
                    str(port), "--no-access-log", "-w", "2", "--max-requests", "0"]  # fmt: skip
-            procs.append(rb.start(cmd, args.pin, work / "feast-serve.log"))
+            procs.append(start(cmd, args.pin, work / "feast-serve.log"))
             deadline = time.monotonic() + 120
             while True:
                 try:
-                    rb.wait_http(f"http://127.0.0.1:{port}/health", procs[-1], timeout=5)
+                    wait_http(f"http://127.0.0.1:{port}/health", procs[-1], timeout=5)
                     break
                 except SystemExit:
                     if time.monotonic() > deadline:
@@ -186,11 +241,11 @@ def main() -> int:
             results["feast serve /get-online-features (HTTP, 2 workers)"] = http_rows(
                 port, "/get-online-features", body, args.seconds, args.pin
             )
-            rb.stop(procs.pop())
+            stop(procs.pop())
             # 4. The runtime: entity-keyed inference (fetch + batching + forward) and, for reference, the vector.
-            port = rb.free_port()
+            port = free_port()
             extra = ("--feature-service", "churn", "--feast-repo", str(repo))
-            procs.append(rb.sovereign(model, port, args.pin, work / "runtime.log", *extra))
+            procs.append(sovereign(model, port, args.pin, work / "runtime.log", *extra))
             keyed = json.dumps({"inputs": [{"name": "customer_id", "datatype": "INT64", "shape": [1], "data": [KEY]}]})
             vector = json.dumps({"inputs": [{"name": "input__0", "datatype": "FP32", "shape": [1, 8],
                                              "data": [float(v) for v in row.reshape(-1)]}]})  # fmt: skip
@@ -200,11 +255,11 @@ def main() -> int:
             results["sovereign-runtime infer with the vector (HTTP, reference)"] = http_rows(
                 port, "/v2/models/m/infer", vector.encode(), args.seconds, args.pin
             )
-            text = rb.urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
             fetch_hist = [ln for ln in text.splitlines() if ln.startswith("sovereign_runtime_feature_fetch_duration")]
         finally:
             for proc in procs:
-                rb.stop(proc)
+                stop(proc)
             redis.stop()
 
     print(f"machine: {platform.node()} {os.cpu_count()} CPUs, load average now {os.getloadavg()}")
