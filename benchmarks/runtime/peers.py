@@ -248,7 +248,9 @@ def _pytriton(ctx: Ctx) -> list[Launch]:
     port = ctx.port()
     batch = ctx.heavy
     config = "PyTriton (Triton server in the wheel), OIP v2 REST, 1 model instance" + (
-        f", dynamic batching max {MAX_BATCH} queue delay {HEAVY_WAIT_MS:g} ms" if batch else ", no dynamic batching"
+        f", dynamic batching max {MAX_BATCH} queue delay {HEAVY_WAIT_MS:g} ms"
+        if batch
+        else f", dynamic batcher max {MAX_BATCH} with queue delay 0 (groups only what is queued, never waits)"
     )
     target = Target("pytriton (OIP v2)", port, "/v2/models/m/infer", oip_body(ctx.width), parse_oip, config)
     cmd = [ctx.python, str(SERVERS / "pytriton_server.py"), str(ctx.model_dir), str(port), str(ctx.port())]
