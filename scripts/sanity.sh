@@ -32,7 +32,7 @@ python_version=$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.vers
 # The inference server, the on-call CLI, benchmarks, examples and repo scripts are not collection content: they have
 # their own Python package and checks (ruff, pytest).
 excludes=()
-for path in runtime/ benchmarks/ examples/ ops/ scripts/ tests/unit/runtime/ tests/unit/examples/ tests/unit/ops/; do
+for path in runtime/ benchmarks/ examples/ ops/ scripts/ tests/unit/runtime/ tests/unit/examples/ tests/unit/ops/ tests/unit/benchmarks/; do
   [ -n "$(git ls-files "$path" | head -n 1)" ] && excludes+=(--exclude "$path")
 done
 ansible-test sanity --color no --python "$python_version" --local --requirements "${excludes[@]}" "$@"

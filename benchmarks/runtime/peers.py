@@ -169,11 +169,11 @@ def _bare(ctx: Ctx) -> list[Launch]:
 
 def _kserve(ctx: Ctx) -> list[Launch]:
     port = ctx.port()
-    config = "kserve.ModelServer, OIP v2 REST, 1 worker, gRPC and docs off, no access log (servers/kserve_server.py)"
+    config = "kserve.ModelServer, OIP v2 REST, 1 worker, gRPC, docs and per-request latency log off"
     target = Target("kserve (OIP v2)", port, "/v2/models/m/infer", oip_body(ctx.width), parse_oip, config)
     cmd = [ctx.python, str(SERVERS / "kserve_server.py")]
     cmd += ["--http_port", str(port), "--grpc_port", str(ctx.port()), "--workers", "1", "--enable_grpc", "false"]
-    cmd += ["--enable_docs_url", "false", "--log_level", "warning", "--access_log_format", ""]
+    cmd += ["--enable_docs_url", "false", "--enable_latency_logging", "false", "--log_level", "warning"]
     env = {"BENCH_MODEL_DIR": str(ctx.model_dir)}
     return [Launch("kserve", cmd, port, "/v2/health/ready", [target], config, env=env, cwd=SERVERS)]
 
@@ -248,7 +248,9 @@ def _pytriton(ctx: Ctx) -> list[Launch]:
     port = ctx.port()
     batch = ctx.heavy
     config = "PyTriton (Triton server in the wheel), OIP v2 REST, 1 model instance" + (
-        f", dynamic batching max {MAX_BATCH} queue delay {HEAVY_WAIT_MS:g} ms" if batch else ", no dynamic batching"
+        f", dynamic batching max {MAX_BATCH} queue delay {HEAVY_WAIT_MS:g} ms"
+        if batch
+        else f", dynamic batcher max {MAX_BATCH} with queue delay 0 (groups only what is queued, never waits)"
     )
     target = Target("pytriton (OIP v2)", port, "/v2/models/m/infer", oip_body(ctx.width), parse_oip, config)
     cmd = [ctx.python, str(SERVERS / "pytriton_server.py"), str(ctx.model_dir), str(port), str(ctx.port())]

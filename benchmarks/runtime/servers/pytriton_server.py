@@ -1,4 +1,4 @@
-"""PyTriton: the Triton server its wheel ships, one model instance, OIP v2 REST; dynamic batching from BENCH_BATCH.
+"""PyTriton: the Triton server its wheel ships, one model instance, OIP v2 REST; batch delay from BENCH_BATCH.
 
 python pytriton_server.py MODEL_DIR HTTP_PORT GRPC_PORT METRICS_PORT
 """
@@ -20,21 +20,24 @@ model, width, out_width = load_model(sys.argv[1])
 
 @batch
 def infer(input__0):
-    return {"output__0": model(torch.from_numpy(input__0)).numpy()}
+    with torch.inference_mode():  # PyTriton calls this from its own thread: autograd is per thread
+        return {"output__0": model(torch.from_numpy(input__0)).numpy()}
 
 
 if __name__ == "__main__":
     http, grpc, metrics = (int(p) for p in sys.argv[2:5])
     config = TritonConfig(http_address="127.0.0.1", http_port=http, grpc_address="127.0.0.1", grpc_port=grpc,
                           metrics_port=metrics, allow_metrics=False, log_verbose=0)  # fmt: skip
-    batcher = DynamicBatcher(max_queue_delay_microseconds=WAIT_US) if BATCH > 1 else None
+    # The batch dimension is always on (clients send [1, width]); without BENCH_BATCH the dynamic batcher only
+    # groups what is already queued (queue delay 0), with it it waits up to BENCH_WAIT_MS for a fuller batch.
+    batcher = DynamicBatcher(max_queue_delay_microseconds=WAIT_US if BATCH > 1 else 0)
     with Triton(config=config) as triton:
         triton.bind(
             model_name="m",
             infer_func=infer,
             inputs=[Tensor(name="input__0", dtype=np.float32, shape=(width,))],
             outputs=[Tensor(name="output__0", dtype=np.float32, shape=(out_width,))],
-            config=ModelConfig(max_batch_size=max(BATCH, 1), batcher=batcher, batching=BATCH > 1),
+            config=ModelConfig(max_batch_size=max(BATCH, 16), batcher=batcher, batching=True),
             strict=False,
         )
         triton.serve()

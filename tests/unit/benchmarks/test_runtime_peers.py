@@ -139,9 +139,11 @@ def test_batching_peers_batch_on_the_heavy_model_only_and_say_so(tmp_path):
         ctx = peers.Ctx(model, tmp_path, 64, "/p/bin/python", tmp_path, lambda: 1)
         return peers.PEERS[name].launches(ctx)[0].config
 
-    for name in ("torchserve", "ray", "litserve", "pytriton"):
-        assert "no batching" in config("light", name) or "no dynamic batching" in config("light", name), name
+    for name in ("torchserve", "ray", "litserve"):
+        assert "no batching" in config("light", name), name
         assert "max 16" in config("heavy", name) or "batchSize 16" in config("heavy", name), name
+    assert "queue delay 0" in config("light", "pytriton")
+    assert "queue delay 2 ms" in config("heavy", "pytriton")
 
 
 def test_install_reports_a_missing_java_with_the_setup_hint(monkeypatch):
