@@ -64,7 +64,7 @@ sanity: ## ansible-test sanity on a copy laid out as ansible_collections/soverei
 # (ansible.errors, as filter plugins do) sets ansible's is_controller, after which a module's warnings go to the
 # controller's display instead of its result, so filter tests never share a process with module tests.
 UNIT_GROUPS := "tests/unit/plugins/modules tests/unit/plugins/module_utils tests/unit/ops tests/unit/playbooks tests/unit/roles" \
-               "tests/unit/plugins/filter" "tests/unit/runtime tests/unit/examples"
+               "tests/unit/plugins/filter" "tests/unit/runtime tests/unit/examples tests/unit/benchmarks"
 
 unit: ## pytest unit tests (modules, module_utils, CLI; runtime and examples in a second process)
 	@rc=0; for group in $(UNIT_GROUPS); do \

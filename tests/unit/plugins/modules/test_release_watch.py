@@ -35,6 +35,7 @@ from ansible_collections.sovereign.mlops.tests.unit.plugins.modules.release_fixt
     OIPServer,
     free_port,
     needs_haproxy,
+    refused_port,
     render_haproxy_cfg,
     run_module,
     template_vars,
@@ -140,7 +141,11 @@ READY_CASES = [
 @pytest.mark.parametrize("case", READY_CASES, ids=[c["id"] for c in READY_CASES])
 def test_wait_ready(capsys, case):
     server = ReadyServer(case["script"], case.get("stop_after")) if case["script"] else None
-    url = f"http://127.0.0.1:{free_port()}" if server is None else server.url
+    with refused_port() as port:
+        _wait_ready(capsys, case, server, f"http://127.0.0.1:{port}" if server is None else server.url)
+
+
+def _wait_ready(capsys, case, server, url):
     try:
         start = time.monotonic()
         result = run_module(
@@ -417,8 +422,8 @@ def test_prometheus_p99_over_the_limit_is_degraded(capsys, prometheus_runtime):
 
 @needs_haproxy
 def test_unreachable_prometheus_falls_back_to_the_probes(capsys):
-    url = f"http://127.0.0.1:{free_port()}"
-    with switch(live="green") as env:
+    with refused_port() as port, switch(live="green") as env:
+        url = f"http://127.0.0.1:{port}"
         result = run_module(release_watch.main, dict(PROM_WATCH, url=env.url, prometheus_url=url), capsys)
     assert not result.get("failed"), result
     assert result["source"] == "probes"

@@ -40,6 +40,15 @@ def free_port():
         return sock.getsockname()[1]
 
 
+@contextlib.contextmanager
+def refused_port():
+    """A loopback port nobody listens on for as long as the block runs: bound, never listening, so a connect
+    is refused at once and no other process can take the port meanwhile (free_port() gives no such promise)."""
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
 def template_vars(tmp, frontend_port, stats_port, colors, **overrides):
     """Test values for every traffic_switch_* variable haproxy.cfg.j2 uses."""
     values = dict(
