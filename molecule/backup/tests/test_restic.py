@@ -205,10 +205,14 @@ def test_sigkill_mid_backup_then_next_run_names_the_stale_lock(host, repo):
             break
         host.run_expect([0], f"kill -CONT {pid}; sleep 0.2; kill -STOP {pid}")
     host.run_expect([0], f"kill -KILL {pid}")
-    for _attempt in range(120):
-        if host.service("sovereign-restic-backup.service").is_running is False:
+    # A oneshot unit is "activating" while it runs (is_running would be False at once): wait for the killed run's
+    # clean-up (clones dropped, ZFS snapshots pruned) to end, so the next run does not meet its sovereign-job lock.
+    for _attempt in range(240):
+        state = host.check_output("systemctl show -p ActiveState --value sovereign-restic-backup.service")
+        if state in ("failed", "inactive"):
             break
         time.sleep(0.5)
+    assert state == "failed", f"the killed run's unit is {state}"
     assert repo.run(f"ls {REPO_DIR}/locks | grep -q .").rc == 0, "the killed restic left its lock behind"
     host.run_expect([0], "rm -f /var/lib/sovereign/dvc/cache/big.bin")
     res = job(host, "restic_backup")[0]
