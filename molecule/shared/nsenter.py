@@ -45,7 +45,7 @@ class Target:
             text=True,
             check=False,
         )
-        pid, _, env = proc.stdout.strip().partition(" ")
+        pid, _sep, env = proc.stdout.strip().partition(" ")
         if proc.returncode != 0 or not pid.isdigit() or pid == "0":
             raise ContainerGone(
                 f"container {self.name} is not running (podman inspect rc={proc.returncode}: "

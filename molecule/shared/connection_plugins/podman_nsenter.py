@@ -97,7 +97,7 @@ class Connection(ConnectionBase):
         if not os.path.exists(to_bytes(in_path)):
             raise AnsibleFileNotFound(f"file or module does not exist: {in_path}")
         with open(to_bytes(in_path), "rb") as src:
-            rc, _, err = self._run(self._target.argv("/bin/sh", "-c", 'cat > "$1"', "sh", out_path), stdin=src)
+            rc, _out, err = self._run(self._target.argv("/bin/sh", "-c", 'cat > "$1"', "sh", out_path), stdin=src)
         if rc != 0:
             raise AnsibleError(f"failed to put {in_path} to {out_path}: {to_native(err)}")
 
@@ -105,7 +105,7 @@ class Connection(ConnectionBase):
         super().fetch_file(in_path, out_path)
         self._connect()
         with open(to_bytes(out_path), "wb") as dst:
-            rc, _, err = self._run(self._target.argv("/bin/cat", "--", in_path), stdout=dst)
+            rc, _out, err = self._run(self._target.argv("/bin/cat", "--", in_path), stdout=dst)
         if rc != 0:
             raise AnsibleError(f"failed to fetch {in_path} to {out_path}: {to_native(err)}")
 
