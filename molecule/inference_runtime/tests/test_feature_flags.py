@@ -49,9 +49,9 @@ def wait_for(predicate, what, timeout=15.0):
 
 def test_the_flag_file_is_readable_by_the_runtime_only(host):
     f = host.file(FLAGS)
-    assert (f.user, f.group, f.mode) == ("root", "sovereign-runtime", 0o640)
+    assert (f.user, f.group, f.mode) == ("root", "sovereign", 0o640)
     d = host.file("/etc/sovereign/flags")
-    assert (d.user, d.group, d.mode) == ("root", "sovereign-runtime", 0o750)
+    assert (d.user, d.group, d.mode) == ("root", "sovereign", 0o750)
     doc = json.loads(f.content_string)
     assert doc["$schema"] == "https://flagd.dev/schema/v0/flags.json"
     assert set(doc["flags"]) == {"runtime-batching", "runtime-feature-fetch"}

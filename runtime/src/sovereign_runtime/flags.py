@@ -64,15 +64,18 @@ class RuntimeFlags:
 
         def changed(details: Any) -> None:
             values = self.evaluate()
+            if values is None:
+                return  # READY follows and evaluates again
             on_change(lambda: self._apply(values, getattr(details, "flags_changed", None)))
 
         def failed(details: Any) -> None:
             log_event("flags_file_error", logging.ERROR, path=self.path, reason=getattr(details, "message", None))
 
+        # The provider first: a READY handler added earlier would run at once for the domain's no-op provider.
+        api.set_provider(provider, DOMAIN)
         self._client.add_handler(ProviderEvent.PROVIDER_READY, changed)
         self._client.add_handler(ProviderEvent.PROVIDER_CONFIGURATION_CHANGED, changed)
         self._client.add_handler(ProviderEvent.PROVIDER_ERROR, failed)
-        api.set_provider(provider, DOMAIN)
 
     def close(self) -> None:
         if self._api is not None:
@@ -95,12 +98,17 @@ class RuntimeFlags:
         attrs = {"host": self.host, "color": self.color, "model": self.model}
         return EvaluationContext(f"{self.host}/{self.color}", attrs)
 
-    def evaluate(self) -> dict[str, bool]:
+    def evaluate(self) -> dict[str, bool] | None:
+        """The switches' values now, or None while the provider is not ready yet: the file's first load emits
+        CONFIGURATION_CHANGED before READY, and an evaluation in between would answer the code defaults."""
         ctx = self.context()
-        return {
-            "batching": bool(self._client.get_boolean_value(BATCHING, True, ctx)),
-            "feature_fetch": bool(self._client.get_boolean_value(FEATURE_FETCH, True, ctx)),
-        }
+        values = {}
+        for name, key in (("batching", BATCHING), ("feature_fetch", FEATURE_FETCH)):
+            details = self._client.get_boolean_details(key, True, ctx)
+            if getattr(details.error_code, "value", details.error_code) == "PROVIDER_NOT_READY":
+                return None
+            values[name] = bool(details.value)
+        return values
 
     def _apply(self, values: dict[str, bool], changed: Any) -> None:
         before = {"batching": self.batching, "feature_fetch": self.feature_fetch}

@@ -38,7 +38,7 @@ def host_files(tmp_path, flags=FLAG_FILE):
     if flags is not None:
         path.write_text(flags if isinstance(flags, str) else json.dumps(flags))
     fact = tmp_path / "sovereign.fact"
-    fact.write_text(json.dumps({"feature_flags": {"file": str(path), "group": "sovereign-runtime"}}))
+    fact.write_text(json.dumps({"feature_flags": {"file": str(path), "group": "sovereign"}}))
     return fact, path
 
 
