@@ -700,10 +700,11 @@ class Switch:
                 except OSError as exc:
                     rollback_note += f"; could not restore {map_file} ({exc})"
                 self.fail(
-                    "{} not confirmed: {} consecutive requests through {} were answered by {} within {}s (last: "
-                    "{}); {}. Check frontend_url and that haproxy.cfg routes by the map entries.".format(
+                    "{} not confirmed: {} of {} consecutive requests through {} were answered by {} within {}s "
+                    "(last: {}); {}. Check frontend_url and that haproxy.cfg routes by the map entries.".format(
                         f"switch to {self.color}" if not is_split else f"split {self.color} {p['weight']}%",
                         count,
+                        p["confirm_requests"],
                         p["frontend_url"],
                         failed_color,
                         p["confirm_timeout"],
