@@ -180,6 +180,7 @@ class ExperimentStore:
 
     def start(self) -> None:
         self._open()  # in the caller: a database that cannot be opened fails the start, not a request later
+        self.poll_control()  # a restart inside an experiment records from its first request, not the first poll
         self._thread = threading.Thread(target=self._run, name="experiment-writer", daemon=True)
         self._thread.start()
 
