@@ -21,7 +21,7 @@ import math
 import socket
 import ssl
 import time
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 # Datatypes of the Open Inference Protocol (tensor data types). The runtime keeps the same set in
 # runtime/src/sovereign_runtime/protocol.py (a separate package); tests/unit/runtime/test_oip_datatypes.py
@@ -328,6 +328,27 @@ def golden_from_metadata(metadata):
         except ValueError:
             return golden
     return golden
+
+
+def golden_request_body(golden, golden_file, client, model_name):
+    """The JSON request body of the golden inference: GOLDEN, else GOLDEN_FILE, else the model metadata's
+    ``parameters.golden`` (a mapping or a path) asked through CLIENT. Raises ValueError with the reason."""
+    if golden is None and golden_file:
+        try:
+            with open(golden_file, encoding="utf-8") as handle:
+                golden = json.load(handle)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read the golden file {golden_file}: {exc}") from None
+    if golden is None:
+        status, _headers, data, _seconds = client.request("GET", f"/v2/models/{quote(model_name)}")
+        if status != 200:
+            raise ValueError(f"the model metadata answered {status}: {excerpt(data)}")
+        golden = golden_from_metadata(json.loads(data))
+        if isinstance(golden, str) and golden.startswith("/"):
+            return golden_request_body(None, golden, client, model_name)
+    if not isinstance(golden, dict) or not golden.get("inputs"):
+        raise ValueError("no golden example with inputs (parameters.golden of the model metadata)")
+    return json.dumps({"inputs": golden["inputs"]}).encode()
 
 
 def percentile(values, pct):

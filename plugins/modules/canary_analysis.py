@@ -233,7 +233,6 @@ keys:
   sample: {canary: sovereign-probe-3, stable: sovereign-probe-0}
 """
 
-import json
 import time
 import urllib.parse
 
@@ -254,7 +253,7 @@ from ansible_collections.sovereign.mlops.plugins.module_utils._oip import (
     URLError,
     describe_transport_error,
     excerpt,
-    golden_from_metadata,
+    golden_request_body,
 )
 from ansible_collections.sovereign.mlops.plugins.module_utils._prometheus import PrometheusError, color_window, scalar
 
@@ -305,20 +304,6 @@ class Arm:
         self.client.close()
 
 
-def golden_body(golden, client, model_name):
-    if golden is None:
-        status, _headers, data, _seconds = client.request("GET", f"/v2/models/{urllib.parse.quote(model_name)}")
-        if status != 200:
-            raise ValueError(f"the model metadata answered {status}: {excerpt(data)}")
-        golden = golden_from_metadata(json.loads(data))
-        if isinstance(golden, str) and golden.startswith("/"):
-            with open(golden, encoding="utf-8") as handle:
-                golden = json.load(handle)
-    if not isinstance(golden, dict) or not golden.get("inputs"):
-        raise ValueError("no golden example with inputs (parameters.golden of the model metadata)")
-    return json.dumps({"inputs": golden["inputs"]}).encode()
-
-
 def prometheus_arms(p, stable, elapsed, wall):
     """(canary figures, stable figures, error) from Prometheus over the analysis so far."""
     seconds = elapsed + p["prometheus_scrape_interval"]
@@ -366,7 +351,7 @@ def analyse(p, warn=lambda msg: None, clock=time.monotonic, sleep=time.sleep, wa
     start = clock()
     try:
         try:
-            body = golden_body(p["golden"], arms[0].client, p["model_name"])
+            body = golden_request_body(p["golden"], None, arms[0].client, p["model_name"])
         except (ValueError, OSError, *TRANSPORT_ERRORS) as exc:
             out.update(verdict=FAIL, ended=round(wall(), 3))
             out["failed_checks"] = [f"could not read the golden example through {p['url']}: {exc}"]

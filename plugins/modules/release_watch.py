@@ -271,7 +271,7 @@ from ansible_collections.sovereign.mlops.plugins.module_utils._oip import (
     URLError,
     describe_transport_error,
     excerpt,
-    golden_from_metadata,
+    golden_request_body,
     http_get,
     percentile,
 )
@@ -335,26 +335,6 @@ def wait_ready(url, color, timeout, poll_interval, request_timeout, clock=time.m
         sleep(min(poll_interval, max(0.0, deadline - now)))
 
 
-def load_golden(golden, golden_file, client, model_name):
-    """The JSON request body of the golden inference (raises ValueError with the reason)."""
-    if golden is None and golden_file:
-        try:
-            with open(golden_file, encoding="utf-8") as handle:
-                golden = json.load(handle)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot read the golden file {golden_file}: {exc}") from None
-    if golden is None:
-        status, _headers, data, _seconds = client.request("GET", f"/v2/models/{urllib.parse.quote(model_name)}")
-        if status != 200:
-            raise ValueError(f"the model metadata answered {status}: {excerpt(data)}")
-        golden = golden_from_metadata(json.loads(data))
-        if isinstance(golden, str) and golden.startswith("/"):
-            return load_golden(None, golden, client, model_name)
-    if not isinstance(golden, dict) or not golden.get("inputs"):
-        raise ValueError("no golden example with inputs (parameters.golden of the model metadata)")
-    return json.dumps({"inputs": golden["inputs"]}).encode()
-
-
 def judge(requests, errors, p99_ms, max_error_ratio, max_p99_ms, min_requests):
     """(degraded, reason) for the figures of one watch window."""
     if requests < min_requests:
@@ -403,7 +383,7 @@ def watch_traffic(p, clock=time.monotonic, sleep=time.sleep, warn=lambda msg: No
     client = HTTPClient(p["url"], timeout=p["request_timeout"])
     try:
         try:
-            body = load_golden(p["golden"], p["golden_file"], client, p["model_name"])
+            body = golden_request_body(p["golden"], p["golden_file"], client, p["model_name"])
         except (ValueError, *TRANSPORT_ERRORS) as exc:
             out.update(degraded=True, reason=f"could not read the golden example through {p['url']}: {exc}")
             return False, f"{p['color']} could not be watched: {out['reason']}", out
