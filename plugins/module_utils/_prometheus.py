@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import urllib.error
 import urllib.parse
 
@@ -111,7 +112,9 @@ def color_window(base_url, host, color, seconds, at=None, timeout=5.0, job=RUNTI
     ``requests`` is None when Prometheus has no infer requests of that color in the window (not scraped yet, no
     traffic); then ratio and p99 are None too. Raises :class:`PrometheusError` when Prometheus cannot answer.
     """
-    kwargs = dict(at=at, timeout=timeout)
+    # One instant for all three queries: evaluated at "now" each, a window sliding between them gives a ratio of
+    # two different windows (seen: 5.4 errors over 300 requests when 6 of 300 failed).
+    kwargs = dict(at=time.time() if at is None else at, timeout=timeout)
     if opener is not None:
         kwargs["opener"] = opener
     exprs = window_queries(host, color, seconds, job=job)
