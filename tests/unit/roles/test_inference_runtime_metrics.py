@@ -42,12 +42,11 @@ def host(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def run_metrics(host: Path) -> dict:
+def run_metrics(host: Path, color_metrics: bool = True) -> dict:
     """Run the entry point once; returns whether it changed and the contract's metrics after it."""
-    runtime = {
-        "colors": {c: {"model_env": str(host / "cfg" / f"{c}.model.env")} for c in COLORS},
-        "color_metrics": {c: endpoint(c) for c in COLORS},
-    }
+    runtime = {"colors": {c: {"model_env": str(host / "cfg" / f"{c}.model.env")} for c in COLORS}}
+    if color_metrics:
+        runtime["color_metrics"] = {c: endpoint(c) for c in COLORS}
     play = [
         {
             "hosts": "all",
@@ -110,3 +109,11 @@ def test_a_color_is_a_target_once_it_has_a_model_and_stays_one(host):
     assert got["changed"] is True
     assert sorted(runtimes(got["metrics"])) == ["sovereign_runtime_blue", "sovereign_runtime_green"]
     assert got["metrics"]["sovereign_runtime_blue"]["port"] == COLORS["blue"]
+
+
+def test_a_contract_without_color_metrics_is_left_as_it_is(host):
+    """A host whose runtime section predates color_metrics (a deploy before the role's next converge): the
+    endpoints it has stay, rather than being withdrawn."""
+    before = json.loads((host / "sovereign.fact").read_text())["metrics"]
+    got = run_metrics(host, color_metrics=False)
+    assert got == {"changed": False, "metrics": before}
