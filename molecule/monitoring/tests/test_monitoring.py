@@ -63,13 +63,13 @@ def wait_until(what, check, timeout=120, every=1.0):
         time.sleep(every)
 
 
-def all_up(host, since=0.0):
-    """Every expected target up, each scraped after SINCE (epoch seconds)."""
+def all_up(host, since=0.0, jobs=None):
+    """Every expected target (JOBS, or JOBS) up, each scraped after SINCE (epoch seconds)."""
     got = targets(host)
     by_job = {}
     for t in got:
         by_job.setdefault(t["labels"]["job"], []).append(t)
-    if {j: len(ts) for j, ts in by_job.items()} != JOBS:
+    if {j: len(ts) for j, ts in by_job.items()} != (jobs or JOBS):
         return False
     for t in got:
         scraped = t["lastScrape"][:19]
@@ -179,28 +179,87 @@ def notifications(host, status):
     ]
 
 
+def green_alerts(host):
+    return {
+        a["labels"]["alertname"]
+        for a in api(host, "/api/v1/alerts")["alerts"]
+        if a["labels"].get("color") == "green" and a["state"] in ("pending", "firing")
+    }
+
+
 def test_stopped_runtime_alerts_then_resolves(host, infer):
-    """Stop the idle color: the alert reaches the webhook receiver through Alertmanager; start it: resolved."""
+    """Stop the idle color (it has a model: a deployed standby): the alert reaches the webhook receiver through
+    Alertmanager; start it: resolved."""
     before = len(received(host))
     infer.check_output("systemctl stop sovereign-runtime@green")
     try:
         fired = wait_until("the firing notification", lambda: notifications(host, "firing"), timeout=90)
         assert fired[0]["labels"]["host"] == INFER
         assert fired[0]["annotations"]["summary"] == f"green runtime on {INFER} is down"
-        # The collection's own rules see it too (pending: their `for` is minutes).
-        active = {
-            a["labels"]["alertname"]
-            for a in api(host, "/api/v1/alerts")["alerts"]
-            if a["labels"].get("color") == "green" and a["state"] in ("pending", "firing")
-        }
-        # Runtimes are InferenceRuntimeDown's alone: SovereignTargetDown (critical) leaves them out, since a
-        # never-deployed idle color is down by design (roles/prometheus/files/monitoring/alerts.yml).
-        assert "InferenceRuntimeDown" in active and "SovereignTargetDown" not in active, active
+        # The collection's own rules see it too (pending: their `for` is minutes). A color with a model that stops
+        # is a down target like any other (docs/adr/1531): SovereignTargetDown too, which Alertmanager inhibits
+        # where InferenceRuntimeDown fires for the same target.
+        wanted = {"InferenceRuntimeDown", "SovereignTargetDown"}
+        wait_until("the collection's alerts pending", lambda: wanted <= green_alerts(host), timeout=60)
     finally:
         infer.check_output("systemctl start sovereign-runtime@green")
     wait_until("the resolved notification", lambda: notifications(host, "resolved"), timeout=120)
     assert len(received(host)) > before
     wait_until("every target up again", lambda: all_up(host), timeout=60)
+
+
+# What a deploy does for the metrics of the color it gives a model (roles/release/tasks/host.yml, playbooks/deploy.yml):
+# the runtime publishes the endpoints of the colors that have a model, the monitoring host rewrites its targets.
+PUBLISH = """
+- name: Publish the metrics endpoints of the colors that have a model
+  hosts: inference
+  gather_facts: false
+  tasks:
+    - ansible.builtin.setup: {gather_subset: ["!all", "!min", local], filter: ansible_local}
+    - ansible.builtin.include_role: {name: sovereign.mlops.inference_runtime, tasks_from: metrics}
+- name: Rewrite the scrape targets
+  hosts: monitoring
+  gather_facts: true
+  tasks:
+    - ansible.builtin.include_role: {name: sovereign.mlops.prometheus, tasks_from: targets}
+"""
+
+
+def publish(tmp_path):
+    playbook = tmp_path / "publish.yml"
+    playbook.write_text(PUBLISH)
+    proc = subprocess.run(
+        [ANSIBLE_PLAYBOOK, "-i", INVENTORY, str(playbook)], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
+def runtime_series(host):
+    got = api(host, "/api/v1/query?query=up%7Bjob%3D%22sovereign_runtime%22%7D")["result"]
+    return sorted(r["metric"]["color"] for r in got)
+
+
+def test_a_color_is_a_target_once_it_has_a_model(host, infer, tmp_path):
+    """docs/adr/1531: green without a model (a fresh host whose green was never deployed) is no target, so its
+    stopped runtime is no alert; green given its model back (a deploy) is a target again, and up."""
+    assert INVENTORY, "MOLECULE_INVENTORY_FILE is not set (run through molecule verify)"
+    model_env = host_contract.read_contract(infer)["runtime"]["colors"]["green"]["model_env"]
+    aside = "/root/molecule-green.model.env"
+    infer.check_output(f"mv {model_env} {aside}")
+    try:
+        publish(tmp_path)
+        assert "sovereign_runtime_green" not in host_contract.read_contract(infer)["metrics"]
+        only_blue = {**JOBS, "sovereign_runtime": 1}
+        wait_until("green gone from the targets, the rest up", lambda: all_up(host, jobs=only_blue), timeout=60)
+        # Not scraped, so no series for any rule to alert on, stopped or not.
+        infer.check_output("systemctl stop sovereign-runtime@green")
+        wait_until("no up series of green", lambda: runtime_series(host) == ["blue"], timeout=60)
+        assert not green_alerts(host)
+    finally:
+        infer.check_output(f"mv {aside} {model_env}; systemctl start sovereign-runtime@green")
+    publish(tmp_path)
+    assert host_contract.read_contract(infer)["metrics"]["sovereign_runtime_green"]["labels"] == {"color": "green"}
+    wait_until("green a target again, every target up", lambda: all_up(host), timeout=90)
 
 
 BAD_INPUT = """
