@@ -102,6 +102,7 @@ class FeatureSource:
         self.ok = 0
         self.unknown = 0
         self.unavailable = 0
+        self.reads = 0  # online reads attempted (feature_store_reads_total)
         self.latency: Any = None  # metrics.Histogram, set by the engine
 
     # ---------------------------------------------------------------------------------------------
@@ -243,6 +244,7 @@ class FeatureSource:
         now = time.monotonic()
         if not self.up and now < self._retry_at:
             raise StoreUnavailable(self._down_message(now), attempted=False)
+        self.reads += 1
         field = _ENTITY_FIELD[self.entity_type]
         value_type = self._value_type
         entity = [self._make_key(join_keys=[self.entity_key], entity_values=[value_type(**{field: k})]) for k in keys]

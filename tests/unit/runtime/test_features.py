@@ -262,6 +262,7 @@ def test_concurrent_keyed_requests_share_one_online_read(loaded, models, repo, c
     text = run(client.get("/metrics")).body.decode()
     assert 'result="ok"} 5.0' in text  # counted per request, not per read
     assert metric(text, "sovereign_runtime_feature_fetch_duration_seconds_count") == 5
+    assert metric(text, "sovereign_runtime_feature_store_reads_total") == 1
 
 
 def test_one_unknown_key_fails_only_the_request_that_asked_for_it(loaded, models, repo, client_for):
