@@ -380,7 +380,14 @@ class FetchCoalescer:
         if not waits:
             return
         if self._executor is None:
-            self._answer(waits, self._read(waits))
+            try:
+                results = self._read(waits)
+            except Exception as exc:  # a bug in the read: its requests get it (a 500), none is left hanging
+                for w in waits:
+                    if not w.fut.done():
+                        w.fut.set_exception(exc)
+                return
+            self._answer(waits, results)
             return
         self._reading = True
         job = asyncio.get_running_loop().run_in_executor(self._executor, self._read_blocking, waits)
