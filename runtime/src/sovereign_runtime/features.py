@@ -326,6 +326,10 @@ class FeatureSource:
         return doc
 
 
+# Keys per coalesced read at most (docs/adr/1631-coalesced-feature-fetch.md: a 256-key read measured ~MEASURE).
+MAX_READ_KEYS = 256
+
+
 class _Wait:
     __slots__ = ("fut", "keys", "t0")
 
@@ -376,9 +380,20 @@ class FetchCoalescer:
 
     def _flush(self) -> None:
         self._handle = None
-        waits, self._pending = self._pending, []
-        if not waits:
+        pending = self._pending
+        if not pending:
             return
+        # At most MAX_READ_KEYS keys per read (one request's own keys always go in one read, however many): a
+        # bounded read stays well inside the socket timeout, whose expiry would mark the store down for all.
+        n = len(pending[0].keys)
+        cut = 1
+        while cut < len(pending) and n + len(pending[cut].keys) <= MAX_READ_KEYS:
+            n += len(pending[cut].keys)
+            cut += 1
+        waits = pending[:cut]
+        self._pending = pending[cut:]
+        if self._pending and self._executor is None:
+            self._handle = asyncio.get_running_loop().call_soon(self._flush)
         if self._executor is None:
             try:
                 results = self._read(waits)

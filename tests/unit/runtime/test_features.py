@@ -265,6 +265,27 @@ def test_concurrent_keyed_requests_share_one_online_read(loaded, models, repo, c
     assert metric(text, "sovereign_runtime_feature_store_reads_total") == 1
 
 
+def test_a_coalesced_read_is_bounded_in_keys_and_the_rest_waits_for_the_next(
+    loaded, models, repo, client_for, monkeypatch
+):
+    from sovereign_runtime import features
+
+    monkeypatch.setattr(features, "MAX_READ_KEYS", 3)
+    engine = coalescing_engine(loaded, repo)
+    client = client_for(engine)
+    groups = [[1], [2], [3, 4], [5], [6, 7, 8, 9]]  # reads: [1] [2] | [3, 4] [5] | [6, 7, 8, 9] (one request: whole)
+
+    async def go():
+        return await asyncio.gather(*(client.post("/v2/models/mlp/infer", keyed_body(g)) for g in groups))
+
+    answers = run(go())
+    assert engine.fetcher.reads == 3
+    for keys, answer in zip(groups, answers, strict=True):
+        assert answer.status == 200, answer.body
+        want = models.expected(torch.tensor([features_of(k) for k in keys]))
+        assert torch.allclose(torch.tensor(answer.json()["outputs"][0]["data"]).reshape(want.shape), want, atol=1e-6)
+
+
 def test_one_unknown_key_fails_only_the_request_that_asked_for_it(loaded, models, repo, client_for):
     engine = coalescing_engine(loaded, repo)
     client = client_for(engine)
