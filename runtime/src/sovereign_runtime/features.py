@@ -38,7 +38,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -326,7 +325,8 @@ class FeatureSource:
         return doc
 
 
-# Keys per coalesced read at most (docs/adr/1631-coalesced-feature-fetch.md: a 256-key read measured ~MEASURE).
+# Keys per coalesced read at most (ADR 1631): ~50 us per key on the loaded 2-core lab machine (16 keys 1.05-1.10 ms
+# p50, docs/benchmarks.md), so ~13 ms for 256, far inside the 100 ms socket timeout.
 MAX_READ_KEYS = 256
 
 
@@ -346,32 +346,30 @@ class FetchCoalescer:
     A request that is alone (nothing pending, no read in flight, the server handling this request only) reads at
     once, inline. Otherwise it joins ``pending`` and the first to join schedules the read with ``call_soon``: every
     request already parsed in this loop iteration joins the same read, as the batcher does for forwards, and
-    their futures are answered together; each then goes on to the batcher. ``threaded``: the read runs on one
-    dedicated thread, the loop stays free meanwhile and the requests that arrive during a read join the next
-    one. Accounting (``feature_fetches_total``, the fetch histogram) is per request, on the loop thread.
+    their futures are answered together; each then goes on to the batcher. The read runs on the loop thread: a
+    dedicated fetch thread was measured and not taken (ADR 1631). Accounting (``feature_fetches_total``, the
+    fetch histogram) is per request.
     """
 
-    def __init__(self, source: FeatureSource, dtype: torch.dtype, threaded: bool = False) -> None:
+    def __init__(self, source: FeatureSource, dtype: torch.dtype) -> None:
         self.source = source
         self.dtype = dtype
         self._fetch = source.fetch  # bound now: flags.gate_fetch may have wrapped it (runtime-feature-fetch)
         self._pending: list[_Wait] = []
         self._handle: asyncio.Handle | None = None
-        self._reading = False  # a threaded read in flight
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="feature-fetch") if threaded else None
         self.busy: Callable[[], int] | None = None  # requests in the server (the engine's busy), None: unknown
         self.reads = 0  # online reads done (tests, benchmarks: requests per read = fetches / reads)
 
     async def fetch(self, keys: list[Any]) -> torch.Tensor:
         """This request's [len(keys), F] features. Raises RequestError (404 for its own keys, 503)."""
         t0 = perf_counter()
-        if not self._pending and not self._reading and self.busy is not None and self.busy() <= 1:
+        if not self._pending and self.busy is not None and self.busy() <= 1:
             result = self._read([_Wait(keys, None, t0)])[0]  # type: ignore[arg-type]
         else:
             loop = asyncio.get_running_loop()
             wait = _Wait(keys, loop.create_future(), t0)
             self._pending.append(wait)
-            if self._handle is None and not self._reading:
+            if self._handle is None:
                 self._handle = loop.call_soon(self._flush)
             result = await wait.fut
         if type(result) is torch.Tensor:
@@ -392,49 +390,26 @@ class FetchCoalescer:
             cut += 1
         waits = pending[:cut]
         self._pending = pending[cut:]
-        if self._pending and self._executor is None:
+        if self._pending:
             self._handle = asyncio.get_running_loop().call_soon(self._flush)
-        if self._executor is None:
-            try:
-                results = self._read(waits)
-            except Exception as exc:  # a bug in the read: its requests get it (a 500), none is left hanging
-                for w in waits:
-                    if not w.fut.done():
-                        w.fut.set_exception(exc)
-                return
-            self._answer(waits, results)
-            return
-        self._reading = True
-        job = asyncio.get_running_loop().run_in_executor(self._executor, self._read_blocking, waits)
-        job.add_done_callback(lambda done: self._read_done(waits, done))
-
-    def _read_done(self, waits: list[_Wait], done: asyncio.Future) -> None:
-        self._reading = False
         try:
-            result = done.result()
-        except BaseException as exc:  # a bug in the read: its requests get it, as an inline read's would
+            results = self._read(waits)
+        except Exception as exc:  # a bug in the read: its requests get it (a 500), none is left hanging
             for w in waits:
                 if not w.fut.done():
                     w.fut.set_exception(exc)
-        else:
-            self._account(waits, result)
-            self._answer(waits, result[0])
-        if self._pending:  # arrived during the read: the next read takes them all
-            self._flush()
-
-    @staticmethod
-    def _answer(waits: list[_Wait], results: list[Any]) -> None:
+            return
         for w, r in zip(waits, results, strict=True):
             if not w.fut.done():  # its handler was cancelled (shutdown)
                 w.fut.set_result(r)
 
     def _read(self, waits: list[_Wait]) -> list[Any]:
-        """Loop thread: read and account."""
-        result = self._read_blocking(waits)
+        """Read and account: per request, its tensor or its RequestError."""
+        result = self._fetch_all(waits)
         self._account(waits, result)
         return result[0]
 
-    def _read_blocking(self, waits: list[_Wait]) -> tuple[list[Any], str]:
+    def _fetch_all(self, waits: list[_Wait]) -> tuple[list[Any], str]:
         """One fetch for every waiting request's keys -> (per request: tensor or RequestError, outcome)."""
         self.reads += 1
         keys = waits[0].keys if len(waits) == 1 else [k for w in waits for k in w.keys]
@@ -478,10 +453,6 @@ class FetchCoalescer:
                     source.ok += 1
                 else:
                     source.unknown += 1
-
-    def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _iso(stamp: float) -> str:
