@@ -343,7 +343,7 @@ class FetchCoalescer:
     """The keyed requests waiting at the same moment share one ``FeatureSource.fetch``: one ``online_read`` per
     feature view, one Redis pipeline, for all their keys (docs/adr/1631-coalesced-feature-fetch.md).
 
-    A request that is alone (nothing pending, no read in flight, the server handling this request only) reads at
+    A request that is alone (nothing pending, the server handling this request only) reads at
     once, inline. Otherwise it joins ``pending`` and the first to join schedules the read with ``call_soon``: every
     request already parsed in this loop iteration joins the same read, as the batcher does for forwards, and
     their futures are answered together; each then goes on to the batcher. The read runs on the loop thread: a
