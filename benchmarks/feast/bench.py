@@ -4,6 +4,11 @@
 
     python benchmarks/feast/bench.py               # 5 s per measurement, c=1 and c=16
     python benchmarks/feast/bench.py --seconds 10  # longer
+    python benchmarks/feast/bench.py --compare main --runtime-only  # before/after: runtime rows for both sources
+
+``--compare REF`` (repeatable) also serves the runtime of git REF (``git archive REF runtime/src``, the same venv)
+and measures its HTTP rows in the same run, right before this checkout's: before/after on the same machine at
+the same moment. ``--runtime-only`` skips the Feast SDK and ``feast serve`` rows.
 
 Everything is real and on loopback: Debian's redis-server on a free port (password, no persistence), a Feast repo
 shaped like the churn example (entity customer_id, 8 features, 10,000 customers) applied to a file registry and
@@ -44,6 +49,8 @@ from feast_testrepo import RedisServer, apply_and_materialize, feature_store_yam
 
 N_ENTITIES = 10_000
 KEY = 4242  # the single entity every request asks for
+FETCH_ROW = "runtime fetch: FeatureSource.fetch (in-process)"
+KEYED_ROW = "sovereign-runtime infer by customer_id (HTTP: fetch + forward)"
 FEATURES = ["tenure_months", "monthly_charges", "support_calls", "contract_one_year", "contract_two_year",
             "autopay", "num_products", "data_usage_gb"]  # fmt: skip
 
@@ -70,13 +77,13 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     raise SystemExit(f"{url} not ready after {timeout}s")
 
 
-def start(cmd: list[str], pin: bool, log: Path) -> subprocess.Popen:
+def start(cmd: list[str], pin: bool, log: Path, src: Path = ROOT / "runtime" / "src") -> subprocess.Popen:
     if pin and shutil.which("taskset"):
         cmd = ["taskset", "-c", "1", *cmd]
     env = {
         **os.environ,
         "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
-        "PYTHONPATH": str(ROOT / "runtime" / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "PYTHONPATH": str(src) + os.pathsep + os.environ.get("PYTHONPATH", ""),
     }
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "wb"), env=env, start_new_session=True)
 
@@ -91,11 +98,33 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def sovereign(model_dir: Path, port: int, pin: bool, log: Path, *extra: str) -> subprocess.Popen:
+def sovereign(
+    model_dir: Path, port: int, pin: bool, log: Path, *extra: str, src: Path | None = None
+) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "sovereign_runtime", "serve", "--model-uri", str(model_dir), "--model-name", "m"]
-    proc = start([*cmd, "--port", str(port), *extra], pin, log)
+    proc = start([*cmd, "--port", str(port), *extra], pin, log, *([src] if src else []))
     wait_http(f"http://127.0.0.1:{port}/v2/health/ready", proc)
     return proc
+
+
+def runtime_at(ref: str, work: Path) -> tuple[str, Path]:
+    """(label, runtime/src directory) of git REF, extracted with git archive."""
+    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", ref], check=True, capture_output=True,
+                         text=True).stdout.strip()  # fmt: skip
+    dest = work / f"src-{sha}"
+    dest.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", sha, "runtime/src"], check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return f"{ref} {sha}", dest / "runtime" / "src"
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels`` (0 when absent)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def build_repo(work: Path, redis: RedisServer) -> tuple[Path, list]:
@@ -186,6 +215,14 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0, help="measured seconds per row and concurrency")
     ap.add_argument("--no-pin", dest="pin", action="store_false", help="no taskset for servers and load generator")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="REF",
+        help="also measure the runtime rows for the runtime of git REF (before/after in one run)",
+    )
+    ap.add_argument("--runtime-only", action="store_true", help="skip the Feast SDK and feast serve rows")
     args = ap.parse_args()
 
     import feast
@@ -199,6 +236,7 @@ def main() -> int:
             show(key, value)
 
     results: dict[str, dict[int, dict]] = Results()
+    stats: dict[str, tuple[str, float, float, float]] = {}  # variant -> (keyed row, requests, reads, mean s)
     with tempfile.TemporaryDirectory(prefix="feast-bench-") as tmp:
         work = Path(tmp)
         redis = RedisServer(work / "redis").start()
@@ -208,55 +246,66 @@ def main() -> int:
             model = build_model(work, row)
 
             # 1. Feast's SDK alone: get_online_features with the feature service, to_dict() (what a caller uses).
-            store = feast.FeatureStore(repo_path=str(repo))
-            service = store.get_feature_service("churn")
-            sdk = lambda: store.get_online_features(features=service, entity_rows=[{"customer_id": KEY}]).to_dict()  # noqa: E731
-            sdk()
-            results["Feast SDK get_online_features (in-process)"] = {
-                c: loadgen.summarize([in_process(sdk, c, args.seconds)]) for c in (1, 16)
-            }
-            # 2. The runtime's read path alone: FeatureSource.fetch, one online_read, straight into a tensor.
+            if not args.runtime_only:
+                store = feast.FeatureStore(repo_path=str(repo))
+                service = store.get_feature_service("churn")
+                sdk = lambda: store.get_online_features(features=service, entity_rows=[{"customer_id": KEY}]).to_dict()  # noqa: E731
+                sdk()
+                results["Feast SDK get_online_features (in-process)"] = {
+                    c: loadgen.summarize([in_process(sdk, c, args.seconds)]) for c in (1, 16)
+                }
+            # 2. The runtime's read path alone: FeatureSource.fetch, one online_read, straight into a tensor; and
+            # the read a coalesced group of 16 requests shares (16 keys, one online_read, one Redis pipeline).
             source = FeatureSource("churn", str(repo))
             source.open()
-            source.latency = type("H", (), {"observe": staticmethod(lambda v: None)})()
             fetch = lambda: source.fetch([KEY], torch.float32)  # noqa: E731
             assert torch.allclose(fetch(), torch.tensor(row))
-            results["runtime fetch: FeatureSource.fetch (in-process)"] = {
-                c: loadgen.summarize([in_process(fetch, c, args.seconds)]) for c in (1, 16)
+            results[FETCH_ROW] = {c: loadgen.summarize([in_process(fetch, c, args.seconds)]) for c in (1, 16)}
+            fetch16 = lambda: source.fetch([KEY] * 16, torch.float32)  # noqa: E731
+            results["runtime fetch: FeatureSource.fetch of 16 keys, one read (in-process)"] = {
+                1: loadgen.summarize([in_process(fetch16, 1, args.seconds)])
             }
             # 3. feast serve, /get-online-features alone.
-            port = free_port()
-            cmd = [str(Path(sys.executable).parent / "feast"), "-c", str(repo), "serve", "-h", "127.0.0.1", "-p",
-                   str(port), "--no-access-log", "-w", "2", "--max-requests", "0"]  # fmt: skip
-            procs.append(start(cmd, args.pin, work / "feast-serve.log"))
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    wait_http(f"http://127.0.0.1:{port}/health", procs[-1], timeout=5)
-                    break
-                except SystemExit:
-                    if time.monotonic() > deadline:
-                        raise
-            body = json.dumps({"feature_service": "churn", "entities": {"customer_id": [KEY]}}).encode()
-            results["feast serve /get-online-features (HTTP, 2 workers)"] = http_rows(
-                port, "/get-online-features", body, args.seconds, args.pin
-            )
-            stop(procs.pop())
-            # 4. The runtime: entity-keyed inference (fetch + batching + forward) and, for reference, the vector.
-            port = free_port()
-            extra = ("--feature-service", "churn", "--feast-repo", str(repo))
-            procs.append(sovereign(model, port, args.pin, work / "runtime.log", *extra))
+            if not args.runtime_only:
+                port = free_port()
+                cmd = [str(Path(sys.executable).parent / "feast"), "-c", str(repo), "serve", "-h", "127.0.0.1", "-p",
+                       str(port), "--no-access-log", "-w", "2", "--max-requests", "0"]  # fmt: skip
+                procs.append(start(cmd, args.pin, work / "feast-serve.log"))
+                deadline = time.monotonic() + 120
+                while True:
+                    try:
+                        wait_http(f"http://127.0.0.1:{port}/health", procs[-1], timeout=5)
+                        break
+                    except SystemExit:
+                        if time.monotonic() > deadline:
+                            raise
+                body = json.dumps({"feature_service": "churn", "entities": {"customer_id": [KEY]}}).encode()
+                results["feast serve /get-online-features (HTTP, 2 workers)"] = http_rows(
+                    port, "/get-online-features", body, args.seconds, args.pin
+                )
+                stop(procs.pop())
+            # 4. The runtime: entity-keyed inference (fetch + batching + forward) and, for reference, the vector;
+            # first for each --compare REF, then for this checkout.
             keyed = json.dumps({"inputs": [{"name": "customer_id", "datatype": "INT64", "shape": [1], "data": [KEY]}]})
             vector = json.dumps({"inputs": [{"name": "input__0", "datatype": "FP32", "shape": [1, 8],
                                              "data": [float(v) for v in row.reshape(-1)]}]})  # fmt: skip
-            results["sovereign-runtime infer by customer_id (HTTP: fetch + forward)"] = http_rows(
-                port, "/v2/models/m/infer", keyed.encode(), args.seconds, args.pin
-            )
-            results["sovereign-runtime infer with the vector (HTTP, reference)"] = http_rows(
-                port, "/v2/models/m/infer", vector.encode(), args.seconds, args.pin
-            )
-            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-            fetch_hist = [ln for ln in text.splitlines() if ln.startswith("sovereign_runtime_feature_fetch_duration")]
+            extra = ("--feature-service", "churn", "--feast-repo", str(repo))
+            variants = [runtime_at(ref, work) for ref in args.compare] + [("this checkout", ROOT / "runtime" / "src")]
+            for label, src in variants:
+                port = free_port()
+                procs.append(sovereign(model, port, args.pin, work / f"runtime-{len(procs)}.log", *extra, src=src))
+                keyed_row = f"{KEYED_ROW} [{label}]"
+                results[keyed_row] = http_rows(port, "/v2/models/m/infer", keyed.encode(), args.seconds, args.pin)
+                results[f"sovereign-runtime infer with the vector (HTTP, reference) [{label}]"] = http_rows(
+                    port, "/v2/models/m/infer", vector.encode(), args.seconds, args.pin
+                )
+                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+                name = "sovereign_runtime_feature_"
+                fetched = metric_sum(text, name + "fetches_total")
+                reads = metric_sum(text, name + "store_reads_total")
+                mean = metric_sum(text, name + "fetch_duration_seconds_sum") / max(1.0, fetched)
+                stats[label] = (keyed_row, fetched, reads, mean)
+                stop(procs.pop())
         finally:
             for proc in procs:
                 stop(proc)
@@ -267,15 +316,16 @@ def main() -> int:
     print(f"{'path':66} {'c':>3} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'errors':>6}")
     for label, by_c in results.items():
         show(label, by_c)
-    count = next((float(ln.split()[-1]) for ln in fetch_hist if "_count" in ln), 0.0)
-    total = next((float(ln.split()[-1]) for ln in fetch_hist if "_sum" in ln), 0.0)
-    if count:
-        print(f"runtime's own fetch histogram: {count:.0f} fetches, mean {1000 * total / count:.3f} ms")
-    fetch_p99 = results["runtime fetch: FeatureSource.fetch (in-process)"][1]["p99_ms"]
-    keyed_p99 = results["sovereign-runtime infer by customer_id (HTTP: fetch + forward)"][16]["p99_ms"]
+    for label, (_, fetched, reads, mean) in stats.items():
+        per_read = f"{fetched / reads:.2f} requests per online read" if reads else "online reads not counted"
+        print(f"[{label}] the runtime's own fetch histogram: {fetched:.0f} keyed requests, mean wait for features "
+              f"{1000 * mean:.3f} ms; {per_read}")  # fmt: skip
+    fetch_p99 = results[FETCH_ROW][1]["p99_ms"]
     print(f"target fetch p99 <= 2 ms at c=1: {fetch_p99:.3f} ms ({'met' if fetch_p99 <= 2 else 'NOT met'})")
-    print(f"target entity-keyed inference p99 <= 10 ms at c=16: {keyed_p99:.3f} ms "
-          f"({'met' if keyed_p99 <= 10 else 'NOT met'})")  # fmt: skip
+    for label, (keyed_row, *_) in stats.items():
+        keyed_p99 = results[keyed_row][16]["p99_ms"]
+        print(f"[{label}] target entity-keyed inference p99 <= 10 ms at c=16: {keyed_p99:.3f} ms "
+              f"({'met' if keyed_p99 <= 10 else 'NOT met'})")  # fmt: skip
     if args.json:
         clean = {k: {c: {x: y for x, y in r.items() if x != "round_p50_ms"} for c, r in v.items()}
                  for k, v in results.items()}  # fmt: skip

@@ -119,6 +119,7 @@ class Engine:
         self._cuda = False
         self._resp_prefix = b""
         self.features: Any = None  # features.FeatureSource when served with a feature service
+        self.fetcher: Any = None  # features.FetchCoalescer: its keyed requests' online reads
         self.flags: Any = None  # flags.RuntimeFlags when served with --flags-file
         m = self.metrics
         m.model_labels["color"] = cfg.color
@@ -157,7 +158,11 @@ class Engine:
     def attach_features(self, source: Any, dtype: torch.dtype) -> None:
         """Serve entity-keyed requests too: ``source`` (features.FeatureSource, opened) fetches the model's
         single [-1, F] input. Only then does ``infer`` get the keyed front; without a feature service the
-        vector path is the plain method above."""
+        vector path is the plain method above. The keyed requests waiting at the same moment share one
+        online-store read (features.FetchCoalescer), then join the batcher like any request; while they wait
+        for their features they count in ``waiting`` (admission, queue_depth)."""
+        from .features import FetchCoalescer
+
         self.features = source
         self.metrics.features = source
         source.latency = self.metrics.feature_fetch_latency
@@ -166,7 +171,9 @@ class Engine:
         decoder = self.decoder
         assert decoder is not None
         key = source.entity_key
-        fetch = source.fetch
+        coalescer = self.fetcher = FetchCoalescer(source, dtype)  # binds source.fetch (after flags.gate_fetch)
+        coalescer.busy = lambda: self.busy() if self.busy is not None else 2
+        fetch = coalescer.fetch
         entity_values = source.entity_values
         infer = Engine.infer
 
@@ -181,7 +188,12 @@ class Engine:
                     return await vector_infer(body, t0)
                 if self.waiting >= self.max_waiting:
                     return 503, error_body(f"queue full ({self.max_waiting} requests waiting)"), RETRY_AFTER
-                req = DecodedRequest(keyed[0], [fetch(keyed[1], dtype)], len(keyed[1]), keyed[2])
+                self.waiting += 1
+                try:
+                    x = await fetch(keyed[1])
+                finally:
+                    self.waiting -= 1
+                req = DecodedRequest(keyed[0], [x], len(keyed[1]), keyed[2])
             except RequestError as exc:
                 return exc.status, error_body(exc.message), RETRY_AFTER if exc.status == 503 else None
             return await infer(self, body, t0, req)

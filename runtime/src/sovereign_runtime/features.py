@@ -8,28 +8,36 @@ forward. A request that carries its vector is decoded exactly as without a featu
 
 Read path (docs/adr/1620-runtime-feature-fetch.md; measured in docs/benchmarks.md): the FeatureStore is
 opened once, at start-up (the registry is read then: the service, its feature views, the entity's join
-key, the feature order); each request is one ``Provider.online_read`` per feature view (one Redis
-pipeline of HMGETs), decoded here straight into a tensor. ``FeatureStore.get_online_features`` does the
-same read and then builds a columnar response (type maps, status vectors, a dict per feature): 3-5x the
-cost of the read itself for one entity, for nothing a tensor needs.
+key, the feature order); a read is one ``Provider.online_read`` per feature view (one Redis pipeline of
+HMGETs), decoded here straight into a tensor. ``FeatureStore.get_online_features`` does the same read and
+then builds a columnar response (type maps, status vectors, a dict per feature): 3-5x the cost of the read
+itself for one entity, for nothing a tensor needs.
 
-Failure handling, all on the event loop thread:
+Coalescing (docs/adr/1631-coalesced-feature-fetch.md): the keyed requests waiting at the same moment share
+one read (FetchCoalescer), so 16 concurrent requests cost one Redis round trip, not 16 in a row on the
+loop; a request alone reads at once. Each request is answered by its own keys: one unknown key fails only
+the request that asked for it.
+
+Failure handling:
 
 * an entity the online store does not hold (Feast answers nulls, not "not found"), or one whose row is
-  older than its feature view's ``ttl``, or with any null feature: 404 naming the key and the values;
-  nulls never reach the model;
-* the online store unreachable (connection refused, timeout, auth): 503 naming the store and the error.
-  The store is then marked *down*: for ``retry_s`` entity-keyed requests fail fast with that 503 without
-  touching the network (so a blackholed Redis cannot stall the loop once per request), then the next one
-  tries again; the first read that succeeds marks it up. Requests that carry their vector never touch
-  the store, readiness stays 200 (with the outage in its ``details``), and ``/metrics`` shows it
-  (``feature_store_up``, ``feature_fetches_total{result}``, ``feature_fetch_duration_seconds``).
+  older than its feature view's ``ttl``, or with any null feature: 404 naming the key and the values, for
+  the request that asked for it; nulls never reach the model;
+* the online store unreachable (connection refused, timeout, auth): 503 naming the store and the error,
+  for every keyed request of that read. The store is then marked *down*: for ``retry_s`` entity-keyed
+  requests fail fast with that 503 without touching the network (so a blackholed Redis cannot stall the
+  loop once per request), then the next read tries again; the first read that succeeds marks it up.
+  Requests that carry their vector never touch the store, readiness stays 200 (with the outage in its
+  ``details``), and ``/metrics`` shows it (``feature_store_up``, ``feature_fetches_total{result}`` and
+  ``feature_fetch_duration_seconds``, both per request).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,6 +55,24 @@ _ENTITY_OIP = {"INT64": ("INT64", "INT32", "UINT32", "UINT16", "UINT8", "INT16",
 
 class FeatureStoreError(Exception):
     """The feature service cannot be used at all (bad repo, unknown service, model mismatch): start fails."""
+
+
+class UnknownEntities(RequestError):
+    """404: some keys have no complete, fresh online row. ``rows``: every key's row (zeros where missing, never
+    served); ``missing``: key -> what it lacks. The coalescer answers each request by its own keys only."""
+
+    def __init__(self, message: str, rows: torch.Tensor, missing: dict[Any, list[str]]) -> None:
+        super().__init__(message, 404)
+        self.rows = rows
+        self.missing = missing
+
+
+class StoreUnavailable(RequestError):
+    """503: the online store cannot be read. ``attempted``: False when it failed fast (store marked down)."""
+
+    def __init__(self, message: str, attempted: bool) -> None:
+        super().__init__(message, 503)
+        self.attempted = attempted
 
 
 class FeatureSource:
@@ -75,6 +101,7 @@ class FeatureSource:
         self.ok = 0
         self.unknown = 0
         self.unavailable = 0
+        self.reads = 0  # online reads attempted (feature_store_reads_total)
         self.latency: Any = None  # metrics.Histogram, set by the engine
 
     # ---------------------------------------------------------------------------------------------
@@ -210,12 +237,13 @@ class FeatureSource:
         return data
 
     def fetch(self, keys: list[Any], dtype: torch.dtype) -> torch.Tensor:
-        """[len(keys), F] tensor of the keys' online features. Raises RequestError 404 / 503."""
+        """[len(keys), F] tensor of the keys' online features: one ``online_read`` per feature view (one Redis
+        pipeline for all the keys). Raises UnknownEntities (404, with the rows it did find) or StoreUnavailable
+        (503). Counts nothing: FetchCoalescer does, per request. Any thread, one at a time."""
         now = time.monotonic()
         if not self.up and now < self._retry_at:
-            self.unavailable += 1
-            raise RequestError(self._down_message(now), 503)
-        t0 = perf_counter()
+            raise StoreUnavailable(self._down_message(now), attempted=False)
+        self.reads += 1
         field = _ENTITY_FIELD[self.entity_type]
         value_type = self._value_type
         entity = [self._make_key(join_keys=[self.entity_key], entity_values=[value_type(**{field: k})]) for k in keys]
@@ -239,25 +267,22 @@ class FeatureSource:
                             missing.setdefault(key, []).append(name)
                         else:
                             row[first + j] = getattr(value, kind)
-        except RequestError:
-            raise
         except Exception as exc:
             self._mark_down(now, exc)
-            self.latency.observe(perf_counter() - t0)
-            raise RequestError(self._down_message(now), 503) from None
+            raise StoreUnavailable(self._down_message(now), attempted=True) from None
         if not self.up:
             self._mark_up()
-        self.latency.observe(perf_counter() - t0)
+        tensor = torch.tensor(rows, dtype=dtype)
         if missing:
-            self.unknown += 1
-            shown = "; ".join(f"{self.entity_key}={k!r}: {', '.join(v[:8])}" for k, v in list(missing.items())[:5])
-            raise RequestError(
-                f"unknown entity: the online store of feature service {self.service_name!r} has no features for "
-                f"{shown} (not materialized, expired, or no such {self.entity_key})",
-                404,
-            )
-        self.ok += 1
-        return torch.tensor(rows, dtype=dtype)
+            raise UnknownEntities(self.unknown_message(missing), tensor, missing)
+        return tensor
+
+    def unknown_message(self, missing: dict[Any, list[str]]) -> str:
+        shown = "; ".join(f"{self.entity_key}={k!r}: {', '.join(v[:8])}" for k, v in list(missing.items())[:5])
+        return (
+            f"unknown entity: the online store of feature service {self.service_name!r} has no features for "
+            f"{shown} (not materialized, expired, or no such {self.entity_key})"
+        )
 
     def _mark_down(self, now: float, exc: BaseException) -> None:
         error = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -267,7 +292,6 @@ class FeatureSource:
             log_event("feature_store_down", logging.ERROR, service=self.service_name, store=self.where, error=error)
         self.last_error = error
         self._retry_at = now + self.retry_s
-        self.unavailable += 1
 
     def _mark_up(self) -> None:
         log_event(
@@ -299,6 +323,136 @@ class FeatureSource:
         if not self.up:
             doc.update(error=self.last_error, down_since=_iso(self.down_since))
         return doc
+
+
+# Keys per coalesced read at most (ADR 1631): ~50 us per key on the loaded 2-core lab machine (16 keys 1.05-1.10 ms
+# p50, docs/benchmarks.md), so ~13 ms for 256, far inside the 100 ms socket timeout.
+MAX_READ_KEYS = 256
+
+
+class _Wait:
+    __slots__ = ("fut", "keys", "t0")
+
+    def __init__(self, keys: list[Any], fut: asyncio.Future, t0: float) -> None:
+        self.keys = keys
+        self.fut = fut
+        self.t0 = t0
+
+
+class FetchCoalescer:
+    """The keyed requests waiting at the same moment share one ``FeatureSource.fetch``: one ``online_read`` per
+    feature view, one Redis pipeline, for all their keys (docs/adr/1631-coalesced-feature-fetch.md).
+
+    A request that is alone (nothing pending, the server handling this request only) reads at
+    once, inline. Otherwise it joins ``pending`` and the first to join schedules the read with ``call_soon``: every
+    request already parsed in this loop iteration joins the same read, as the batcher does for forwards, and
+    their futures are answered together; each then goes on to the batcher. The read runs on the loop thread: a
+    dedicated fetch thread was measured and not taken (ADR 1631). Accounting (``feature_fetches_total``, the
+    fetch histogram) is per request.
+    """
+
+    def __init__(self, source: FeatureSource, dtype: torch.dtype) -> None:
+        self.source = source
+        self.dtype = dtype
+        self._fetch = source.fetch  # bound now: flags.gate_fetch may have wrapped it (runtime-feature-fetch)
+        self._pending: list[_Wait] = []
+        self._handle: asyncio.Handle | None = None
+        self.busy: Callable[[], int] | None = None  # requests in the server (the engine's busy), None: unknown
+        self.reads = 0  # online reads done (tests, benchmarks: requests per read = fetches / reads)
+
+    async def fetch(self, keys: list[Any]) -> torch.Tensor:
+        """This request's [len(keys), F] features. Raises RequestError (404 for its own keys, 503)."""
+        t0 = perf_counter()
+        if not self._pending and self.busy is not None and self.busy() <= 1:
+            result = self._read([_Wait(keys, None, t0)])[0]  # type: ignore[arg-type]
+        else:
+            loop = asyncio.get_running_loop()
+            wait = _Wait(keys, loop.create_future(), t0)
+            self._pending.append(wait)
+            if self._handle is None:
+                self._handle = loop.call_soon(self._flush)
+            result = await wait.fut
+        if type(result) is torch.Tensor:
+            return result
+        raise result
+
+    def _flush(self) -> None:
+        self._handle = None
+        pending = self._pending
+        if not pending:
+            return
+        # At most MAX_READ_KEYS keys per read (one request's own keys always go in one read, however many): a
+        # bounded read stays well inside the socket timeout, whose expiry would mark the store down for all.
+        n = len(pending[0].keys)
+        cut = 1
+        while cut < len(pending) and n + len(pending[cut].keys) <= MAX_READ_KEYS:
+            n += len(pending[cut].keys)
+            cut += 1
+        waits = pending[:cut]
+        self._pending = pending[cut:]
+        if self._pending:
+            self._handle = asyncio.get_running_loop().call_soon(self._flush)
+        try:
+            results = self._read(waits)
+        except Exception as exc:  # a bug in the read: its requests get it (a 500), none is left hanging
+            for w in waits:
+                if not w.fut.done():
+                    w.fut.set_exception(exc)
+            return
+        for w, r in zip(waits, results, strict=True):
+            if not w.fut.done():  # its handler was cancelled (shutdown)
+                w.fut.set_result(r)
+
+    def _read(self, waits: list[_Wait]) -> list[Any]:
+        """Read and account: per request, its tensor or its RequestError."""
+        result = self._fetch_all(waits)
+        self._account(waits, result)
+        return result[0]
+
+    def _fetch_all(self, waits: list[_Wait]) -> tuple[list[Any], str]:
+        """One fetch for every waiting request's keys -> (per request: tensor or RequestError, outcome)."""
+        self.reads += 1
+        keys = waits[0].keys if len(waits) == 1 else [k for w in waits for k in w.keys]
+        try:
+            rows = self._fetch(keys, self.dtype)
+        except UnknownEntities as exc:
+            rows, missing = exc.rows, exc.missing
+        except StoreUnavailable as exc:
+            return [exc] * len(waits), "unavailable" if exc.attempted else "failed_fast"
+        except RequestError as exc:  # refused before any read (flag runtime-feature-fetch off)
+            return [exc] * len(waits), "refused"
+        else:
+            if len(waits) == 1:
+                return [rows], "read"
+            return list(rows.split([len(w.keys) for w in waits])), "read"
+        message = self.source.unknown_message
+        out: list[Any] = []
+        start = 0
+        for w in waits:
+            part = rows[start : start + len(w.keys)]
+            start += len(w.keys)
+            own = {k: missing[k] for k in w.keys if k in missing}
+            out.append(UnknownEntities(message(own), part, own) if own else part)
+        return out, "read"
+
+    def _account(self, waits: list[_Wait], result: tuple[list[Any], str]) -> None:
+        answers, outcome = result
+        source = self.source
+        if outcome == "refused":
+            return
+        if outcome != "read":
+            source.unavailable += len(waits)
+            if outcome == "failed_fast":
+                return
+        now = perf_counter()
+        observe = source.latency.observe
+        for w, r in zip(waits, answers, strict=True):
+            observe(now - w.t0)
+            if outcome == "read":
+                if type(r) is torch.Tensor:
+                    source.ok += 1
+                else:
+                    source.unknown += 1
 
 
 def _iso(stamp: float) -> str:

@@ -128,7 +128,7 @@ class Metrics:
         source = self.features
         yield self.feature_fetch_latency.family(
             PREFIX + "feature_fetch_duration_seconds",
-            "Online-store read per entity-keyed request (all its keys, all feature views), success or not",
+            "Time an entity-keyed request waited for its features (its share of a coalesced online-store read)",
             lbl,
         )
         fetches = CounterMetricFamily(
@@ -139,6 +139,13 @@ class Metrics:
         for result, n in (("ok", source.ok), ("unknown_entity", source.unknown), ("unavailable", source.unavailable)):
             fetches.add_metric([lbl["model"], source.service_name, result], n)
         yield fetches
+        reads = CounterMetricFamily(
+            PREFIX + "feature_store_reads",
+            "Online-store reads attempted: one per group of entity-keyed requests waiting together",
+            labels=["model", "feature_service"],
+        )
+        reads.add_metric([lbl["model"], source.service_name], source.reads)
+        yield reads
         up = GaugeMetricFamily(
             PREFIX + "feature_store_up",
             "1 while the last online-store read succeeded (0: entity-keyed requests get 503)",

@@ -237,6 +237,116 @@ def test_redis_down_is_a_503_for_keyed_requests_only_and_recovers_by_itself(load
     assert "error" not in ready.json()["details"]["feature_store"]
 
 
+def coalescing_engine(loaded, repo: Repo):
+    """Every request joins the fetch coalescer (unknown concurrency, as when a server cannot say), reads counted."""
+    engine = engine_for(loaded, repo)
+    engine.busy = None
+    return engine
+
+
+def test_concurrent_keyed_requests_share_one_online_read(loaded, models, repo, client_for):
+    engine = coalescing_engine(loaded, repo)
+    client = client_for(engine)
+    groups = [[1], [2], [3, 4], [40], [1]]  # the same entity twice: each request gets its own row
+
+    async def go():
+        return await asyncio.gather(*(client.post("/v2/models/mlp/infer", keyed_body(g)) for g in groups))
+
+    answers = run(go())
+    assert engine.fetcher.reads == 1  # five requests, one online_read (one Redis pipeline)
+    for keys, answer in zip(groups, answers, strict=True):
+        assert answer.status == 200, answer.body
+        want = models.expected(torch.tensor([features_of(k) for k in keys]))
+        assert torch.allclose(torch.tensor(answer.json()["outputs"][0]["data"]).reshape(want.shape), want, atol=1e-6)
+    assert engine.waiting == 0
+    text = run(client.get("/metrics")).body.decode()
+    assert 'result="ok"} 5.0' in text  # counted per request, not per read
+    assert metric(text, "sovereign_runtime_feature_fetch_duration_seconds_count") == 5
+    assert metric(text, "sovereign_runtime_feature_store_reads_total") == 1
+
+
+def test_a_coalesced_read_is_bounded_in_keys_and_the_rest_waits_for_the_next(
+    loaded, models, repo, client_for, monkeypatch
+):
+    from sovereign_runtime import features
+
+    monkeypatch.setattr(features, "MAX_READ_KEYS", 3)
+    engine = coalescing_engine(loaded, repo)
+    client = client_for(engine)
+    groups = [[1], [2], [3, 4], [5], [6, 7, 8, 9]]  # reads: [1] [2] | [3, 4] [5] | [6, 7, 8, 9] (one request: whole)
+
+    async def go():
+        return await asyncio.gather(*(client.post("/v2/models/mlp/infer", keyed_body(g)) for g in groups))
+
+    answers = run(go())
+    assert engine.fetcher.reads == 3
+    for keys, answer in zip(groups, answers, strict=True):
+        assert answer.status == 200, answer.body
+        want = models.expected(torch.tensor([features_of(k) for k in keys]))
+        assert torch.allclose(torch.tensor(answer.json()["outputs"][0]["data"]).reshape(want.shape), want, atol=1e-6)
+
+
+def test_one_unknown_key_fails_only_the_request_that_asked_for_it(loaded, models, repo, client_for):
+    engine = coalescing_engine(loaded, repo)
+    client = client_for(engine)
+    fed = []
+    forward = engine.forward
+    engine.forward = lambda t: fed.append(t[0].clone()) or forward(t)
+    groups = [[5], [6, MISSING], [7], [MISSING + 1]]
+
+    async def go():
+        return await asyncio.gather(*(client.post("/v2/models/mlp/infer", keyed_body(g)) for g in groups))
+
+    ok5, bad, ok7, bad2 = run(go())
+    assert engine.fetcher.reads == 1
+    for keys, answer in (([5], ok5), ([7], ok7)):
+        assert answer.status == 200, answer.body
+        want = models.expected(torch.tensor([features_of(k) for k in keys]))
+        assert torch.allclose(torch.tensor(answer.json()["outputs"][0]["data"]).reshape(want.shape), want, atol=1e-6)
+    assert bad.status == 404 and bad2.status == 404
+    assert f"customer_id={MISSING}:" in bad.json()["error"] and f"customer_id={MISSING + 1}" not in bad.json()["error"]
+    assert "customer_id=6" not in bad.json()["error"]  # its known key is not named as unknown
+    other = bad2.json()["error"]
+    assert f"customer_id={MISSING + 1}:" in other and f"customer_id={MISSING}:" not in other
+    rows = torch.cat(fed)  # only the two good requests' rows reached the model
+    assert rows.shape[0] == 2 and torch.equal(rows, torch.tensor([features_of(5), features_of(7)]))
+    text = run(client.get("/metrics")).body.decode()
+    assert 'result="ok"} 2.0' in text and 'result="unknown_entity"} 2.0' in text
+    assert engine.waiting == 0
+
+
+def test_redis_down_fails_every_coalesced_keyed_request_503_and_serves_the_vectors(loaded, models, repo, client_for):
+    engine = coalescing_engine(loaded, repo)
+    client = client_for(engine)
+    assert run(client.post("/v2/models/mlp/infer", keyed_body([8]))).status == 200  # the client is connected
+    reads = engine.fetcher.reads
+    x = torch.tensor([features_of(9)])
+    repo.redis.stop()
+    try:
+
+        async def go():
+            keyed = [client.post("/v2/models/mlp/infer", keyed_body(g)) for g in ([1], [2, 3], [4])]
+            vectors = [client.post("/v2/models/mlp/infer", infer_body(x)) for _ in range(2)]
+            return await asyncio.gather(*keyed, *vectors)
+
+        *keyed, v1, v2 = run(go())
+        assert engine.fetcher.reads == reads + 1  # one failed read for the three, not three
+        for resp in keyed:
+            assert resp.status == 503 and resp.headers[b"retry-after"] == b"1", resp.body
+            assert "feature store unavailable" in resp.json()["error"] and repo.redis.address in resp.json()["error"]
+        for resp in (v1, v2):
+            assert resp.status == 200
+            assert torch.allclose(torch.tensor(resp.json()["outputs"][0]["data"]), models.expected(x)[0], atol=1e-6)
+        ready = run(client.get("/v2/health/ready"))
+        assert ready.status == 200 and ready.json()["details"]["feature_store"]["up"] is False
+        text = run(client.get("/metrics")).body.decode()
+        assert 'result="unavailable"} 3.0' in text and metric(text, "sovereign_runtime_feature_store_up") == 0
+        assert engine.waiting == 0
+    finally:
+        repo.redis.start()
+        repo.materialize()
+
+
 def test_start_up_checks_the_golden_rows_by_entity_key(loaded, models, repo):
     engine = engine_for(loaded, repo)
     keys = [5, 6]
