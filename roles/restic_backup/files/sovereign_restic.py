@@ -722,8 +722,11 @@ def cmd_drill(cfg, args):
         res = repo.restic("restore", snap["id"], "--target", scratch, check=False)
         if res.returncode != 0:
             lines = [ln.strip() for ln in (res.stderr or "").splitlines() if ln.strip()]
+            # restic names each file it could not restore ("ignoring error for /path: ..."): those first.
+            errors = [ln for ln in lines if "error" in ln.lower()]
             diffs.append(
-                f"restic restore of snapshot {snap['short_id']} failed (rc {res.returncode}): " + " / ".join(lines[-6:])
+                f"restic restore of snapshot {snap['short_id']} failed (rc {res.returncode}): "
+                + " / ".join((errors or lines)[-6:])
             )
         staged = os.path.join(scratch, cfg["staging_dir"].lstrip("/"))
         try:
@@ -780,6 +783,8 @@ def drill_database(cfg, db, staged):
             expected = json.load(fh)
     except (OSError, ValueError) as exc:
         return 0, [f"database {db}: the row counts taken with the dump are missing from the restore ({exc})"]
+    if not os.path.isfile(dump):
+        return 0, [f"database {db}: its dump {os.path.basename(dump)} is missing from the restore"]
     scratch = f"sovereign_drill_{db}"
     run(["runuser", "-u", "postgres", "--", "dropdb", "--if-exists", scratch])
     run(["runuser", "-u", "postgres", "--", "createdb", scratch])

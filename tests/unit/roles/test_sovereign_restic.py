@@ -168,3 +168,12 @@ def test_a_clone_this_namespace_cannot_see_fails_instead_of_backing_up_nothing(t
     with pytest.raises(tool.Failure, match=r"is not mounted at .* in this process's mount namespace"):
         tool.mount_snapshot(_cfg(tmp_path, 0), "tank/data", "restic-1")
     assert ("mount", "tank/sovereign-restic-backup-tank_data") in zfs.calls
+
+
+def test_the_drill_names_a_dump_missing_from_the_restore(tool, tmp_path):
+    """A restore that stopped at a damaged pack may leave a database's dump out: a difference, not a traceback."""
+    (tmp_path / "postgresql").mkdir()
+    (tmp_path / "postgresql" / "mlflow.rowcounts.json").write_text('{"public.t": 3}')
+    tables, diffs = tool.drill_database({}, "mlflow", str(tmp_path))
+    assert tables == 0
+    assert diffs == ["database mlflow: its dump mlflow.dump is missing from the restore"]
