@@ -254,7 +254,7 @@ def test_corrupted_pack_fails_the_check_and_the_drill(host, repo):
     # The dumps and manifest.json from the staging directory share packs with small files too (a run found the
     # damaged bytes in manifest.json's blob, and the drill named it).
     in_pack = set(re.findall(r"/var/lib/sovereign/restic/mnt/[^/\s]+/(\S+)", listing)) or {"1/marker.bin"}
-    in_pack |= set(re.findall(r"(/var/backups/sovereign/restic/\S+)", listing))
+    in_pack |= set(re.findall(r"(/var/backups/sovereign/restic/[\w./-]+)", listing))
     repo.run_expect(
         [0],
         f"cp -p {pack} /root/pack.orig && chmod u+w {pack} && "
