@@ -6,7 +6,7 @@
 # a backup to the SFTP repository on molecule-backup-repo (the job's own argv), changes 1 % of the bytes and takes
 # an incremental one, then times (a) `restic restore` of the artifacts into scratch and (b) the restore.yml path
 # (`sovereign-restic restore --dataset ... --into` the live mountpoint after the artifacts were deleted), checks
-# the restored bytes against their sha256 before the loss, runs the drill, and prints the sizes and the load.
+# the restored bytes against their sha256 before the loss, the time to the first byte of one artifact (restic dump), runs the drill, and prints the sizes and the load.
 # TEST ADAPTATION: zfs-fuse, so the pool is grown by a second file vdev for the extra GiBs.
 set -euo pipefail
 MIB=${1:-1024}
@@ -34,6 +34,11 @@ exec_d "cd /var/lib/sovereign/mlflow/artifacts/bench && n=\$(ls part-*.bin | wc 
   sha256sum part-*.bin > /root/bench.sha256"
 echo "incremental backup after a 1 % change: $(t exec_d "$ARGV") s (load $(load)); $(exec_d "grep -h 'backup_bytes_added' /var/lib/prometheus/node-exporter/sovereign_restic_backup.prom")"
 echo "repository size: $(podman exec $R du -sb /srv/restic/restic-$D/repo | cut -f1) bytes"
+exec_d "sync; echo 3 > /proc/sys/vm/drop_caches"
+# Time to first byte: one artifact streamed from the repository (restic dump), read until its first byte, then whole.
+echo "first byte of one 64 MiB artifact (restic dump | head -c 1): $(t exec_d "{ $TOOL restic offsite dump latest $MNT/bench/part-1.bin || true; } | head -c 1 | wc -c") s (load $(load))"
+echo "all of that artifact (restic dump to a file): $(t exec_d "$TOOL restic offsite dump latest $MNT/bench/part-1.bin > /var/tmp/part-1.bin") s (load $(load))"
+exec_d "cd /var/tmp && grep ' part-1.bin\$' /root/bench.sha256 | sha256sum -c --quiet && echo dumped artifact identical && rm -f /var/tmp/part-1.bin"
 exec_d "sync; echo 3 > /proc/sys/vm/drop_caches"
 echo "restic restore of the artifacts into scratch: $(t exec_d "rm -rf /var/tmp/bench && $TOOL restic offsite restore latest --target /var/tmp/bench --include $MNT/bench") s (load $(load))"
 exec_d "cd /var/tmp/bench$MNT/bench && sha256sum -c --quiet /root/bench.sha256 && echo restored bytes identical && rm -rf /var/tmp/bench"

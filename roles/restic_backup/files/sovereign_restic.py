@@ -281,18 +281,106 @@ def snapshots_of(dataset, prefix):
     return [n.split("@", 1)[1] for n in names if n.split("@", 1)[1].startswith(prefix)]
 
 
-def drop_clone(dataset, purpose="backup"):
-    """Destroy the clone; zfs-fuse reports a just-read clone busy for a moment: unmount, wait, retry."""
+def mounted_here(path, name, mountinfo="/proc/self/mountinfo"):
+    """Whether this process's mount namespace has NAME mounted at PATH (/proc/self/mountinfo).
+
+    OpenZFS's zfs(8) mounts in the caller's namespace; zfs-fuse's daemon mounts in its own, which a systemd unit
+    with a private mount namespace (PrivateTmp, ProtectHome, ...) does not see: README, "zfs-fuse".
+    """
+    try:
+        with open(mountinfo, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        # Another process's mountinfo: gone with it. Our own: only the plain mount-point test is left.
+        return mountinfo == "/proc/self/mountinfo" and os.path.ismount(path)
+    for line in lines:
+        fields, _sep, tail = line.partition(" - ")
+        parts, rest = fields.split(), tail.split()
+        # mountinfo escapes blanks in paths as octal (\040); our paths have none.
+        if len(parts) > 4 and len(rest) > 1 and parts[4] == path and name in (None, rest[1]):
+            return True
+    return False
+
+
+def holders(path):
+    """What keeps PATH busy, for on-call's message (best effort): 'pid N (comm): cwd|root|exe|open file ...' per
+    process, and 'mounted in mount namespace mnt:[...] (pids ...)' per other namespace that has PATH mounted."""
+    own_ns = os.readlink("/proc/self/ns/mnt")
+    found, namespaces = [], {}
+    prefix = path.rstrip("/") + "/"
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        base = f"/proc/{pid}"
+        try:
+            with open(f"{base}/comm", encoding="utf-8") as fh:
+                comm = fh.read().strip()
+            how = []
+            for link in ("cwd", "root", "exe"):
+                try:
+                    target = os.readlink(f"{base}/{link}")
+                except OSError:
+                    continue
+                if target == path or target.startswith(prefix):
+                    how.append(link)
+            try:
+                fds = os.listdir(f"{base}/fd")
+            except OSError:
+                fds = []
+            for fd in fds:
+                try:
+                    target = os.readlink(f"{base}/fd/{fd}")
+                except OSError:
+                    continue
+                if target == path or target.startswith(prefix):
+                    how.append(f"open file {target}")
+                    break
+            ns = os.readlink(f"{base}/ns/mnt")
+            if ns != own_ns and (ns in namespaces or mounted_here(path, None, f"{base}/mountinfo")):
+                namespaces.setdefault(ns, []).append(f"{pid} ({comm})")
+        except OSError:
+            continue
+        if how:
+            found.append(f"pid {pid} ({comm}): {', '.join(how)}")
+    for ns, pids in sorted(namespaces.items()):
+        more = f" and {len(pids) - 3} more" if len(pids) > 3 else ""
+        found.append(f"mounted in mount namespace {ns} (pids {', '.join(pids[:3])}{more})")
+    return found
+
+
+def drop_clone(cfg, dataset, purpose="backup"):
+    """Unmount and destroy the clone; returns '' when it is gone, else why it is still there.
+
+    zfs-fuse's daemon releases a just-read clone a moment after the unmount (seconds under load), and answers
+    "dataset is busy" until then: the destroy is retried until clone_destroy_timeout. A clone still there then
+    is kept for the next run to remove (sovereign_restic_clone_left says so); the holders are named.
+    """
     name = clone_name(dataset, purpose)
     if zfs("list", "-H", "-o", "name", name, check=False).returncode != 0:
-        return False
-    for attempt in range(10):
-        if zfs("destroy", "-f", name, check=False).returncode == 0:
-            return True
-        zfs("unmount", "-f", name, check=False)
-        time.sleep(0.5 * (attempt + 1))
-    zfs("destroy", "-f", name)
-    return True
+        return ""
+    path = mount_path(cfg, dataset, purpose)
+    timeout = float(cfg.get("clone_destroy_timeout", 120))
+    held = []
+    if mounted_here(path, name):
+        if zfs("unmount", name, check=False).returncode != 0:
+            # Named now: after a forced (detaching) unmount a holder's cwd no longer reads as under the path.
+            held = holders(path)
+            warn(f"the clone {name} at {path} is busy ({'; '.join(held) or 'no holder found'}): unmounting by force")
+            zfs("unmount", "-f", name, check=False)
+    elif any(h.startswith("mounted in mount namespace") for h in holders(path)):
+        # Mounted only in a namespace this process cannot unmount it from: waiting would not help.
+        timeout = 0
+    deadline = time.monotonic() + timeout
+    pause, last = 0.2, ""
+    while True:
+        res = zfs("destroy", "-f", name, check=False)
+        if res.returncode == 0:
+            return ""
+        last = (res.stderr or res.stdout or "").strip().splitlines()[-1:] or ["no message"]
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(pause)
+        pause = min(pause * 2, 5.0)
+    busy = holders(path) or [f"held before the forced unmount by {h}" for h in held]
+    return f"{last[0]}; {'; '.join(busy) if busy else 'no process holds ' + path}"
 
 
 def mount_snapshot(cfg, dataset, snap, purpose="backup"):
@@ -300,17 +388,41 @@ def mount_snapshot(cfg, dataset, snap, purpose="backup"):
 
     zfs-fuse (molecule, lab) has no .zfs/snapshot directory; a clone works on OpenZFS and zfs-fuse alike
     (docs/adr/1120-restic-backups-from-zfs-clones.md). The path is the same every run, so restic finds
-    its parent snapshot and reads only what changed.
+    its parent snapshot and reads only what changed. The clone must be mounted in this process's own mount
+    namespace, or restic would read an empty directory (docs/adr/1130-zfs-fuse-clones-and-mount-namespaces.md).
     """
     name = clone_name(dataset, purpose)
-    if drop_clone(dataset, purpose):
-        say(f"removed the clone {name} a killed run left behind")
+    if zfs("list", "-H", "-o", "name", name, check=False).returncode == 0:
+        why = drop_clone(cfg, dataset, purpose)
+        if why:
+            raise Failure(
+                f"the clone {name} an earlier run left behind cannot be destroyed ({why}); end what holds it, "
+                f"then: zfs destroy -f {name}"
+            )
+        say(f"removed the clone {name} an earlier run left behind")
     path = mount_path(cfg, dataset, purpose)
     os.makedirs(path, mode=0o700, exist_ok=True)
     zfs("clone", "-o", "readonly=on", "-o", f"mountpoint={path}", f"{dataset}@{snap}", name)
-    if not os.path.ismount(path):
+    if not mounted_here(path, name):
         zfs("mount", name, check=False)
+    if not mounted_here(path, name):
+        drop_clone(cfg, dataset, purpose)
+        raise Failure(
+            f"the clone {name} of {dataset}@{snap} is not mounted at {path} in this process's mount namespace, so "
+            "there is nothing to read from it; nothing was backed up from it. zfs-fuse mounts in its daemon's "
+            "namespace, which a unit with PrivateTmp/ProtectHome does not see: converge the restic_backup role "
+            "after zfs_datasets (it gives the units no mount namespace of their own under zfs-fuse)"
+        )
     return path
+
+
+def record_clones(cfg, datasets, purpose):
+    """Destroy this run's clones; one that stays is named and counted, and the next run removes it."""
+    for dataset in datasets:
+        why = drop_clone(cfg, dataset, purpose)
+        if why:
+            warn(f"the clone {clone_name(dataset, purpose)} could not be destroyed ({why}); the next run removes it")
+        METRICS.add("clone_left", 1 if why else 0, dataset=dataset, purpose=purpose)
 
 
 # ---------------------------------------------------------------- PostgreSQL
@@ -430,8 +542,7 @@ def cmd_backup(cfg, args):
         for repo in targets:
             backup_to(cfg, repo, paths, snap)
     finally:
-        for dataset in cfg["datasets"]:
-            drop_clone(dataset)
+        record_clones(cfg, cfg["datasets"], "backup")
         prune_zfs(cfg)
 
 
@@ -606,13 +717,16 @@ def cmd_drill(cfg, args):
     scratch = os.path.join(cfg["work_dir"], "drill")
     shutil.rmtree(scratch, ignore_errors=True)
     os.makedirs(scratch, mode=0o700)
-    diffs, files, nbytes, tables = [], 0, 0, 0
+    diffs, files, nbytes, tables, cloned = [], 0, 0, 0, []
     try:
         res = repo.restic("restore", snap["id"], "--target", scratch, check=False)
         if res.returncode != 0:
             lines = [ln.strip() for ln in (res.stderr or "").splitlines() if ln.strip()]
+            # restic names each file it could not restore ("ignoring error for /path: ..."): those first.
+            errors = [ln for ln in lines if "error" in ln.lower()]
             diffs.append(
-                f"restic restore of snapshot {snap['short_id']} failed (rc {res.returncode}): " + " / ".join(lines[-6:])
+                f"restic restore of snapshot {snap['short_id']} failed (rc {res.returncode}): "
+                + " / ".join((errors or lines)[-6:])
             )
         staged = os.path.join(scratch, cfg["staging_dir"].lstrip("/"))
         try:
@@ -628,11 +742,9 @@ def cmd_drill(cfg, args):
                     "no longer exists to compare with"
                 )
                 continue
+            cloned.append(dataset)
             source = mount_snapshot(cfg, dataset, zfs_snap, "drill")
-            try:
-                f, b, d = compare_trees(source, os.path.join(scratch, path.lstrip("/")), dataset)
-            finally:
-                drop_clone(dataset, "drill")
+            f, b, d = compare_trees(source, os.path.join(scratch, path.lstrip("/")), dataset)
             files, nbytes = files + f, nbytes + b
             diffs.extend(d)
         for db in sorted(manifest["databases"]):
@@ -640,6 +752,7 @@ def cmd_drill(cfg, args):
             tables += t
             diffs.extend(d)
     finally:
+        record_clones(cfg, cloned, "drill")
         shutil.rmtree(scratch, ignore_errors=True)
     took = time.monotonic() - started
     for name, value in (
@@ -670,6 +783,8 @@ def drill_database(cfg, db, staged):
             expected = json.load(fh)
     except (OSError, ValueError) as exc:
         return 0, [f"database {db}: the row counts taken with the dump are missing from the restore ({exc})"]
+    if not os.path.isfile(dump):
+        return 0, [f"database {db}: its dump {os.path.basename(dump)} is missing from the restore"]
     scratch = f"sovereign_drill_{db}"
     run(["runuser", "-u", "postgres", "--", "dropdb", "--if-exists", scratch])
     run(["runuser", "-u", "postgres", "--", "createdb", scratch])
