@@ -77,7 +77,17 @@ def parse_remote(host: str, rc: int, stdout: str, stderr: str = "") -> tuple[lis
 
 def _definition(dumps: list[dict]) -> dict | None:
     found = [d["definition"] for d in dumps if d.get("definition")]
-    return max(found, key=lambda d: d.get("started") or 0) if found else None
+    # The newest experiment of that name; of its colors' copies one that knows the end (a color that never read the
+    # end file keeps the definition without it).
+    return max(found, key=lambda d: (_number(d.get("started"), 0.0), "ends" in d)) if found else None
+
+
+def _number(value: Any, default: float) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return default
+    return out if math.isfinite(out) and out > 0 else default
 
 
 def _kind(values: list[float], declared: str | None) -> str:
@@ -137,9 +147,17 @@ def build(
     rows_by_arm: dict[str, list] = {"A": [], "B": []}
     seen: dict[str, int] = {}
     other = 0
+    # The experiment's window, [started, ends): a color that read the end of the experiment late recorded past it
+    # (each color applies the end when it reads its experiment.json); those rows are left out for both arms alike.
+    w_start = _number(definition.get("started"), -math.inf)
+    w_end = _number(definition.get("ends"), math.inf)
+    outside = 0
     for d in dumps:
         for row in d.get("assignments", []):
             rid, color, _model, version = row[0], row[1], row[2], row[3]
+            if not w_start <= float(row[4]) < w_end:
+                outside += 1
+                continue
             arm = "A" if color == arm_color["A"] else "B" if color == arm_color["B"] else None
             want = (arms_def.get(arm) or {}).get("version") if arm else None
             if arm is None or (want is not None and str(want) != str(version)):
@@ -150,6 +168,8 @@ def build(
                 seen[rid] = seen.get(rid, 0) + 1
     if other:
         notes.append(f"{other} request(s) left out: answered by a color or model version that is not an arm")
+    if outside:
+        notes.append(f"{outside} request(s) left out: recorded outside the experiment's window (started .. ends)")
     dup = sum(1 for n in seen.values() if n > 1)
     if dup:
         notes.append(f"{dup} request id(s) answered more than once (client ids reused): each answer takes the outcome")

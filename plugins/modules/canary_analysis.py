@@ -233,6 +233,8 @@ keys:
   sample: {canary: sovereign-probe-3, stable: sovereign-probe-0}
 """
 
+import os
+import select
 import time
 import urllib.parse
 
@@ -259,6 +261,23 @@ from ansible_collections.sovereign.mlops.plugins.module_utils._prometheus import
 
 COLORS = ("blue", "green")
 MAX_SAMPLES = 5
+ORPHAN_CHECK_S = 1.0
+
+
+class ControllerGone(Exception):
+    """Nobody will read this analysis: the ansible-playbook that started it is gone."""
+
+
+def controller_gone(fd=1):
+    """True when this module's stdout is a pipe whose reader has closed: the ansible-playbook (or its SSH session)
+    that ran the module was killed, and probing on for the rest of a long hold would only load the host (and skew
+    what runs next on it, an experiment's counts). A file or terminal never reports this."""
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(event & (select.POLLERR | select.POLLHUP) for _fd, event in poller.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 class Arm:
@@ -336,8 +355,9 @@ def user_queries(p, stable, elapsed, wall):
     return out
 
 
-def analyse(p, warn=lambda msg: None, clock=time.monotonic, sleep=time.sleep, wall=time.time):
-    """Run the analysis; returns (ok, message, result)."""
+def analyse(p, warn=lambda msg: None, clock=time.monotonic, sleep=time.sleep, wall=time.time, gone=controller_gone):
+    """Run the analysis; returns (ok, message, result). Raises ControllerGone when ``gone()`` says nobody is waiting
+    for it any more (checked every ORPHAN_CHECK_S while probing)."""
     stable = p["stable"] or next(c for c in COLORS if c != p["canary"])
     keys = dict(canary=key_in_range(0, p["weight"]), stable=key_in_range(p["weight"], BUCKETS))
     limits = {k: p[k] for k in ("min_requests", "max_error_ratio", "max_p99_ms", "max_p99_ratio", "p99_tolerance_ms")}
@@ -360,9 +380,14 @@ def analyse(p, warn=lambda msg: None, clock=time.monotonic, sleep=time.sleep, wa
             out["holds"] += 1
             hold_end = min(clock() + p["seconds"], start + max(p["max_seconds"], p["seconds"]))
             turn = 0
+            next_check = clock() + ORPHAN_CHECK_S
             while clock() < hold_end:
                 arms[turn % 2].probe(path, body)
                 turn += 1
+                if clock() >= next_check:
+                    next_check = clock() + ORPHAN_CHECK_S
+                    if gone():
+                        raise ControllerGone()
                 if p["interval"] > 0:
                     sleep(p["interval"])
             probes = dict(canary=arms[0].figures(), stable=arms[1].figures())
@@ -498,6 +523,8 @@ def main():
         ok, msg, out = analyse(p, warn=module.warn)
     except URLError as exc:
         module.fail_json(msg=str(exc))
+    except ControllerGone:
+        os._exit(1)  # pylint: disable=protected-access  # nobody reads a result: stop probing, write nothing
     if not ok:
         module.fail_json(msg=msg, changed=False, **out)
     module.exit_json(msg=msg, changed=False, **out)

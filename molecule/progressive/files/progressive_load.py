@@ -1,15 +1,17 @@
 """Keep-alive load that records which arm answered each request (python3 stdlib; a test tool of
 molecule/progressive).
 
-KEYLESS threads each POST the golden inference of MODEL to URL back to back on one keep-alive HTTP/1.1 connection,
+KEYLESS threads each POST the golden inference of MODEL to URL in turn on one keep-alive HTTP/1.1 connection,
 without a sticky key (split by weight). One more thread sends the same request with a sticky key header
-(X-Sovereign-Key), cycling through KEYS keys "k-0".."k-<KEYS-1>", on its own keep-alive connection. Runs until
+(X-Sovereign-Key), cycling through KEYS keys "k-0".."k-<KEYS-1>", on its own keep-alive connection. Each client
+waits PACE_S (default 0.01) after each answer: steady load that leaves the 2-core test machine room for the
+playbook under test (back to back, 4 clients made ~1,700 requests/s and every Ansible task 3-7 s). Runs until
 STOP_FILE exists or MAX_SECONDS. A request fails on any transport error (no retry) or a status other than 200.
 
 Writes one JSON object to OUT (atomically): requests, failures, samples, and the timelines
   keyless: [[wall time, color, model version], ...]   keyed: [[wall time, key, color], ...]
 
-usage: progressive_load.py URL MODEL KEYLESS KEYS MAX_SECONDS STOP_FILE OUT
+usage: progressive_load.py URL MODEL KEYLESS KEYS MAX_SECONDS STOP_FILE OUT [PACE_S]
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def golden_body(host, port, model):
 def main(argv):
     url, model, keyless, keys = argv[1], argv[2], int(argv[3]), int(argv[4])
     max_seconds, stop_file, out = float(argv[5]), argv[6], argv[7]
+    pace = float(argv[8]) if len(argv) > 8 else 0.01
     parts = urllib.parse.urlsplit(url)
     host, port = parts.hostname, parts.port or 80
     body = golden_body(host, port, model)
@@ -82,6 +85,8 @@ def main(argv):
                     state["keyed"].append([now, key, color])
                 else:
                     state["keyless"].append([now, color, version])
+            if pace > 0:
+                stop.wait(pace)
         conn.close()
 
     threads = [threading.Thread(target=worker, args=(False,)) for _n in range(keyless)]

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import pathlib
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,9 +26,9 @@ import time
 import pytest
 from ansible_collections.sovereign.mlops.plugins.module_utils._haproxy import arm_of
 
-PROJECT = pathlib.Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", pathlib.Path(__file__).resolve().parents[3]))
-INVENTORY = os.environ.get("MOLECULE_INVENTORY_FILE", "")
-ANSIBLE_PLAYBOOK = shutil.which("ansible-playbook") or os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "shared"))
+from playbook import command, play
+
 MODELS = "/var/lib/sovereign/models"
 LEDGER = "/var/lib/sovereign/deployments.jsonl"
 LOCK = "/var/lib/sovereign/deploy.lock"
@@ -47,29 +46,18 @@ FAST = {
     "deploy_canary_max_hold_s": 12,
     "deploy_canary_interval_s": 0.01,
     "deploy_canary_min_requests": 10,
-    # Measured on the shared 2-core machine (first run, 2026-12-01): a healthy stable arm's p99 was 144 ms and a
-    # freshly started healthy canary's 334 ms, so the production 100 ms limit failed a good canary. 1000 ms here; the
-    # degraded canary gets +1500 ms from the chaos knob, far above it.
+    # The analysis compares the canary with the stable arm (p99_vs_stable: at most 3 x the stable p99 or 500 ms above
+    # it) and holds both to an absolute limit. Loosened for the shared 2-core machine: on the first run (load ~20,
+    # 2026-12-01) a healthy stable arm's p99 was 144 ms and a freshly started healthy canary's 334 ms, so the
+    # production limits (100 ms, x1.5 / +10 ms) failed a good canary. The degraded canary (below) gets +1500 ms on
+    # every request from the runtime's chaos knob: its p99 is at least 1500 ms whatever the load, above the 1000 ms.
     "deploy_canary_max_p99_ms": 1000,
-    # Both arms run the same tiny model: a p99 comparison on a loaded 2-core machine is noise.
-    "deploy_canary_max_p99_ratio": 0,
+    "deploy_canary_max_p99_ratio": 3,
+    "deploy_canary_p99_tolerance_ms": 500,
 }
+CHAOS_MS = 1500  # the degraded canary's extra latency per request
 V2 = {"model": f"{MODELS}/v2/model.pt", "model_version": "2"}
 V1 = {"model": f"{MODELS}/v1/model.pt", "model_version": "1"}
-
-
-def play(name, extra=None, timeout=600):
-    """Run a playbook of the collection against molecule's inventory; returns (rc, output, seconds)."""
-    assert INVENTORY, "MOLECULE_INVENTORY_FILE is not set (run through molecule verify)"
-    cmd = [ANSIBLE_PLAYBOOK, "-i", INVENTORY, str(PROJECT / "playbooks" / name)]
-    if extra:
-        cmd += ["-e", json.dumps(extra)]
-    start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    seconds = time.monotonic() - start
-    out = proc.stdout + proc.stderr
-    print(f"--- {' '.join(cmd)} -> rc {proc.returncode} in {seconds:.1f}s\n{out[-5000:]}")
-    return proc.returncode, " ".join(out.replace("\\n", " ").split()), seconds
 
 
 _WHERE = {}
@@ -221,7 +209,10 @@ def test_canary_steps_through_its_weights_under_load(host):
         window = [c for t, c, _v in report["keyless"] if lo <= t <= hi]
         share = window.count("green") / len(window)
         tol = _binomial_tolerance(len(window), weight)
-        print(f"step {step['weight']}%: {len(window)} keyless requests, green share {share:.3f} (tolerance {tol:.3f})")
+        print(
+            f"step {step['weight']}%: {len(window)} keyless requests, green share {share:.3f} (tolerance {tol:.3f}); "
+            f"analysis: canary {step['canary']}, stable {step['stable']}"
+        )
         assert len(window) >= 50, f"too little load in step {step['weight']}% to measure a share"
         assert abs(share - weight) <= tol, (step, share, tol)
         keyed = [(k, c) for t, k, c in report["keyed"] if lo <= t <= hi]
@@ -244,7 +235,8 @@ def test_canary_steps_through_its_weights_under_load(host):
 
 def test_degraded_canary_aborts_at_the_first_analysis_and_loses_no_request(host):
     """blue gets v1 with the runtime's chaos knob (+1500 ms per request; the smoke test's limit is raised above it so
-    the canary starts): the 5 % analysis fails on p99 (limit 1000 ms), every request is back on green within seconds,
+    the canary starts): the 5 % analysis fails on p99 (the 1000 ms limit, whatever the load: every canary request
+    takes at least 1500 ms; and 3 x / +500 ms over the stable p99), every request is back on green within seconds,
     the play fails naming the measurement, the ledger records the step - and no client request fails."""
     records = len(ledger(host))
     load = Load(host, "degraded")
@@ -254,8 +246,14 @@ def test_degraded_canary_aborts_at_the_first_analysis_and_loses_no_request(host)
             canary_extra(
                 "blue",
                 V1,
-                deploy_model_extra_env={"SOVEREIGN_RUNTIME_CHAOS_LATENCY_MS": 1500},
+                deploy_model_extra_env={"SOVEREIGN_RUNTIME_CHAOS_LATENCY_MS": CHAOS_MS},
+                # The smoke test lets the slow canary start (3 requests of >= 1.5 s); the analysis judges it on 5
+                # requests of each arm (each canary probe takes >= 1.5 s: 10 would need 15 s of probes), holding up to
+                # 60 s to get them.
+                deploy_smoke_requests=3,
                 deploy_smoke_max_p99_ms=10000,
+                deploy_canary_min_requests=5,
+                deploy_canary_max_hold_s=60,
             ),
         )
     finally:
@@ -287,13 +285,16 @@ def test_rollback_during_a_killed_canary_then_rerun(host):
     """A canary of blue (v1) held at 50 % is SIGKILLed (the whole ansible-playbook process group): HAProxy keeps the
     split and the lock stays. rollback.yml breaks the dead run's lock and puts every request back on green (the live
     color) without restarting anything; the same deploy run again converges to blue. Under load: no failed request."""
-    held = dict(deploy_canary_steps=[50, 100], deploy_canary_hold_s=120, deploy_canary_max_hold_s=120)
+    held = dict(deploy_canary_steps=[50, 100], deploy_canary_hold_s=45, deploy_canary_max_hold_s=45)
     extra = canary_extra("blue", V1, **held)
     load = Load(host, "killed")
     try:
-        cmd = [ANSIBLE_PLAYBOOK, "-i", INVENTORY, str(PROJECT / "playbooks" / "deploy.yml"), "-e", json.dumps(extra)]
         proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+            command("deploy.yml", extra),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
         )
         lines = []
         reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
@@ -327,6 +328,14 @@ def test_rollback_during_a_killed_canary_then_rerun(host):
         assert rc == 0, out[-4000:]
     finally:
         report = load.stop()
+    # The killed run's analysis (a module process on the host) outlives the kill here (2026-12-01 21:28 run: still
+    # probing 60 s after it, although canary_analysis stops when its stdout pipe closes): wait for the end of its
+    # 45 s hold, so its probes do not reach the experiment tests that follow (440 foreign requests in one).
+    orphan = "pgrep -f '^/usr/bin/python3(\\.[0-9.]+)?$'"  # a pipelined module's command line: the bare interpreter
+    deadline = time.monotonic() + 180
+    while host.run(orphan).rc == 0:
+        assert time.monotonic() < deadline, host.run("ps -eo pid,ppid,etime,args").stdout
+        time.sleep(1)
     assert report["failures"] == 0, report["samples"]
     assert split(host) == {"live": "blue", "canary": "blue", "weight": "0"}
     record = ledger(host)[-1]

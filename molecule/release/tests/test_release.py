@@ -26,9 +26,9 @@ import time
 
 import pytest
 
-PROJECT = pathlib.Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", pathlib.Path(__file__).resolve().parents[3]))
-INVENTORY = os.environ.get("MOLECULE_INVENTORY_FILE", "")
-ANSIBLE_PLAYBOOK = shutil.which("ansible-playbook") or os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "shared"))
+from playbook import PROJECT, command, play
+
 MODELS = "/var/lib/sovereign/models"
 LEDGER = "/var/lib/sovereign/deployments.jsonl"
 METRICS = "/var/lib/prometheus/node-exporter/sovereign_deploy.prom"
@@ -47,21 +47,6 @@ FAST = {
     "deploy_watch_max_p99_ms": 1000,
     "deploy_drain_timeout_s": 5,
 }
-
-
-def play(name, extra=None, timeout=600, check=False):
-    """Run a playbook of the collection against molecule's inventory; returns (rc, output, seconds)."""
-    assert INVENTORY, "MOLECULE_INVENTORY_FILE is not set (run through molecule verify)"
-    cmd = [ANSIBLE_PLAYBOOK, "-i", INVENTORY, str(PROJECT / "playbooks" / name)] + (["--check"] if check else [])
-    if extra:
-        cmd += ["-e", json.dumps(extra)]
-    start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    seconds = time.monotonic() - start
-    out = proc.stdout + proc.stderr
-    print(f"--- {' '.join(cmd)} -> rc {proc.returncode} in {seconds:.1f}s\n{out[-6000:]}")
-    # The yaml callback wraps long messages: compare with whitespace collapsed.
-    return proc.returncode, " ".join(out.replace("\\n", " ").split()), seconds
 
 
 _WHERE = {}
@@ -546,9 +531,8 @@ def test_fault_playbook_killed_mid_switch_then_rerun_converges(host):
     records_before = len(ledger(host))
     start_load(host, "killgen", 2000)
 
-    cmd = [ANSIBLE_PLAYBOOK, "-i", INVENTORY, str(PROJECT / "playbooks" / "deploy.yml"), "-e", json.dumps(extra)]
     proc = subprocess.Popen(
-        cmd,
+        command("deploy.yml", extra),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -237,3 +237,18 @@ def test_table_chart_and_cli(tmp_path, capsys):
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
     assert cli.main(["experiment", "report", "t", "--dump", str(empty)]) == 1
+
+
+def test_rows_outside_the_window_are_left_out_for_both_arms():
+    """A color that read the end late recorded past it: the report keeps [started, ends) for every arm, from the
+    definition of the color that knows the end, and says how many rows it left out."""
+    dumps = _dumps(600, 600, bern(0.2), bern(0.2))  # t from 1000 to 1600 on both colors
+    for d in dumps:
+        d["definition"] = dict(d["definition"])
+    dumps[0]["definition"]["ends"] = 1300.0  # blue read the end; green never did
+    dumps[1]["assignments"].append(["early", "green", "m", "2", 999.0, 200, 1.0])  # before the start
+    report = experiment.build("t", dumps)
+    a, b = report["arms"]
+    assert a["requests"] == b["requests"] == 300
+    assert not report["srm"]["mismatch"]
+    assert "601 request(s) left out: recorded outside the experiment's window" in " | ".join(report["notes"])

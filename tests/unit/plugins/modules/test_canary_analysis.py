@@ -227,3 +227,38 @@ def test_unreachable_prometheus_falls_back_to_the_probes(capsys):
         result = analyse(env, capsys, prometheus_url=url, prometheus_host="inf-01")
     assert result["verdict"] == "pass" and result["source"] == "probes"
     assert "cannot reach Prometheus" in result["prometheus_error"]
+
+
+def test_controller_gone_is_a_closed_pipe_on_stdout():
+    """The orphan check: a pipe whose reader closed says gone; an open pipe and a regular file do not."""
+    import os
+    import tempfile
+
+    read, write = os.pipe()
+    try:
+        assert not canary_analysis.controller_gone(write)
+        os.close(read)
+        read = None
+        assert canary_analysis.controller_gone(write)
+    finally:
+        os.close(write)
+        if read is not None:
+            os.close(read)
+    with tempfile.TemporaryFile() as handle:
+        assert not canary_analysis.controller_gone(handle.fileno())
+
+
+@needs_haproxy
+def test_an_orphaned_analysis_stops_probing():
+    """A long hold whose ansible-playbook was killed stops at the next check, not at the end of the hold."""
+    with switch(live="blue") as env:
+        split(env, 10)
+        params = dict(
+            BASE, url=env.url, seconds=60.0, max_seconds=60.0, stable=None, sticky_header="X-Sovereign-Key",
+            golden=None, max_error_ratio=0.01, max_p99_ratio=0, p99_tolerance_ms=10, queries=[], request_timeout=5,
+            prometheus_url=None, prometheus_host=None, prometheus_scrape_interval=15, prometheus_timeout=5,
+        )  # fmt: skip
+        calls = []
+        with pytest.raises(canary_analysis.ControllerGone):
+            canary_analysis.analyse(params, gone=lambda: calls.append(1) or len(calls) >= 2)
+        assert len(calls) == 2  # checked once a second while probing: stopped after about 2 s of a 60 s hold

@@ -1,0 +1,150 @@
+"""A/B experiments end to end (issue 14): playbooks/experiment.yml against one real host (two sovereign-runtime colors
+on CPU behind the real HAProxy; molecule/release's converge), the report read from the files it leaves on the
+controller.
+
+Runs after test_progressive.py (file order), which leaves arm A, demo version 1, on blue (live) and arm B, version 2,
+on green (idle): the state an operator sets up with deploy.yml and rollback.yml. ensure_arms() checks it, and only
+when it does not hold puts version 2 on green by rewriting green's model file and restarting it (what a deploy does
+before it switches; the release flow itself is tested in test_progressive.py and molecule/release). Traffic:
+files/experiment_load.py on the host (prepare.yml), keep-alive clients through the frontend, a fresh sticky key per
+request, and an outcome posted to POST /v2/outcomes for every answer's request id, planted by model version at an
+exact rate. So a planted difference must give the right winner, and equal rates must give none. Bad input against
+the real runtimes (a version no color serves) must fail before anything changes. Small samples (a few hundred per
+arm) keep the scenario short; the difference planted is large enough for them. The split itself is a fair hash of
+random keys, so the report's sample-ratio-mismatch check (p < 0.001) flags it in about 1 run in 1000 by chance.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "shared"))
+import playbook
+
+MODELS = "/var/lib/sovereign/models"
+FACT = "/etc/ansible/facts.d/sovereign.fact"
+LOAD = "/usr/local/lib/sovereign-experiment-load.py"
+BASE = {
+    "experiment_model_a": "models:/demo/1",
+    "experiment_model_b": "models:/demo/2",
+    "experiment_split": 50,
+    "experiment_duration_s": 120,
+    "experiment_min_samples": 200,
+    "experiment_poll_s": 1,
+}
+
+
+def play(extra):
+    """playbooks/experiment.yml with EXTRA; returns (rc, output with whitespace collapsed)."""
+    rc, out, _seconds = playbook.play("experiment.yml", extra)
+    return rc, out
+
+
+def contract(host):
+    return json.loads(host.file(FACT).content_string)
+
+
+def served(host, color):
+    spec = contract(host)["runtime"]["colors"][color]
+    out = host.run(f"curl -sf http://{spec['host']}:{spec['port']}/v2/models/demo")
+    return json.loads(out.stdout)["versions"][0] if out.rc == 0 else None
+
+
+def map_entries(host):
+    path = contract(host)["traffic_switch"]["map_file"]
+    lines = host.file(path).content_string.splitlines()
+    return dict(line.split()[:2] for line in lines if line.strip() and not line.startswith("#"))
+
+
+def put(host, color, version):
+    """COLOR serves demo VERSION: its model file rewritten, the color restarted, until it answers with that version."""
+    if served(host, color) == version:
+        return
+    env = contract(host)["runtime"]["colors"][color]["model_env"]
+    text = (
+        f"SOVEREIGN_RUNTIME_MODEL_URI={MODELS}/v{version}/model.pt\nSOVEREIGN_RUNTIME_MODEL_NAME=demo\n"
+        f"SOVEREIGN_RUNTIME_MODEL_VERSION={version}\n"
+    )
+    host.check_output(f"printf '%s' '{text}' > {env} && systemctl restart sovereign-runtime@{color}")
+    deadline = time.monotonic() + 120
+    while served(host, color) != version:
+        assert time.monotonic() < deadline, f"{color} did not come up with version {version}"
+        time.sleep(1)
+
+
+def ensure_arms(host):
+    """Blue live with version 1, green with version 2 (idle)."""
+    put(host, "green", "2")
+    assert served(host, "blue") == "1", "the converge leaves version 1 on blue"
+    assert map_entries(host).get(contract(host)["traffic_switch"]["map_key"]) == "blue"
+
+
+def experiment(host, tmp_path, name, rates):
+    """Run experiment NAME under planted-outcome load; returns (report, load result, map entries after)."""
+    ensure_arms(host)
+    stop, out = f"/tmp/{name}.stop", f"/tmp/{name}.json"
+    host.check_output(f"rm -f {stop} {out}; systemctl reset-failed sovereign-{name} 2>/dev/null || true")
+    host.check_output(
+        f"systemd-run --unit sovereign-{name} --collect /usr/bin/python3 {LOAD} http://127.0.0.1:8000 demo 2 "
+        f"{rates} 400 {stop} {out}"
+    )
+    try:
+        rc, text = play({**BASE, "experiment_name": name, "experiment_report_dir": str(tmp_path / name)})
+    finally:
+        host.check_output(f"touch {stop}")
+    deadline = time.monotonic() + 60
+    while not host.file(out).exists:
+        assert time.monotonic() < deadline, "the load generator did not finish"
+        time.sleep(0.5)
+    load = json.loads(host.file(out).content_string)
+    assert rc == 0, text[-3000:]
+    report = json.loads((tmp_path / name / "report.json").read_text())
+    assert (tmp_path / name / "chart.png").read_bytes()[:4] == b"\x89PNG"
+    table = (tmp_path / name / "report.txt").read_text().splitlines()
+    verdicts = [line for line in table if line.startswith("verdict:")]
+    assert verdicts == [f"verdict: {report['verdict']}"], verdicts
+    return report, load, map_entries(host)
+
+
+def check_common(report, load, entries):
+    a, b = report["arms"]
+    assert (a["arm"], a["color"], a["version"]) == ("A", "blue", "1")
+    assert (b["arm"], b["color"], b["version"]) == ("B", "green", "2")
+    assert load["failures"] == 0, load["errors"]
+    assert a["requests"] >= 150 and b["requests"] >= 150  # min_samples 200 per arm, or the duration ran out
+    assert a["errors"] == b["errors"] == 0
+    assert a["outcomes"] >= 0.95 * a["requests"] and b["outcomes"] >= 0.95 * b["requests"]
+    assert not report["srm"]["mismatch"], report["srm"]
+    # Afterwards all traffic is back on the live color: no split left in the map.
+    assert entries.get("live") == "blue" and int(entries.get("weight", 0)) == 0
+
+
+def test_unknown_version_fails_before_anything_changes(host, tmp_path):
+    ensure_arms(host)
+    before = map_entries(host)
+    dirs = [c["experiment_dir"] for c in contract(host)["runtime"]["colors"].values()]
+    rc, text = play({**BASE, "experiment_name": "bad", "experiment_model_b": "models:/demo/9",
+                     "experiment_report_dir": str(tmp_path / "bad")})  # fmt: skip
+    assert rc != 0 and "version 9 (arm B) must each be served" in text and "Nothing was changed." in text
+    assert map_entries(host) == before
+    assert not any(host.file(f"{d}/experiment.json").exists for d in dirs)
+
+
+def test_planted_difference_reports_the_right_winner(host, tmp_path):
+    report, load, entries = experiment(host, tmp_path, "planted", "1=0.2,2=0.5")
+    check_common(report, load, entries)
+    a, b = report["arms"]
+    assert report["verdict"] == "B better", report["verdict_reason"]
+    assert report["comparison"]["method"] == "two-proportion z-test" and report["comparison"]["p_value"] < 0.001
+    assert abs(a["metric"]["mean"] - 0.2) < 0.02 and abs(b["metric"]["mean"] - 0.5) < 0.02
+
+
+def test_no_difference_reports_none(host, tmp_path):
+    report, load, entries = experiment(host, tmp_path, "same", "1=0.3,2=0.3")
+    check_common(report, load, entries)
+    assert report["verdict"] == "no detectable difference at this sample size", report["verdict_reason"]
+    lo, hi = report["comparison"]["ci"]
+    assert lo < 0 < hi
