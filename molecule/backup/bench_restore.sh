@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Measurement for docs/benchmarks.md (issue #11, "retrieval under a minute"); NOT part of `molecule test`.
-# Run from the worktree root after `bash /work/mol.sh backup converge`, then `bash /work/mol.sh backup destroy`:
+# Run from the repository root after `molecule converge -s backup` (then `molecule destroy -s backup`), or on the lab:
 #   bash molecule/backup/bench_restore.sh [MiB, default 1024]
+#   BENCH_DATA=ops-01 BENCH_REPO=backup-01 bash molecule/backup/bench_restore.sh
 # In molecule-backup-data it writes MiB of random artifacts (64 MiB files) into the mlflow_artifacts dataset, takes
 # a backup to the SFTP repository on molecule-backup-repo (the job's own argv), changes 1 % of the bytes and takes
 # an incremental one, then times (a) `restic restore` of the artifacts into scratch and (b) the restore.yml path
@@ -10,7 +11,8 @@
 # TEST ADAPTATION: zfs-fuse, so the pool is grown by a second file vdev for the extra GiBs.
 set -euo pipefail
 MIB=${1:-1024}
-D=molecule-backup-data R=molecule-backup-repo
+# BENCH_DATA / BENCH_REPO: other containers, e.g. the lab's (BENCH_DATA=ops-01 BENCH_REPO=backup-01 after make lab).
+D=${BENCH_DATA:-molecule-backup-data} R=${BENCH_REPO:-molecule-backup-repo}
 exec_d() { podman exec -i "$D" bash -euo pipefail -c "$1"; }
 t() { local s; s=$(date +%s.%N); "$@" >/dev/null; awk "BEGIN { printf \"%.1f\", $(date +%s.%N) - $s }"; }
 load() { cut -d' ' -f1-3 /proc/loadavg; }
