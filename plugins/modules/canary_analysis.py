@@ -268,10 +268,19 @@ class ControllerGone(Exception):
     """Nobody will read this analysis: the ansible-playbook that started it is gone."""
 
 
-def controller_gone(fd=1):
-    """True when this module's stdout is a pipe whose reader has closed: the ansible-playbook (or its SSH session)
-    that ran the module was killed, and probing on for the rest of a long hold would only load the host (and skew
-    what runs next on it, an experiment's counts). A file or terminal never reports this."""
+# The process that started this module (Ansible's shell, sudo or async wrapper): it waits for the module to end.
+_START_PARENT = os.getppid()
+
+
+def controller_gone(fd=1, parent=_START_PARENT):
+    """True when nobody will read this module's result: its stdout is a pipe whose reader has closed, or the process
+    that started it is gone (this one was reparented). Either way the ansible-playbook (or its SSH session) that ran
+    the module was killed, and probing on for the rest of a long hold would only load the host (and skew what runs
+    next on it, an experiment's counts). The parent check is the one that fires when the pipe's reader lives on
+    without a controller (seen in molecule/progressive: a SIGKILLed ansible-playbook left the nsenter that held the
+    pipe, and the module ran on with parent 1). A file or terminal never reports a closed reader."""
+    if os.getppid() != parent:
+        return True
     try:
         poller = select.poll()
         poller.register(fd, select.POLLOUT)

@@ -7,6 +7,7 @@ Prometheus for the Prometheus source (skipped, saying so, where the binaries are
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from ansible_collections.sovereign.mlops.plugins.modules import canary_analysis
@@ -246,6 +247,39 @@ def test_controller_gone_is_a_closed_pipe_on_stdout():
             os.close(read)
     with tempfile.TemporaryFile() as handle:
         assert not canary_analysis.controller_gone(handle.fileno())
+
+
+def test_controller_gone_when_the_parent_died_but_the_pipe_lives_on(tmp_path):
+    """The orphan check's second half, for real: a child whose parent shell exits (its stdout pipe still open,
+    held by this test) sees it is gone; while the shell lives it does not."""
+    import subprocess
+    import sys
+
+    child = tmp_path / "child.py"
+    child.write_text(
+        "import os, sys, time\n"
+        "from ansible_collections.sovereign.mlops.plugins.modules import canary_analysis as ca\n"
+        "seen = [ca.controller_gone()]\n"  # the shell waits for the ready file: alive, not gone
+        "open(sys.argv[1] + '.ready', 'w').close()\n"
+        "deadline = time.monotonic() + 20\n"
+        "while not ca.controller_gone() and time.monotonic() < deadline:\n"
+        "    time.sleep(0.05)\n"
+        "seen.append(ca.controller_gone())\n"
+        "open(sys.argv[1] + '.tmp', 'w').write(repr(seen))\n"
+        "os.replace(sys.argv[1] + '.tmp', sys.argv[1])\n"
+    )
+    out = tmp_path / "seen"
+    # The shell starts the child, exits once the child has checked, and the child keeps the shell's stdout (this
+    # test's pipe) open: what a killed controller leaves behind.
+    script = f'"{sys.executable}" "{child}" "{out}" & while [ ! -e "{out}.ready" ]; do sleep 0.05; done'
+    proc = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc.wait(120)
+    for _attempt in range(400):
+        if out.exists():
+            break
+        time.sleep(0.05)
+    proc.stdout.close()
+    assert out.read_text() == "[False, True]"
 
 
 @needs_haproxy
