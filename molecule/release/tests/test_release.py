@@ -543,19 +543,23 @@ def test_fault_playbook_killed_mid_switch_then_rerun_converges(host):
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
     # Trigger: the switch module holds the host's switch lock (green is ready, passed its smoke test and is being
-    # switched to). Watched from inside the container (10 ms polls, one podman exec) so the kill lands while the
-    # switch runs, not after it.
+    # switched to). Watched from inside the container by one process reading the lock file every millisecond: on a
+    # quiet machine the switch holds it for a few ms only, and a shell loop spawning grep every 10 ms missed it
+    # (CI 2026-12-01 22:28: the deploy ran to its end unkilled).
+    poll = (
+        "import sys, time\n"
+        "while True:\n"
+        "    try:\n"
+        "        text = open(sys.argv[1]).read()\n"
+        "    except OSError:\n"
+        "        text = ''\n"
+        "    if 'blue_green_switch to green' in text:\n"
+        "        print(text)\n"
+        "        break\n"
+        "    time.sleep(0.001)\n"
+    )
     watcher = subprocess.Popen(
-        [
-            "podman",
-            "exec",
-            host.backend.name,
-            "timeout",
-            "400",
-            "sh",
-            "-c",
-            f"until grep -qs 'blue_green_switch to green' {switch_lock}; do sleep 0.01; done; cat {switch_lock}",
-        ],
+        ["podman", "exec", host.backend.name, "timeout", "400", "/usr/bin/python3", "-c", poll, switch_lock],
         stdout=subprocess.PIPE,
         text=True,
     )
