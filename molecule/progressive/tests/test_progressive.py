@@ -315,13 +315,15 @@ def test_rollback_during_a_killed_canary_then_rerun(host):
             time.sleep(0.5)
         assert split(host)["weight"] == "50"
         os.killpg(proc.pid, signal.SIGKILL)
+        killed = time.monotonic()
         proc.wait(30)
         reader.join(10)
         # Nothing of the killed run probes on: its module process ends (bounded wait, 600 s of hold left). One left
         # over fails the test, and is killed so that it does not skew the tests after this one.
-        deadline = time.monotonic() + 120
+        deadline = killed + 120
         while host.run(MODULE_PROCESS).rc == 0 and time.monotonic() < deadline:
             time.sleep(0.5)
+        print(f"the killed analysis was gone {time.monotonic() - killed:.1f}s after the kill (polled every 0.5 s)")
         left = host.run(f"pgrep -af {MODULE_PATTERN}").stdout
         if left:
             processes = host.run("ps -eo pid,ppid,etime,args").stdout
