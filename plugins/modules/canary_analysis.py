@@ -14,7 +14,7 @@ extends_documentation_fragment:
   - sovereign.mlops._attributes
   - sovereign.mlops._attributes.read_only
 description:
-  - One analysis step of the release role's canary (C(deploy.yml -e strategy=canary), docs/adr/1402-canary-analysis.md),
+  - One analysis step of the release role's canary (C(deploy.yml -e strategy=canary), docs/adr/1402-canary-release.md),
     on the inference host, while the traffic switch splits requests between O(canary) and O(stable)
     (C(sovereign.mlops.blue_green_switch) with C(weight)).
   - For O(seconds) it sends the model's golden inference request through the frontend O(url), alternating between a
