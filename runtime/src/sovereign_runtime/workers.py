@@ -12,8 +12,8 @@ Supervisor (this module's ``supervise``; it never imports torch):
   set (and on CUDA ``CUDA_VISIBLE_DEVICES`` = its one GPU, round robin); a worker that exits is started again
   (0.5 s, doubling to 10 s while it keeps dying within 10 s of its start), its slot reads "gone" meanwhile;
 * SIGTERM/SIGINT: passes the signal to every worker (each drains as a single process does: ready 503,
-  ``--shutdown-delay-s``, in-flight requests finish), restarts nothing more, exits 0 once all exited 0 (else 1).
-  A second signal is passed on too (the workers stop waiting).
+  ``--shutdown-delay-s``, in-flight requests finish), restarts nothing more, exits 0 once all it signalled exited 0
+  (else 1). A second signal is passed on too (the workers stop waiting).
 
 Worker (``serve_worker``): today's RuntimeServer on its own ``SO_REUSEPORT`` listener (the kernel spreads new
 connections over the workers), plus
