@@ -14,7 +14,7 @@ extends_documentation_fragment:
   - sovereign.mlops._attributes
   - sovereign.mlops._attributes.read_only
 description:
-  - One analysis step of the release role's canary (C(deploy.yml -e strategy=canary), docs/adr/1402-canary-analysis.md),
+  - One analysis step of the release role's canary (C(deploy.yml -e strategy=canary), docs/adr/1402-canary-release.md),
     on the inference host, while the traffic switch splits requests between O(canary) and O(stable)
     (C(sovereign.mlops.blue_green_switch) with C(weight)).
   - For O(seconds) it sends the model's golden inference request through the frontend O(url), alternating between a
@@ -34,6 +34,10 @@ description:
     sample could dilute fail at once."
   - The module fails unless the verdict is V(pass), with the measurements that failed in its message and every
     check in RV(checks). It changes nothing; the caller sets the weight to 0 on failure.
+  - The analysis ends, without a result, when nobody will read it any more - the C(ansible-playbook) that started it
+    was killed. The module's action plugin ends its worker and connection on the controller when
+    C(ansible-playbook) is gone, and the module stops probing within a second of its stdout closing
+    (docs/adr/1403-analysis-outlives-no-controller.md).
 options:
   url:
     description:
@@ -276,9 +280,11 @@ def controller_gone(fd=1, parent=_START_PARENT):
     """True when nobody will read this module's result: its stdout is a pipe whose reader has closed, or the process
     that started it is gone (this one was reparented). Either way the ansible-playbook (or its SSH session) that ran
     the module was killed, and probing on for the rest of a long hold would only load the host (and skew what runs
-    next on it, an experiment's counts). The parent check is the one that fires when the pipe's reader lives on
-    without a controller (seen in molecule/progressive: a SIGKILLed ansible-playbook left the nsenter that held the
-    pipe, and the module ran on with parent 1). A file or terminal never reports a closed reader."""
+    next on it, an experiment's counts). Neither fires while the controller's worker lives on: Ansible detaches its
+    workers from ansible-playbook, so a SIGKILLed ansible-playbook leaves the worker holding the pipe and the shell
+    chain above this process alive (molecule/progressive, 2026-12-01 21:28) - this module's action plugin ends that
+    worker, which closes the pipe (plugin_utils/_controller_watch.py). A file or terminal never reports a closed
+    reader."""
     if os.getppid() != parent:
         return True
     try:

@@ -56,6 +56,11 @@ FAST = {
     "deploy_canary_p99_tolerance_ms": 500,
 }
 CHAOS_MS = 1500  # the degraded canary's extra latency per request
+ANALYSIS_50 = "Analyse the canary against the live color - 50%"  # the analysis task's name, as the playbook prints it
+# A pipelined module's process on the host (its command line is the bare interpreter; the load and the runtimes
+# run scripts).
+MODULE_PATTERN = "'^/usr/bin/python3(\\.[0-9.]+)?$'"
+MODULE_PROCESS = f"pgrep -f {MODULE_PATTERN}"
 V2 = {"model": f"{MODELS}/v2/model.pt", "model_version": "2"}
 V1 = {"model": f"{MODELS}/v1/model.pt", "model_version": "1"}
 
@@ -134,7 +139,7 @@ class Load:
         deadline = time.monotonic() + 120
         while not self.host.file(f"/tmp/{self.name}.json").exists:
             assert time.monotonic() < deadline, self.host.run(f"journalctl -u sovereign-{self.name} -n 30").stdout
-            time.sleep(1)
+            time.sleep(0.2)
         return json.loads(self.host.file(f"/tmp/{self.name}.json").content_string)
 
 
@@ -247,12 +252,12 @@ def test_degraded_canary_aborts_at_the_first_analysis_and_loses_no_request(host)
                 "blue",
                 V1,
                 deploy_model_extra_env={"SOVEREIGN_RUNTIME_CHAOS_LATENCY_MS": CHAOS_MS},
-                # The smoke test lets the slow canary start (3 requests of >= 1.5 s); the analysis judges it on 5
-                # requests of each arm (each canary probe takes >= 1.5 s: 10 would need 15 s of probes), holding up to
-                # 60 s to get them.
-                deploy_smoke_requests=3,
+                # The smoke test lets the slow canary start (2 requests of >= 1.5 s); the analysis judges it on 3
+                # requests of each arm (each canary probe takes >= 1.5 s, so the p99 of any 3 is >= 1500 ms: more
+                # would only hold longer), holding up to 60 s to get them.
+                deploy_smoke_requests=2,
                 deploy_smoke_max_p99_ms=10000,
-                deploy_canary_min_requests=5,
+                deploy_canary_min_requests=3,
                 deploy_canary_max_hold_s=60,
             ),
         )
@@ -282,10 +287,13 @@ def test_degraded_canary_aborts_at_the_first_analysis_and_loses_no_request(host)
 
 
 def test_rollback_during_a_killed_canary_then_rerun(host):
-    """A canary of blue (v1) held at 50 % is SIGKILLed (the whole ansible-playbook process group): HAProxy keeps the
-    split and the lock stays. rollback.yml breaks the dead run's lock and puts every request back on green (the live
-    color) without restarting anything; the same deploy run again converges to blue. Under load: no failed request."""
-    held = dict(deploy_canary_steps=[50, 100], deploy_canary_hold_s=45, deploy_canary_max_hold_s=45)
+    """A canary of blue (v1) held at 50 % is SIGKILLed while its analysis runs (ansible-playbook's process group;
+    Ansible's worker has detached from it): HAProxy keeps the split and the lock stays, and the killed run's
+    analysis stops probing the host - within seconds of the kill, not at the end of its 600 s hold (the module's
+    action plugin ends the orphaned worker, the module sees its stdout closed). rollback.yml breaks the dead run's
+    lock and puts every request back on green (the live color) without restarting anything; the same deploy run
+    again converges to blue. Under load: no failed request."""
+    held = dict(deploy_canary_steps=[50, 100], deploy_canary_hold_s=600, deploy_canary_max_hold_s=600)
     extra = canary_extra("blue", V1, **held)
     load = Load(host, "killed")
     try:
@@ -299,15 +307,28 @@ def test_rollback_during_a_killed_canary_then_rerun(host):
         lines = []
         reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
         reader.start()
+        # The analysis at 50 % runs: its task has started (the playbook says so) and its module process is up.
         deadline = time.monotonic() + 240
-        while split(host).get("weight") != "50":
+        while not (any(ANALYSIS_50 in line for line in lines) and host.run(MODULE_PROCESS).rc == 0):
             assert proc.poll() is None, "".join(lines)[-4000:]
-            assert time.monotonic() < deadline, "the canary never reached 50 %"
+            assert time.monotonic() < deadline, "the canary's analysis at 50 % never started"
             time.sleep(0.5)
-        time.sleep(1)
+        assert split(host)["weight"] == "50"
         os.killpg(proc.pid, signal.SIGKILL)
+        killed = time.monotonic()
         proc.wait(30)
         reader.join(10)
+        # Nothing of the killed run probes on: its module process ends (bounded wait, 600 s of hold left). One left
+        # over fails the test, and is killed so that it does not skew the tests after this one.
+        deadline = killed + 120
+        while host.run(MODULE_PROCESS).rc == 0 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        print(f"the killed analysis was gone {time.monotonic() - killed:.1f}s after the kill (polled every 0.5 s)")
+        left = host.run(f"pgrep -af {MODULE_PATTERN}").stdout
+        if left:
+            processes = host.run("ps -eo pid,ppid,etime,args").stdout
+            host.run(f"pkill -9 -f {MODULE_PATTERN}")
+            pytest.fail(f"the killed run's analysis still runs 120 s after the kill: {left}\n{processes}")
         assert split(host) == {"live": "green", "canary": "blue", "weight": "50"}
         assert host.file(LOCK).exists
         green_started = "systemctl show -p ActiveEnterTimestampMonotonic --value sovereign-runtime@green"
@@ -328,14 +349,6 @@ def test_rollback_during_a_killed_canary_then_rerun(host):
         assert rc == 0, out[-4000:]
     finally:
         report = load.stop()
-    # The killed run's analysis (a module process on the host) outlives the kill here (2026-12-01 21:28 run: still
-    # probing 60 s after it, although canary_analysis stops when its stdout pipe closes): wait for the end of its
-    # 45 s hold, so its probes do not reach the experiment tests that follow (440 foreign requests in one).
-    orphan = "pgrep -f '^/usr/bin/python3(\\.[0-9.]+)?$'"  # a pipelined module's command line: the bare interpreter
-    deadline = time.monotonic() + 180
-    while host.run(orphan).rc == 0:
-        assert time.monotonic() < deadline, host.run("ps -eo pid,ppid,etime,args").stdout
-        time.sleep(1)
     assert report["failures"] == 0, report["samples"]
     assert split(host) == {"live": "blue", "canary": "blue", "weight": "0"}
     record = ledger(host)[-1]

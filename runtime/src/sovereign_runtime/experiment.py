@@ -13,7 +13,8 @@ Switched on by ``--experiment-dir DIR`` (the role gives each color its own state
   ``{"outcomes": [{"id": ..., "value": ...}, ...]}``: the true label or business value of an earlier request,
   answered 202. Outcomes are kept whether or not an experiment runs (labels arrive late); the report joins them to
   assignments by request id, whichever color the outcome reached.
-* ``GET /v2/experiment``: the running experiment and this color's counts (what the playbook waits on).
+* ``GET /v2/experiment``: the running experiment and this color's counts (what the playbook waits on: after the
+  end, ``experiment`` null and ``pending_rows`` 0 - ``pending`` also counts outcomes, which callers keep posting).
 
 The hot path never touches the disk: an answer appends one tuple to a deque (~0.7 us); a writer thread drains it
 every ``INTERVAL`` seconds in one transaction. A crash (SIGKILL, power) loses at most the last interval's rows;
@@ -171,6 +172,8 @@ class ExperimentStore:
             "requests": self.requests,
             "outcomes": self.outcome_count,
             "pending": len(self.rows) + len(self.outcomes),
+            # Assignment rows alone: 0 soon after an experiment ends, while outcomes (late labels) keep arriving.
+            "pending_rows": len(self.rows),
             "dropped": self.dropped,
             "database": str(self.db_path),
             **({"error": self.error} if self.error else {}),

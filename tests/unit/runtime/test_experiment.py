@@ -78,8 +78,12 @@ def test_store_records_only_while_the_control_file_names_an_experiment(tmp_path)
     store.record([(b"x-request-id", b"r2")], 200, 0.002)
     store.record(None, 503, 0.0001)  # an error without an id still counts for the arm's error rate
     store.add_outcomes([("r2", 1.0)])
+    assert store.status()["pending_rows"] == 2 and store.status()["pending"] == 3
     store.flush()
     assert store.status()["requests"] == 2 and store.status()["outcomes"] == 1
+    store.add_outcomes([("r2-late-label", 0.0)])  # labels keep coming: pending, while no assignment row is
+    assert store.status()["pending"] == 1 and store.status()["pending_rows"] == 0
+    store.flush()
     db = sqlite3.connect(tmp_path / "experiments.sqlite")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     rows = db.execute("SELECT experiment, request_id, color, model_version, status FROM assignments").fetchall()

@@ -6,11 +6,19 @@ Prometheus for the Prometheus source (skipped, saying so, where the binaries are
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from ansible_collections.sovereign.mlops.plugins.modules import canary_analysis
+from ansible_collections.sovereign.mlops.plugins.plugin_utils import _controller_watch as canary_watch
 from ansible_collections.sovereign.mlops.tests.unit.plugins.module_utils.prometheus_fixture import (
     PrometheusProcess,
     RuntimeMetrics,
@@ -252,9 +260,6 @@ def test_controller_gone_is_a_closed_pipe_on_stdout():
 def test_controller_gone_when_the_parent_died_but_the_pipe_lives_on(tmp_path):
     """The orphan check's second half, for real: a child whose parent shell exits (its stdout pipe still open,
     held by this test) sees it is gone; while the shell lives it does not."""
-    import subprocess
-    import sys
-
     child = tmp_path / "child.py"
     child.write_text(
         "import os, sys, time\n"
@@ -296,3 +301,142 @@ def test_an_orphaned_analysis_stops_probing():
         with pytest.raises(canary_analysis.ControllerGone):
             canary_analysis.analyse(params, gone=lambda: calls.append(1) or len(calls) >= 2)
         assert len(calls) == 2  # checked once a second while probing: stopped after about 2 s of a 60 s hold
+
+
+# -- the action plugin: a killed ansible-playbook leaves no analysis probing ----------------------------------------
+
+needs_playbook = pytest.mark.skipif(
+    shutil.which("ansible-playbook", path=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]) is None,
+    reason="ansible-playbook is not installed",
+)
+ROOT = Path(__file__).resolve().parents[4]
+
+
+def _marked(marker):
+    """PIDs of this machine's processes whose environment holds MARKER (a run's every process inherits it)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in environ.split(b"\0"):
+            found.append(int(entry))
+    return found
+
+
+def _probes(server):
+    """The analysis's inference requests a server got (HAProxy's health checks are GETs)."""
+    return sum(1 for method, _path in list(server.requests) if method == "POST")
+
+
+def _wait_gone(marker, seconds):
+    """Wait until no process holds MARKER; returns those left at the deadline ([] when all ended)."""
+    deadline = time.monotonic() + seconds
+    while (left := _marked(marker)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def test_controller_watch_ends_a_worker_whose_parent_was_killed(tmp_path):
+    """ControllerWatch for real, without Ansible: a parent forks a detached worker (setsid, as Ansible's
+    WorkerProcess) that runs a stand-in module (canary_analysis.controller_gone() on its stdout pipe, a 600 s
+    deadline) through a shell under the watch. SIGKILL of the parent alone: the worker ends its child (the shell)
+    and itself, the module sees its pipe closed and says so. Without the watch the worker would wait for the
+    module's 600 s."""
+    marker = f"SOVEREIGN_WATCH_TEST={tmp_path.name}"
+    out = tmp_path / "module.out"
+    module = (
+        "import sys, time\n"
+        "from ansible_collections.sovereign.mlops.plugins.modules import canary_analysis as ca\n"
+        "deadline = time.monotonic() + 600\n"
+        "while not ca.controller_gone() and time.monotonic() < deadline:\n"
+        "    time.sleep(0.05)\n"
+        f"open({str(out)!r}, 'w').write('gone' if time.monotonic() < deadline else 'deadline')\n"
+    )
+    parent = (
+        f"import os, subprocess, sys, time\nMODULE = {module!r}\n"
+        "from ansible_collections.sovereign.mlops.plugins.plugin_utils._controller_watch import ControllerWatch\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    with ControllerWatch(interval=0.1):\n"
+        # As Ansible's local connection runs a module: a shell that waits for it, its stdout a pipe to the worker.
+        "        argv = ['/bin/sh', '-c', '\"$0\" -c \"$1\" && sleep 0', sys.executable, MODULE]\n"
+        "        subprocess.run(argv, stdout=subprocess.PIPE, check=False)\n"
+        "    os._exit(0)\n"
+        "time.sleep(3600)\n"
+    )
+    env = dict(os.environ, SOVEREIGN_WATCH_TEST=tmp_path.name)
+    proc = subprocess.Popen([sys.executable, "-c", parent], env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_marked(marker)) < 4:  # parent, worker, shell, module
+            assert proc.poll() is None and time.monotonic() < deadline, _marked(marker)
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        left = _wait_gone(marker, 120)
+        assert not left, f"processes of the killed run still alive: {left}"
+        assert out.read_text() == "gone"
+    finally:
+        for pid in _marked(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_controller_watch_leaves_a_living_parents_worker_alone():
+    """While the parent lives the watch never calls on_gone; leaving the block stops the thread."""
+    calls = []
+    with canary_watch.ControllerWatch(interval=0.01, on_gone=lambda: calls.append(1)) as watch:
+        time.sleep(0.2)
+        assert not watch.gone()
+    assert calls == [] and not watch._thread.is_alive()  # pylint: disable=protected-access
+
+
+@needs_haproxy
+@needs_playbook
+def test_a_killed_ansible_playbook_leaves_no_analysis_probing(tmp_path):
+    """On-call SIGKILLs ansible-playbook during a canary's hold. Ansible's worker detaches from it and lives on,
+    holding the module's pipes: without the action plugin's watch the module probed the host for the rest of its
+    hold (molecule/progressive, 2026-12-01). Real: haproxy splitting 10 % to green, two OIP servers, a real
+    ansible-playbook on localhost running canary_analysis with a 600 s hold; once both arms are probed, SIGKILL of
+    ansible-playbook alone. Then every process of the run ends (the worker, its shell, the module) and the probes
+    stop, long before the hold would."""
+    marker = f"SOVEREIGN_KILL_TEST={tmp_path.name}"
+    with switch(live="blue") as env:
+        split(env, 10)
+        task = dict(url=env.url, canary="green", weight=10, model_name="double", seconds=600, max_seconds=600,
+                    interval=0.02, min_requests=10, max_p99_ms=1000)  # fmt: skip
+        play = [{"hosts": "localhost", "connection": "local", "gather_facts": False,
+                 "tasks": [{"name": "Analyse", "sovereign.mlops.canary_analysis": task}]}]  # fmt: skip
+        (tmp_path / "play.yml").write_text(json.dumps(play))
+        run_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTEST_CURRENT_TEST")}
+        run_env.update(
+            SOVEREIGN_KILL_TEST=tmp_path.name,
+            ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
+            ANSIBLE_LOCALHOST_WARNING="false",
+            ANSIBLE_PYTHON_INTERPRETER=sys.executable,
+            ANSIBLE_LOCAL_TEMP=str(tmp_path / "tmp"),
+            PATH=str(Path(sys.executable).parent) + os.pathsep + run_env.get("PATH", ""),
+        )
+        cmd = ["ansible-playbook", "-i", "localhost,", str(tmp_path / "play.yml")]
+        with open(tmp_path / "output", "wb") as log:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 180
+            while _probes(env.green) < 5 or _probes(env.blue) < 5:
+                assert proc.poll() is None, (tmp_path / "output").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the analysis never probed both arms"
+                time.sleep(0.1)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+            left = _wait_gone(marker, 120)
+            assert not left, f"processes of the killed run still alive: {left}"
+            seen = _probes(env.green) + _probes(env.blue)
+            time.sleep(1)  # not a timing assertion: with no process left, nothing can probe any more
+            assert _probes(env.green) + _probes(env.blue) == seen
+        finally:
+            for pid in _marked(marker):
+                os.kill(pid, signal.SIGKILL)
