@@ -84,6 +84,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("torch-threads", _positive_int, 1, "torch intra-op threads (1 is best for small models on few cores)"),
     Flag("host", str, "127.0.0.1", "address to listen on", serve_only=True),
     Flag("port", _int, 8000, "TCP port", serve_only=True),
+    Flag("grpc-port", _int, 0, "OIP v2 over gRPC on this TCP port (same host); 0 = off", None, True),
     Flag("color", str, "", "deployment color, reported in metrics and metadata", ("", "blue", "green"), True),
     Flag("max-batch-delay-ms", _float, 1.0, "wait up to this long to fill a batch, only under concurrency", None, True),
     Flag("max-queue-size", _positive_int, 256, "admitted requests waiting for compute; beyond: 503", None, True),
@@ -181,6 +182,7 @@ class Settings:
     torch_threads: int = 1
     host: str = "127.0.0.1"
     port: int = 8000
+    grpc_port: int = 0
     color: str = ""
     max_batch_delay_ms: float = 1.0
     max_queue_size: int = 256

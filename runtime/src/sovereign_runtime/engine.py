@@ -268,8 +268,22 @@ class Engine:
                 req = self.decoder.decode(body)  # type: ignore[union-attr]
             except RequestError as exc:
                 return exc.status, error_body(exc.message), None
+        result = await self.run(req, t0)
+        if type(result) is list:
+            if req.binary is not None:
+                return self._binary_reply(req, result)
+            outputs = encode_outputs(self.out_specs, result, req.outputs)
+            rid = req.id if req.id is not None else new_id()  # request_id.py: every answer has an id
+            body = b"".join((self._resp_prefix, b',"id":', dumps(rid), b',"outputs":', dumps_outputs(outputs), b"}"))
+            return 200, body, request_id_header(rid)
+        status, message, headers = result
+        return status, error_body(message), headers
+
+    async def run(self, req: DecodedRequest, t0: float) -> list[torch.Tensor] | tuple[int, str, list | None]:
+        """Admission, batching and the forward of one decoded request, whatever its protocol (HTTP here, gRPC in
+        grpc_server.py): the output tensors, or (HTTP-equivalent status, message, extra HTTP headers)."""
         if self.waiting >= self.max_waiting:
-            return 503, error_body(f"queue full ({self.max_waiting} requests waiting)"), RETRY_AFTER
+            return 503, f"queue full ({self.max_waiting} requests waiting)", RETRY_AFTER
         self.waiting += 1
         picked = False
         deadline = t0 + self.timeout
@@ -305,15 +319,10 @@ class Engine:
             if not picked:
                 self.waiting -= 1
         if type(result) is list:
-            if req.binary is not None:
-                return self._binary_reply(req, result)
-            outputs = encode_outputs(self.out_specs, result, req.outputs)
-            rid = req.id if req.id is not None else new_id()  # request_id.py: every answer has an id
-            body = b"".join((self._resp_prefix, b',"id":', dumps(rid), b',"outputs":', dumps_outputs(outputs), b"}"))
-            return 200, body, request_id_header(rid)
+            return result
         if result is _TIMEOUT:
-            return 504, error_body(f"timed out after {self.timeout:g}s waiting for compute"), None
-        return result.status, error_body(result.message), None
+            return 504, f"timed out after {self.timeout:g}s waiting for compute", None
+        return result.status, result.message, None
 
     async def infer_binary(self, body: bytes, header_length: bytes, t0: float) -> tuple[int, bytes, list | None]:
         """An infer request of the binary tensor extension (an ``Inference-Header-Content-Length`` header)."""
