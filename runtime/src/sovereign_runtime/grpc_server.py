@@ -32,7 +32,7 @@ from .config import Settings
 from .engine import READY, Engine
 from .logs import log_event
 from .oip_grpc import oip_v2_pb2 as pb
-from .protocol import OIP_TO_TORCH, TORCH_TO_OIP, DecodedRequest, RequestError, _Raw
+from .protocol import ITEMSIZE, TORCH_TO_OIP, DecodedRequest, RequestError, _Raw
 from .request_id import new_id
 
 perf_counter = time.perf_counter
@@ -65,7 +65,6 @@ CONTENTS_FIELD = {
     "FP64": "fp64_contents",
     "BYTES": "bytes_contents",
 }
-ITEMSIZE = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in OIP_TO_TORCH.items()}
 
 
 class Refused(Exception):
