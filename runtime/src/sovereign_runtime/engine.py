@@ -113,6 +113,10 @@ class Engine:
         # requests: the clients answered by the previous batch come back a round trip later, and a batch
         # formed without them splits the clients into cohorts that never merge (ADR 1704). None: unknown.
         self.clients: Callable[[float], int] | None = None
+        # Requests a frontend has received that are not answered yet (grpc_server.py: gRPC calls, counted before their
+        # message is read). More of them than are queued: others are on their way, so a batch waits for them (up to
+        # the delay) even after a batch of one. None: no such frontend (HTTP alone decides by the last batch).
+        self.arriving: Callable[[], int] | None = None
         self._target = 1  # rows the timed flush waits for
         self._batch_seconds = 0.0  # how long the last batched forward took
         self._module: Any = None
@@ -348,7 +352,8 @@ class Engine:
         if handle is None:
             if (
                 self.delay
-                and self._last_batch > 1  # there is concurrency: wait (up to the delay) for every active client
+                # there is concurrency: wait (up to the delay) for every active client
+                and (self._last_batch > 1 or (self.arriving is not None and self.arriving() > self._queued_rows))
                 and self._queued_rows < self.max_batch
                 and self._queued_rows < (target := self._expected())
             ):

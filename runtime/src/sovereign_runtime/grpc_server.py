@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import time
+from asyncio import current_task
 from math import prod
 from typing import Any
 
@@ -135,10 +136,10 @@ class GrpcFrontend:
         self.metrics = engine.metrics
         self.server: aio.Server | None = None
         self.port = 0
-        # ModelInfer calls received (their method looked up) and not yet answered. The batcher counts them with
-        # the HTTP requests in progress: several calls arriving together are batched, a lone one runs inline. A call
-        # that dies before its message is read (cancelled, too large) leaves it one too high: later calls then take
-        # the batch queue's hop instead of the inline path, never a wrong answer.
+        # ModelInfer calls received (their method looked up, before the message is read) and not finished: counted up
+        # in _Handlers.service, down when grpcio's task for the call ends, whether or not it reached model_infer
+        # (cancelled, too large). The batcher counts them with the HTTP requests in progress: several calls arriving
+        # together share a forward (and a batch waits for those on their way, Engine.arriving); a lone one runs inline.
         self.pending = 0
         # The most calls pending at once lately: the batch delay's "active clients" (ADR 1704) for gRPC, whose
         # clients may share one connection (HTTP/2 streams; all of them through HAProxy).
@@ -155,7 +156,7 @@ class GrpcFrontend:
         self.handlers = {
             f"/{SERVICE}/{name}": grpc.unary_unary_rpc_method_handler(
                 behavior,
-                request_deserializer=self._counting(request.FromString) if name == "ModelInfer" else request.FromString,
+                request_deserializer=request.FromString,
                 response_serializer=response.SerializeToString,
             )
             for name, (behavior, request, response) in methods.items()
@@ -193,6 +194,7 @@ class GrpcFrontend:
         http_busy, http_clients = engine.busy, engine.clients
         if http_busy is not None:  # None (not wired): the engine batches every request anyway
             engine.busy = lambda: http_busy() + self.pending
+        engine.arriving = lambda: self.pending
         if http_clients is not None:
 
             def clients(since: float) -> int:
@@ -208,15 +210,8 @@ class GrpcFrontend:
         if self.server is not None:
             await self.server.stop(grace)
 
-    def _counting(self, parse: Any) -> Any:
-        def deserialize(data: bytes) -> Any:
-            try:
-                return parse(data)
-            except Exception:
-                self.pending -= 1  # never reaches model_infer
-                raise
-
-        return deserialize
+    def _finished(self, task: Any) -> None:
+        self.pending -= 1
 
     # ---------------------------------------------------------------------------------------------
     # Methods
@@ -286,7 +281,6 @@ class GrpcFrontend:
             log_event("grpc_infer_failed", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
             await self._abort(context, "grpc_infer", Refused(500, f"internal error: {type(exc).__name__}: {exc}"))
         finally:
-            self.pending -= 1
             engine.in_flight -= 1
 
     # ---------------------------------------------------------------------------------------------
@@ -345,9 +339,12 @@ class _Handlers(grpc.GenericRpcHandler):
         frontend = self.frontend
         method = handler_call_details.method
         if method == frontend._infer_path:
-            frontend.pending += 1
-            if frontend.pending > frontend._peak:
-                frontend._peak, frontend._peak_at = frontend.pending, perf_counter()
+            task = current_task()  # grpcio's task for this call: it ends when the call does, however it ends
+            if task is not None:
+                frontend.pending += 1
+                task.add_done_callback(frontend._finished)
+                if frontend.pending > frontend._peak:
+                    frontend._peak, frontend._peak_at = frontend.pending, perf_counter()
         return frontend.handlers.get(method)
 
 
