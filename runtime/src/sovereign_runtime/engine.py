@@ -113,6 +113,10 @@ class Engine:
         # requests: the clients answered by the previous batch come back a round trip later, and a batch
         # formed without them splits the clients into cohorts that never merge (ADR 1704). None: unknown.
         self.clients: Callable[[float], int] | None = None
+        # Requests a frontend has received that are not answered yet (grpc_server.py: gRPC calls, counted before their
+        # message is read). More of them than are queued: others are on their way, so a batch waits for them (up to
+        # the delay) even after a batch of one. None: no such frontend (HTTP alone decides by the last batch).
+        self.arriving: Callable[[], int] | None = None
         self._target = 1  # rows the timed flush waits for
         self._batch_seconds = 0.0  # how long the last batched forward took
         self._module: Any = None
@@ -268,8 +272,22 @@ class Engine:
                 req = self.decoder.decode(body)  # type: ignore[union-attr]
             except RequestError as exc:
                 return exc.status, error_body(exc.message), None
+        result = await self.run(req, t0)
+        if type(result) is list:
+            if req.binary is not None:
+                return self._binary_reply(req, result)
+            outputs = encode_outputs(self.out_specs, result, req.outputs)
+            rid = req.id if req.id is not None else new_id()  # request_id.py: every answer has an id
+            body = b"".join((self._resp_prefix, b',"id":', dumps(rid), b',"outputs":', dumps_outputs(outputs), b"}"))
+            return 200, body, request_id_header(rid)
+        status, message, headers = result
+        return status, error_body(message), headers
+
+    async def run(self, req: DecodedRequest, t0: float) -> list[torch.Tensor] | tuple[int, str, list | None]:
+        """Admission, batching and the forward of one decoded request, whatever its protocol (HTTP here, gRPC in
+        grpc_server.py): the output tensors, or (HTTP-equivalent status, message, extra HTTP headers)."""
         if self.waiting >= self.max_waiting:
-            return 503, error_body(f"queue full ({self.max_waiting} requests waiting)"), RETRY_AFTER
+            return 503, f"queue full ({self.max_waiting} requests waiting)", RETRY_AFTER
         self.waiting += 1
         picked = False
         deadline = t0 + self.timeout
@@ -305,15 +323,10 @@ class Engine:
             if not picked:
                 self.waiting -= 1
         if type(result) is list:
-            if req.binary is not None:
-                return self._binary_reply(req, result)
-            outputs = encode_outputs(self.out_specs, result, req.outputs)
-            rid = req.id if req.id is not None else new_id()  # request_id.py: every answer has an id
-            body = b"".join((self._resp_prefix, b',"id":', dumps(rid), b',"outputs":', dumps_outputs(outputs), b"}"))
-            return 200, body, request_id_header(rid)
+            return result
         if result is _TIMEOUT:
-            return 504, error_body(f"timed out after {self.timeout:g}s waiting for compute"), None
-        return result.status, error_body(result.message), None
+            return 504, f"timed out after {self.timeout:g}s waiting for compute", None
+        return result.status, result.message, None
 
     async def infer_binary(self, body: bytes, header_length: bytes, t0: float) -> tuple[int, bytes, list | None]:
         """An infer request of the binary tensor extension (an ``Inference-Header-Content-Length`` header)."""
@@ -339,7 +352,8 @@ class Engine:
         if handle is None:
             if (
                 self.delay
-                and self._last_batch > 1  # there is concurrency: wait (up to the delay) for every active client
+                # there is concurrency: wait (up to the delay) for every active client
+                and (self._last_batch > 1 or (self.arriving is not None and self.arriving() > self._queued_rows))
                 and self._queued_rows < self.max_batch
                 and self._queued_rows < (target := self._expected())
             ):

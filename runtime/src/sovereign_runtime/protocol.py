@@ -55,6 +55,8 @@ for _name in ("uint16", "uint32", "uint64"):  # torch >= 2.3 has them (limited o
     if hasattr(torch, _name):
         OIP_TO_TORCH[_name.upper()] = getattr(torch, _name)
 TORCH_TO_OIP: dict[torch.dtype, str] = {v: k for k, v in OIP_TO_TORCH.items()}
+# Bytes per element of each datatype served (raw tensors: binary extension, gRPC raw contents).
+ITEMSIZE: dict[str, int] = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in OIP_TO_TORCH.items()}
 
 # numpy / MLflow signature dtype names -> OIP.
 NUMPY_TO_OIP = {
@@ -351,7 +353,7 @@ def _binary_tensor(raw: _Raw | None, size: Any, name: str, datatype: str, shape:
         )
     dtype = OIP_TO_TORCH[datatype]
     count = prod(shape)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = ITEMSIZE[datatype]
     if type(size) is not int or size != count * itemsize:
         raise RequestError(
             f"input {name!r}: binary_data_size {size!r}, shape {shape} of {datatype} needs {count * itemsize} bytes"
