@@ -115,7 +115,7 @@ def runtime_at(ref: str, work: Path) -> tuple[str, Path]:
     dest.mkdir()
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", sha, "runtime/src"], check=True, capture_output=True)
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
-    return f"{ref} {sha}", dest / "runtime" / "src"
+    return (ref if ref == sha else f"{ref} {sha}"), dest / "runtime" / "src"  # a sha given as REF: once
 
 
 def metric_sum(text: str, name: str, **labels: str) -> float:

@@ -128,7 +128,7 @@ def test_every_peer_launches_named_configured_targets_on_their_own_ports(tmp_pat
             ports += sorted({launch.ready_port, *(t.port for t in launch.targets)})
     assert len(set(labels)) == len(labels)
     assert len(set(ports)) == len(ports)  # no two launches share a port (mlflow's two formats share one)
-    expected = {"sovereign", "sovereign +1ms", "bare (uvicorn raw ASGI)", "kserve (OIP v2)", "litserve",
+    expected = {"sovereign", "sovereign d0", "bare (uvicorn raw ASGI)", "kserve (OIP v2)", "litserve",
                 "ray serve (proxy)", "ray serve (replica)", "bentoml", "bentoml (adaptive batching)",
                 "pytriton (OIP v2)", "torchserve", "mlflow (inputs)", "mlflow (dataframe_split)"}  # fmt: skip
     assert set(labels) == expected

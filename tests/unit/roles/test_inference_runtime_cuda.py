@@ -61,7 +61,8 @@ TASKS = """
       {{{{ results | default({{}}) | combine({{case: {{
            'unit': lookup('ansible.builtin.template', '{role}/templates/sovereign-runtime@.service.j2'),
            'env': lookup('ansible.builtin.template', '{role}/templates/runtime.env.j2'),
-           'pip': {{'pip': _inference_runtime_pip_packages, 'args': _inference_runtime_pip_args}}}}}}) }}}}
+           'pip': {{'pip': _inference_runtime_pip_packages, 'find_links': _inference_runtime_find_links,
+                    'index': _inference_runtime_index_url}}}}}}) }}}}
 """
 
 
@@ -122,11 +123,11 @@ def test_cpu_device_stays_private_on_a_gpu_host(rendered):
 def test_a_cuda_torch_variant_is_pinned_and_found_beside_the_runtime_set(rendered):
     _unit, _env, pip = rendered["variant_cu126"]
     assert pip["pip"] == ["sovereign-runtime[mlflow]", "torch==2.13.0+cu126"]
-    assert "--find-links /opt/sovereign/wheelhouse/runtime" in pip["args"]
-    assert "--find-links /opt/sovereign/wheelhouse/torch-cu126" in pip["args"]
+    assert pip["find_links"] == ["/opt/sovereign/wheelhouse/runtime", "/opt/sovereign/wheelhouse/torch-cu126"]
+    assert pip["index"] == ""
 
 
 def test_the_cpu_variant_is_unchanged(rendered):
     _unit, _env, pip = rendered["auto_no_gpu"]
     assert pip["pip"] == ["sovereign-runtime[mlflow]"]
-    assert "torch-" not in pip["args"]
+    assert pip["find_links"] == ["/opt/sovereign/wheelhouse/runtime"]
