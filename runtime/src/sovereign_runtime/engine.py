@@ -387,8 +387,9 @@ class Engine:
     ) -> None:
         """``infer`` without a coroutine, for the HTTP direct path (ADR 1715): the request is decoded now and
         answered through ``done(status, body, headers)``, at once or from the flush of its batch. Same checks,
-        answers and metrics as ``infer``; with batching on, a request always joins the queue and the flush
-        (``call_soon``, after every request parsed in this loop iteration) runs a lone one as a batch of one.
+        answers and metrics as ``infer``. With batching on, a request runs inline only when no other client
+        sent one lately (``_alone``) and nothing is queued; otherwise it joins the queue, and the flush
+        (``call_soon``, after every request parsed in this loop iteration) forms the batch.
         ``header_length``: the binary tensor extension's Inference-Header-Content-Length, else None."""
         if not self.serving:
             done(503, error_body(f"model not ready: {self.reason}"), RETRY_AFTER)
@@ -405,7 +406,9 @@ class Engine:
         deadline = t0 + self.timeout
         if now > deadline:
             done(*self._answer(req, _TIMEOUT))
-        elif self.batching:
+        elif self.batching and (
+            self._queue or self._flush_handle is not None or self._last_batch > 1 or not self._alone(now)
+        ):
             self.waiting += 1
             self._enqueue(_Item(req.tensors, req.rows, _Callback(self, req, done), now, deadline), get_running_loop())
         else:
@@ -415,6 +418,12 @@ class Engine:
             m.compute_latency.observe(perf_counter() - now)
             m.batch_size.observe(req.rows)
             done(*self._answer(req, result))
+
+    def _alone(self, now: float) -> bool:
+        """No other client sent a request lately (``clients``, the server's connections: this one counts
+        itself): a direct request then runs inline, as ``infer`` runs one whose task is the only one."""
+        clients = self.clients
+        return clients is not None and clients(now - max(0.001, 10 * self.delay, 3 * self._batch_seconds)) <= 1
 
     def _answer(self, req: DecodedRequest, result: Any) -> tuple[int, bytes, list | None]:
         """A request's compute result (output tensors, its rows of a batch's outputs, ``_TIMEOUT`` or a

@@ -351,3 +351,23 @@ def test_a_batchs_rows_encode_as_the_split_tensors_do(dtype):
             want = encode_outputs(specs, [o[start:stop] for o in outs], wanted)
             assert rows.encode(specs, wanted) == want
         assert all(torch.equal(a, o[start:stop]) for a, o in zip(rows.tensors(), outs, strict=True))
+
+
+@pytest.mark.parametrize(("clients", "inline"), [(1, True), (2, False)])
+def test_a_lone_client_runs_inline(engine, clients, inline):
+    """With batching on, a direct request of the only active client is answered inside data_received (no
+    batch hop); with another client active it joins the queue and is answered by the flush."""
+
+    async def run() -> tuple[int, int]:
+        wire = Wire(engine)
+        engine.clients = lambda since: clients
+        try:
+            proto, transport = wire.connect()
+            proto.data_received(request(infer_body(torch.ones(1, IN))))
+            at_once = len(transport.writes)
+            await wire.settle([transport], 1)
+            return at_once, len(transport.writes)
+        finally:
+            engine.clients = None
+
+    assert asyncio.run(run()) == ((1, 1) if inline else (0, 1))
