@@ -74,6 +74,22 @@ def test_runtime_gets_the_mlflow_credentials_verbatim(host, color):
 
 
 @pytest.mark.parametrize(("color", "port"), COLORS.items())
+def test_the_unit_runs_one_worker_per_core(host, color, port):
+    """inference_runtime_workers auto on a CPU host: one worker per core (--workers, ADR 1710), each a child of the
+    unit's main process (the supervisor); /metrics counts them all."""
+    cores = int(host.check_output("nproc"))
+    assert f"SOVEREIGN_RUNTIME_WORKERS={cores}\n" in host.file(f"/etc/sovereign/runtime/{color}.env").content_string
+    main = host.check_output(f"systemctl show -p MainPID --value sovereign-runtime@{color}")
+    children = host.check_output(f"grep -l '^PPid:[[:space:]]*{main}$' /proc/[0-9]*/status | wc -l")
+    if cores == 1:  # one core: a single process, as without --workers
+        assert int(children) == 0
+        return
+    assert int(children) == cores
+    metrics = host.check_output(f"curl -sf http://{internal(host)}:{port}/metrics")
+    assert f"sovereign_runtime_workers_ready {float(cores)}" in metrics
+
+
+@pytest.mark.parametrize(("color", "port"), COLORS.items())
 def test_ready_and_metadata(host, color, port):
     assert host.run(f"curl -sf http://{internal(host)}:{port}/v2/health/ready").rc == 0
     meta = _curl_json(host, f"http://{internal(host)}:{port}/v2/models/demo")

@@ -64,6 +64,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=NO_NUMPY_WARNING, category=UserWarning)
     command, cfg = config.parse(argv)
     logs.setup(cfg.log_level)
+    if command == "serve" and cfg.workers != 1:  # --workers N: a supervisor and N processes (workers.py)
+        from . import workers
+
+        if not workers.is_worker():
+            code = workers.supervise(cfg, list(sys.argv[1:] if argv is None else argv))
+            if code is not None:
+                return code
+        else:
+            _torch_threads(cfg.torch_threads)
+            return workers.serve_worker(cfg)
     _torch_threads(cfg.torch_threads)
     if command == "check":
         return check(cfg)

@@ -84,6 +84,14 @@ FLAGS: tuple[Flag, ...] = (
     Flag("torch-threads", _positive_int, 1, "torch intra-op threads (1 is best for small models on few cores)"),
     Flag("host", str, "127.0.0.1", "address to listen on", serve_only=True),
     Flag("port", _int, 8000, "TCP port", serve_only=True),
+    Flag(
+        "workers",
+        _int,
+        1,
+        "processes sharing the port (SO_REUSEPORT), a model copy each; 0 = one per GPU on CUDA, else one per CPU",
+        None,
+        True,
+    ),
     Flag("color", str, "", "deployment color, reported in metrics and metadata", ("", "blue", "green"), True),
     Flag("max-batch-delay-ms", _float, 1.0, "wait up to this long to fill a batch, only under concurrency", None, True),
     Flag("max-queue-size", _positive_int, 256, "admitted requests waiting for compute; beyond: 503", None, True),
@@ -181,6 +189,7 @@ class Settings:
     torch_threads: int = 1
     host: str = "127.0.0.1"
     port: int = 8000
+    workers: int = 1
     color: str = ""
     max_batch_delay_ms: float = 1.0
     max_queue_size: int = 256

@@ -32,6 +32,8 @@ CASES = {
     "auto_no_gpu": dict(device="auto"),
     "cpu_on_gpu_host": dict(device="cpu", gpu=GPU_SECTION),
     "variant_cu126": dict(device="auto", variant="cu126"),
+    "cpu_12_cores": dict(device="auto", nproc=12),
+    "cuda_workers_3": dict(device="cuda", gpu=GPU_SECTION, workers=3),
 }
 
 PLAYBOOK = """
@@ -50,6 +52,8 @@ PLAYBOOK = """
         inference_runtime_device: "{{{{ item.value.device }}}}"
         inference_runtime_cuda_devices: "{{{{ item.value.cuda_devices | default([]) }}}}"
         inference_runtime_torch_variant: "{{{{ item.value.variant | default('cpu') }}}}"
+        inference_runtime_workers: "{{{{ item.value.workers | default('auto') }}}}"
+        ansible_facts: "{{{{ {{'processor_nproc': item.value.nproc}} if item.value.nproc is defined else {{}} }}}}"
         ansible_local:
           sovereign: "{{{{ {{'gpu': item.value.gpu}} if item.value.gpu is defined else {{}} }}}}"
     - ansible.builtin.copy: {{content: "{{{{ results | to_json }}}}", dest: "{{{{ out }}}}/rendered.json"}}
@@ -131,3 +135,14 @@ def test_the_cpu_variant_is_unchanged(rendered):
     _unit, _env, pip = rendered["auto_no_gpu"]
     assert pip["pip"] == ["sovereign-runtime[mlflow]"]
     assert pip["find_links"] == ["/opt/sovereign/wheelhouse/runtime"]
+
+
+@pytest.mark.parametrize(
+    ("case", "workers"),
+    [("cuda", 2), ("auto", 2), ("cuda_gpu1", 1), ("cpu_12_cores", 12), ("cuda_workers_3", 3), ("cpu_no_gpu", 1)],
+)
+def test_workers_default_to_the_colors_gpus_else_the_cores(rendered, case, workers):
+    """--workers (ADR 1710): auto = one per GPU of the color on CUDA, else one per core (no facts here: 1)."""
+    unit, env, _pip = rendered[case]
+    assert f"\nSOVEREIGN_RUNTIME_WORKERS={workers}\n" in env
+    assert "\nKillMode=mixed\n" in unit  # only the supervisor gets SIGTERM; it passes it on once
