@@ -306,9 +306,14 @@ class Decoder:
         try:
             if code is not None and data:
                 try:
-                    tensor = torch.frombuffer(array(code, data), dtype=dtype)
+                    flat = array(code, data)
                 except (TypeError, OverflowError):  # nested lists, or bad values: the general path decides
                     tensor = _general_tensor(data, datatype, dtype)
+                else:
+                    if len(flat) != count:
+                        raise RequestError(f"data has {len(flat)} element(s), shape {shape} needs {count}")
+                    # flat and contiguous: a view, cheaper than reshape
+                    return idx, torch.frombuffer(flat, dtype=dtype).view(shape)
             else:
                 tensor = _general_tensor(data, datatype, dtype)
         except RequestError as exc:
@@ -369,7 +374,7 @@ def _binary_tensor(raw: _Raw | None, size: Any, name: str, datatype: str, shape:
         if tensor.max().item() > 1:
             raise RequestError(f"input {name!r}: BOOL data must be bytes 0 or 1")
         tensor = tensor.view(torch.bool)
-    return tensor.reshape(shape)
+    return tensor.view(shape)  # frombuffer's tensor is flat and contiguous: a view, cheaper than reshape
 
 
 ALL_OUTPUTS = frozenset(["*"])  # DecodedRequest.binary: every output as raw bytes
