@@ -398,7 +398,13 @@ class Engine:
         finally:
             if not picked:
                 self.waiting -= 1
-        return self._answer(req, result)
+        if type(result) is _Rows:
+            return result.tensors()
+        if type(result) is list:
+            return result
+        if result is _TIMEOUT:
+            return 504, f"timed out after {self.timeout:g}s waiting for compute", None
+        return result.status, result.message, None
 
     def submit(
         self, body: bytes, header_length: bytes | None, t0: float, done: Callable[[int, bytes, Any], None]
@@ -454,10 +460,15 @@ class Engine:
             body = b"".join((self._resp_prefix, b',"id":', dumps(rid), b',"outputs":', dumps_outputs(outputs), b"}"))
             return 200, body, request_id_header(rid)
         if type(result) is list:
-            return result
+            if req.binary is not None:
+                return self._binary_reply(req, result)
+            outputs = encode_outputs(self.out_specs, result, req.outputs)
+            rid = req.id if req.id is not None else new_id()  # request_id.py: every answer has an id
+            body = b"".join((self._resp_prefix, b',"id":', dumps(rid), b',"outputs":', dumps_outputs(outputs), b"}"))
+            return 200, body, request_id_header(rid)
         if result is _TIMEOUT:
-            return 504, f"timed out after {self.timeout:g}s waiting for compute", None
-        return result.status, result.message, None
+            return 504, error_body(f"timed out after {self.timeout:g}s waiting for compute"), None
+        return result.status, error_body(result.message), None
 
     async def infer_binary(self, body: bytes, header_length: bytes, t0: float) -> tuple[int, bytes, list | None]:
         """An infer request of the binary tensor extension (an ``Inference-Header-Content-Length`` header)."""
