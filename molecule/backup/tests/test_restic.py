@@ -1,11 +1,13 @@
-"""restic part of the backup scenario: real zfs-fuse, PostgreSQL 15, restic 0.14 and an SFTP repository host.
+"""restic part of the backup scenario: real zfs-fuse, PostgreSQL 15, restic 0.14, the real MLflow server
+(roles/mlflow) and an SFTP repository host.
 
 molecule-backup-data backs up over SFTP into molecule-backup-repo. The jobs run as their timers run them (the
 sovereign-job argv the role publishes in the host contract); the playbooks run as real ansible-playbook processes
 against molecule's inventory. Faults are real: restic is SIGKILLed, a pack file on the repository host is
-overwritten, sshd on the repository host is stopped, a wrong password is given. TEST ADAPTATIONS: zfs-fuse stands
-in for OpenZFS's kernel module, and a database plus artifact files served by a small HTTP unit stand in for the
-MLflow server (converge_restic.yml says why).
+overwritten, sshd on the repository host is stopped, a wrong password is given, MLflow's artifacts are deleted and
+its database dropped. The model versions are registered, listed and downloaded with MLflow's own Python client
+(the controller's .venv pins the server's version) against the server at the URL of its host contract.
+TEST ADAPTATION: zfs-fuse stands in for OpenZFS's kernel module (ARCHITECTURE §10).
 """
 
 import hashlib
@@ -17,9 +19,15 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 
+import mlflow
+import mlflow.artifacts
+import mlflow.pyfunc
 import pytest
+import requests
 import testinfra
+from mlflow import MlflowClient
 
 PROJECT = pathlib.Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", pathlib.Path(__file__).resolve().parents[3]))
 INVENTORY = os.environ.get("MOLECULE_INVENTORY_FILE", "")
@@ -33,19 +41,84 @@ CLIENT = f"restic-{DATA}"
 REPO_DIR = f"/srv/restic/{CLIENT}/repo"
 ARTIFACTS = "/var/lib/sovereign/mlflow/artifacts"
 TOOL = "/usr/local/libexec/sovereign/sovereign-restic"
-STANDIN = {
-    "mlflow": {
-        "units": ["standin-mlflow.service"],
-        "paths": [ARTIFACTS],
-        "databases": ["mlflow"],
-        "check_url": "http://127.0.0.1:5000/1/3/model.bin",
-    }
-}
+ARTIFACTS_DATASET = "tank/sovereign/mlflow_artifacts"
+
+
+class AddOffset(mlflow.pyfunc.PythonModel):
+    """A tiny real model: adds the first byte of its `weights` artifact to every input value."""
+
+    def load_context(self, context):
+        self.offset = pathlib.Path(context.artifacts["weights"]).read_bytes()[0]
+
+    def predict(self, context, model_input, params=None):
+        return [float(x) + self.offset for x in model_input["x"]]
 
 
 @pytest.fixture(scope="module")
 def repo():
     return testinfra.get_host(f"podman://{REPO}")
+
+
+def model_files(name, version, dst):
+    """sha256 of every file of model version `version` as MLflow serves it (models:/ URI, through the server)."""
+    uri = f"models:/{name}/{version}"
+    local = pathlib.Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    return {str(p.relative_to(local)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+@pytest.fixture(scope="module")
+def registry(host, tmp_path_factory):
+    """Two versions of a model `churn-TAG` registered in the real MLflow server through MLflow's own client, each
+    with its own random weights: the data every backup below holds and the disaster must bring back.
+
+    Returns the client, the server's URL, the model's name, and per version: the sha256 of every file it downloads
+    as, its weights (the file's path in the download, its sha256 as written here, its first byte: the model's
+    offset) and where the server stored that file on the data host.
+    """
+    # Where the host contract says MLflow is: its internal address on the scenario's network, reachable from here.
+    url = json.loads(host.file(FACT).content_string)["mlflow"]["url"]
+    mlflow.set_tracking_uri(url)
+    mlflow.set_registry_uri(url)
+    client = MlflowClient(tracking_uri=url, registry_uri=url)
+    src = tmp_path_factory.mktemp("weights")
+    tag = uuid.uuid4().hex[:8]
+    name = f"churn-{tag}"
+    experiment_id = client.create_experiment(f"backup-disaster-{tag}")
+    weights = {}
+    for size in (1_500_000, 700_000):
+        path = src / f"weights-{tag}-{size}.bin"
+        path.write_bytes(os.urandom(size))
+        with mlflow.start_run(experiment_id=experiment_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=AddOffset(),
+                artifacts={"weights": str(path)},
+                # No requirement inference (it spawns a subprocess); the model needs nothing else.
+                pip_requirements=[f"mlflow=={mlflow.__version__}"],
+                registered_model_name=name,
+            )
+        weights[str(info.registered_model_version)] = path
+    versions = {}
+    for version, path in weights.items():
+        # Proxied artifacts (--serve-artifacts): clients see mlflow-artifacts:/ URIs only.
+        uri = client.get_model_version_download_uri(name, version)
+        assert uri.startswith("mlflow-artifacts:/"), uri
+        files = model_files(name, version, tmp_path_factory.mktemp(f"v{version}"))
+        data = path.read_bytes()
+        versions[version] = {
+            "files": files,
+            "weights": next(k for k in files if pathlib.PurePath(k).name == path.name),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "offset": data[0],
+            "disk": host.check_output(f"find {ARTIFACTS} -type f -name {path.name}"),
+        }
+    return {"client": client, "url": url, "name": name, "versions": versions}
+
+
+def listed_versions(registry):
+    found = registry["client"].search_model_versions(f"name='{registry['name']}'")
+    return sorted((str(mv.version) for mv in found), key=int)
 
 
 def play(name, extra=None, timeout=600):
@@ -143,7 +216,19 @@ def test_timers_are_persistent_with_a_randomized_delay(host):
         assert "Persistent=yes" in show and "RandomizedDelayUSec=30min" in show, show
 
 
-def test_backup_playbook_stores_from_a_zfs_snapshot_and_reports(host):
+def test_mlflow_stores_the_registered_versions_on_its_datasets(host, registry):
+    """The real server wrote every version's files into the mlflow_artifacts dataset (the host's view of its
+    mountpoint, not a directory hidden under it) and its rows into the database on the postgresql dataset."""
+    assert host.check_output(f"findmnt -n -o SOURCE --mountpoint {ARTIFACTS}") == ARTIFACTS_DATASET
+    for version in registry["versions"].values():
+        assert version["files"][version["weights"]] == version["sha256"], "the weights download as they were logged"
+        assert version["disk"].startswith(f"{ARTIFACTS}/") and "\n" not in version["disk"], version["disk"]
+        f = host.file(version["disk"])
+        assert f.user == "mlflow" and f.sha256sum == version["sha256"]
+    assert listed_versions(registry) == sorted(registry["versions"], key=int)
+
+
+def test_backup_playbook_stores_from_a_zfs_snapshot_and_reports(host, registry):
     rc, out = play("backup.yml")
     assert rc == 0, out
     assert "took ZFS snapshot @restic-" in out and "stored snapshot" in out and "dumped database mlflow" in out
@@ -237,7 +322,7 @@ def test_sigkill_mid_backup_then_next_run_names_the_stale_lock(host, repo):
 
 def test_corrupted_pack_fails_the_check_and_the_drill(host, repo):
     before = set(repo.check_output(f"find {REPO_DIR}/data -type f").split())
-    host.run_expect([0], f"head -c 6000000 /dev/urandom > {ARTIFACTS}/1/marker.bin")
+    host.run_expect([0], f"head -c 6000000 /dev/urandom > {ARTIFACTS}/marker.bin")
     res = job(host, "restic_backup")[0]
     assert res.rc == 0, res.stderr
     new = set(repo.check_output(f"find {REPO_DIR}/data -type f").split()) - before
@@ -253,7 +338,7 @@ def test_corrupted_pack_fails_the_check_and_the_drill(host, repo):
     # name the one the damaged bytes belong to.
     # The dumps and manifest.json from the staging directory share packs with small files too (a run found the
     # damaged bytes in manifest.json's blob, and the drill named it).
-    in_pack = set(re.findall(r"/var/lib/sovereign/restic/mnt/[^/\s]+/(\S+)", listing)) or {"1/marker.bin"}
+    in_pack = set(re.findall(r"/var/lib/sovereign/restic/mnt/[^/\s]+/(\S+)", listing)) or {"marker.bin"}
     in_pack |= set(re.findall(r"(/var/backups/sovereign/restic/[\w./-]+)", listing))
     repo.run_expect(
         [0],
@@ -273,11 +358,12 @@ def test_corrupted_pack_fails_the_check_and_the_drill(host, repo):
         assert sample(metrics(host, "restic_drill"), "sovereign_restic_drill_success{")[0] == 0
     finally:
         repo.run_expect([0], f"cp -p /root/pack.orig {pack} && rm -f /root/pack.orig")
-        host.run(f"rm -f {ARTIFACTS}/1/marker.bin")
+        host.run(f"rm -f {ARTIFACTS}/marker.bin")
     assert job(host, "restic_check")[0].rc == 0
 
 
-def test_mlflow_disaster_offsite_restore_brings_it_back_bit_identical(host):
+def test_mlflow_disaster_offsite_restore_brings_it_back_bit_identical(host, registry, tmp_path):
+    name, versions = registry["name"], registry["versions"]
     # The backup restored below runs through its unit, as the timer runs it: the bit-identical restore proves the
     # unit read the clones' data (a unit whose mount namespace hid zfs-fuse's clone would back up empty
     # directories; ADR 1130).
@@ -286,28 +372,45 @@ def test_mlflow_disaster_offsite_restore_brings_it_back_bit_identical(host):
     assert "stored snapshot" in journal
     assert "sovereign-restic-backup-" not in host.check_output("zfs list -H -o name")
     artifacts, rows = tree_digest(host, ARTIFACTS), row_counts(host, "mlflow")
-    served = host.check_output("curl -fsS http://127.0.0.1:5000/1/3/model.bin | sha256sum")
-    host.run_expect([0], f"rm -rf {ARTIFACTS}/1")
+    assert listed_versions(registry) == sorted(versions, key=int)
+    # The disaster: every artifact deleted (the dataset's mountpoint stays, emptied) and the database dropped while
+    # MLflow runs.
+    host.run_expect([0], f"find {ARTIFACTS} -mindepth 1 -delete")
     host.run_expect([0], "runuser -u postgres -- dropdb --force mlflow")
-    rc, out = play("restore.yml", {"service": "mlflow", "source": "offsite", "sovereign_restore_services": STANDIN})
+    assert host.check_output(f"find {ARTIFACTS} -mindepth 1 | wc -l") == "0"
+    lost = requests.get(f"{registry['url']}/api/2.0/mlflow/registered-models/get", params={"name": name}, timeout=60)
+    assert lost.status_code != 200, "MLflow still knows the model after its database was dropped"
+    # restore.yml's own definition of the mlflow service (units, artifacts path, databases, health URL).
+    rc, out = play("restore.yml", {"service": "mlflow", "source": "offsite"})
     assert rc != 0 and "restore.yml changed nothing" in out
+    assert "stop mlflow.service" in out
     assert f"replace everything in {ARTIFACTS}" in out and "drop database mlflow" in out and "confirm=mlflow" in out
-    rc, out = play(
-        "restore.yml",
-        {"service": "mlflow", "source": "offsite", "confirm": "mlflow", "sovereign_restore_services": STANDIN},
-    )
+    rc, out = play("restore.yml", {"service": "mlflow", "source": "offsite", "confirm": "mlflow"})
     assert rc == 0, out
     assert tree_digest(host, ARTIFACTS) == artifacts
     assert row_counts(host, "mlflow") == rows
-    assert host.check_output("curl -fsS http://127.0.0.1:5000/1/3/model.bin | sha256sum") == served
+    # Through MLflow's API: the versions are listed again, each downloads bit-identical, and the model runs.
+    assert listed_versions(registry) == sorted(versions, key=int)
+    for version, expected in versions.items():
+        assert model_files(name, version, tmp_path / version) == expected["files"], version
+    first = min(versions, key=int)
+    offset = versions[first]["offset"]
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{first}")
+    assert model.predict({"x": [1.0, 2.0]}) == [1.0 + offset, 2.0 + offset]
 
 
-def test_snapshot_restore_rolls_a_deleted_file_back(host):
-    digest = hashlib.sha256(host.file(f"{ARTIFACTS}/1/1/model.bin").content).hexdigest()
-    host.run_expect([0], f"rm -f {ARTIFACTS}/1/1/model.bin")
-    rc, out = play(
-        "restore.yml",
-        {"service": "mlflow", "source": "snapshot", "confirm": "mlflow", "sovereign_restore_services": STANDIN},
-    )
+def test_snapshot_restore_rolls_a_deleted_file_back(host, registry, tmp_path):
+    version = min(registry["versions"], key=int)
+    expected = registry["versions"][version]
+    weights = expected["disk"]
+    # The ZFS snapshot of the newest backup, named: a sanoid snapshot taken while the file is gone must not be the
+    # one rolled back to (its timer runs every 15 minutes).
+    snap = host.check_output(
+        f"zfs list -H -o name -t snapshot -s creation -r {ARTIFACTS_DATASET} | grep '@restic-' | tail -n 1"
+    ).split("@", 1)[1]
+    host.run_expect([0], f"rm -f {weights}")
+    rc, out = play("restore.yml", {"service": "mlflow", "source": "snapshot", "snapshot": snap, "confirm": "mlflow"})
     assert rc == 0, out
-    assert hashlib.sha256(host.file(f"{ARTIFACTS}/1/1/model.bin").content).hexdigest() == digest
+    assert f"{ARTIFACTS_DATASET}@{snap}" in out
+    assert host.file(weights).sha256sum == expected["sha256"]
+    assert model_files(registry["name"], version, tmp_path) == expected["files"]
