@@ -149,9 +149,16 @@ def _run(host, port, payload, conns, warmup, duration, max_requests, cpu, ready,
     results.put({"lat": lat, "errors": errors, "window": window})
 
 
-def drive(host, port, payload, concurrency, warmup, duration, pin, max_requests=2_000_000) -> dict:
+def drive(host, port, payload, concurrency, warmup, duration, pin, max_requests=2_000_000, cpus=None) -> dict:
+    """``cpus``: run one generator process per CPU listed (at most one per 8 connections), each pinned to its CPU,
+    instead of 1-2 processes on CPU 0 (``pin``) or unpinned."""
     ctx = mp.get_context("spawn")
-    procs_n = 1 if concurrency < 4 else 2
+    if cpus:
+        procs_n = max(1, min(len(cpus), concurrency // 8 or 1))
+        cpu_of = list(cpus[:procs_n])
+    else:
+        procs_n = 1 if concurrency < 4 else 2
+        cpu_of = [0 if pin else None] * procs_n
     per = [concurrency // procs_n + (1 if i < concurrency % procs_n else 0) for i in range(procs_n)]
     ready = ctx.Semaphore(0)
     go = ctx.Event()
@@ -167,13 +174,13 @@ def drive(host, port, payload, concurrency, warmup, duration, pin, max_requests=
                 warmup,
                 duration,
                 max_requests // procs_n,
-                0 if pin else None,
+                cpu_of[i],
                 ready,
                 go,
                 results,
             ),
         )
-        for n in per
+        for i, n in enumerate(per)
     ]
     for p in procs:
         p.start()

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
-import queue
 import shutil
 import signal
 import subprocess
@@ -68,43 +66,6 @@ json.dump(golden, open(sys.argv[1] + ".golden.json", "w"))
     path = work / "light.pt"
     subprocess.run([sys.executable, "-c", code, str(path)], check=True)
     return path
-
-
-def drive(port: int, payload: bytes, c: int, warmup: float, duration: float, cpus: list[int]) -> dict:
-    """loadgen.drive with more generator processes (one per CPU in ``cpus``, at most one per 8 connections)."""
-    ctx = mp.get_context("spawn")
-    n = max(1, min(len(cpus), c // 8 or 1))
-    per = [c // n + (1 if i < c % n else 0) for i in range(n)]
-    ready, go, results = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
-    args = ("127.0.0.1", port, payload)
-    procs = [
-        ctx.Process(target=loadgen._worker, args=(*args, k, warmup, duration, 2_000_000, cpus[i], ready, go, results))
-        for i, k in enumerate(per)
-    ]
-    for p in procs:
-        p.start()
-    for _ in procs:
-        if not ready.acquire(timeout=60):
-            raise RuntimeError("load generator could not connect within 60 s")
-    go.set()
-    try:
-        out = [results.get(timeout=warmup + duration + 60) for _ in procs]
-    except queue.Empty:
-        raise RuntimeError("load generator got no result in time") from None
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    failed = [r["error"] for r in out if "error" in r]
-    if failed:
-        raise RuntimeError(failed[0])
-    return {
-        "lat": [x for r in out for x in r["lat"]],
-        "window": max(r["window"] for r in out),
-        "errors": sum(r["errors"] for r in out),
-        "concurrency": c,
-    }
 
 
 def start(model: Path, workers: int, cpus: str, port: int, log: Path, extra: list[str]) -> subprocess.Popen:
@@ -173,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                 for i, port in enumerate(ports):
                     body = loadgen.request("127.0.0.1", port, "/v2/models/m/infer", peers.oip_body(LIGHT[0]))
                     samples.setdefault((i, c), []).append(
-                        drive(port, body, c, args.warmup, args.duration / args.rounds, gen_cpus)
+                        loadgen.drive(
+                            "127.0.0.1", port, body, c, args.warmup, args.duration / args.rounds, False, cpus=gen_cpus
+                        )
                     )
         served = [infer_counts(port) for port in ports]
         for c in conc:

@@ -139,7 +139,7 @@ def test_server_records_an_experiment_durably_across_a_restart(models, tmp_path)
         bad = http("POST", f"{base}/v2/outcomes", b'{"id": "x", "value": "high"}')
         assert bad.status == 400 and "'value'" in bad.json()["error"]
         assert http("GET", f"{base}/v2/outcomes").status == 405
-        wait_until(lambda: http("GET", f"{base}/v2/experiment").json()["requests"] == 20, 10, "20 rows written")
+        wait_until(lambda: written(base, 20), 10, "20 rows and 5 outcomes written")
         metrics = http("GET", f"{base}/metrics").body.decode()
         assert "sovereign_runtime_experiment_active 1.0" in metrics
         proc.send_signal(signal.SIGTERM)
@@ -169,6 +169,12 @@ def test_server_records_an_experiment_durably_across_a_restart(models, tmp_path)
         assert doc["definition"]["name"] == "ab-1" and len(doc["assignments"]) == 21 and len(doc["outcomes"]) == 5
     finally:
         stop(proc)
+
+
+def written(base: str, requests: int) -> bool:
+    """All rows AND outcomes on disk: outcomes posted to a color may be written after its rows (a CI run read B: 0)."""
+    status = http("GET", f"{base}/v2/experiment").json()
+    return status["requests"] == requests and status["pending"] == 0
 
 
 def test_two_colors_records_make_the_report(models, tmp_path):
@@ -210,7 +216,7 @@ def test_two_colors_records_make_the_report(models, tmp_path):
             posted = http("POST", f"{bases[other[color]]}/v2/outcomes", json.dumps({"outcomes": labels}).encode())
             assert posted.status == 202
         for base in bases.values():
-            wait_until(lambda b=base: http("GET", f"{b}/v2/experiment").json()["requests"] == 150, 10, "rows written")
+            wait_until(lambda b=base: written(b, 150), 10, "rows and outcomes written")
         files = []
         for color, d in dirs.items():
             out = subprocess.run([sys.executable, "-m", "sovereign_runtime.experiment", str(d), "two"],
