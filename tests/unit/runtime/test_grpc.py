@@ -322,6 +322,10 @@ def test_stop_refuses_new_calls_and_finishes_those_in_flight(loaded, models):
             pending = pool.submit(lambda: s.client().infer(MODEL, [inp], client_timeout=30))
             wait_until(lambda: s.on_loop(lambda: engine.in_flight) == 1, 30, "a call in flight")
             stopping = asyncio.run_coroutine_threadsafe(s.frontend.stop(30), s.loop)
+            # Wait until stop has begun (grpcio closes the listener as it sends GOAWAY): a call sent before that is
+            # accepted, and held by held_run like the first (DEADLINE_EXCEEDED), or cancelled by grpc core as the
+            # shutdown starts (CANCELLED); neither is the refusal this test is about.
+            wait_until(lambda: _refuses_connections(s.frontend.port), 30, "stop refusing new connections")
             with pytest.raises(InferenceServerException) as err:
                 s.client().infer(MODEL, [inp], client_timeout=10)
             assert err.value.status() == "StatusCode.UNAVAILABLE"
@@ -372,6 +376,14 @@ def test_serve_refuses_a_grpc_port_in_use(models):
         proc = subprocess.run(cmd, env=runtime_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 3, proc.stderr  # uvicorn's start-up failure, as for an HTTP port in use
     assert '"grpc_failed"' in proc.stderr and f"127.0.0.1:{port}" in proc.stderr
+
+
+def _refuses_connections(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
 
 
 def _ready(client: Any) -> bool:
