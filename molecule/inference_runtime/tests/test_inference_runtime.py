@@ -162,7 +162,17 @@ def test_host_contract_color_is_what_runs(host, color, port):
     env = dict(line.split("=", 1) for line in host.file(spec["env_file"]).content_string.splitlines() if "=" in line)
     assert env["SOVEREIGN_RUNTIME_PORT"] == str(spec["port"])
     assert env["SOVEREIGN_RUNTIME_GRPC_PORT"] == str(spec["grpc_port"])
-    assert host.socket(f"tcp://{spec['host']}:{spec['grpc_port']}").is_listening
+    # A real ServerLive call with the color's own grpcio (testinfra's socket check misses gRPC's listener: grpc core
+    # binds an IPv6 dual-stack socket, which ss lists as [::ffff:ADDRESS]).
+    live = (
+        "import grpc, sys; from sovereign_runtime.oip_grpc import oip_v2_pb2 as pb;"
+        " call = grpc.insecure_channel(sys.argv[1]).unary_unary('/inference.GRPCInferenceService/ServerLive',"
+        " request_serializer=pb.ServerLiveRequest.SerializeToString,"
+        " response_deserializer=pb.ServerLiveResponse.FromString);"
+        " print(call(pb.ServerLiveRequest(), timeout=30).live)"
+    )
+    answer = host.run(f'{spec["venv"]}/bin/python -c "{live}" {spec["host"]}:{spec["grpc_port"]}')
+    assert answer.rc == 0 and answer.stdout.strip() == "True", answer.stderr
     assert env["SOVEREIGN_RUNTIME_EXPERIMENT_DIR"] == spec["experiment_dir"]
     assert host.file(spec["model_env"]).contains("SOVEREIGN_RUNTIME_MODEL_URI=")
     assert host.file(spec["venv"] + "/bin/python").exists
