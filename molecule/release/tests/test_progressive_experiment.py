@@ -2,16 +2,18 @@
 on CPU behind the real HAProxy; molecule/release's converge), the report read from the files it leaves on the
 controller.
 
-Runs after test_progressive.py (file order), which leaves arm A, demo version 1, on blue (live) and arm B, version 2,
-on green (idle): the state an operator sets up with deploy.yml and rollback.yml. ensure_arms() checks it, and only
-when it does not hold puts version 2 on green by rewriting green's model file and restarting it (what a deploy does
-before it switches; the release flow itself is tested in test_progressive.py and molecule/release). Traffic:
-files/experiment_load.py on the host (prepare.yml), keep-alive clients through the frontend, a fresh sticky key per
-request, and an outcome posted to POST /v2/outcomes for every answer's request id, planted by model version at an
-exact rate. So a planted difference must give the right winner, and equal rates must give none. Bad input against
-the real runtimes (a version no color serves) must fail before anything changes. Small samples (a few hundred per
-arm) keep the scenario short; the difference planted is large enough for them. The split itself is a fair hash of
-random keys, so the report's sample-ratio-mismatch check (p < 0.001) flags it in about 1 run in 1000 by chance.
+Marked progressive: molecule/release_faults runs it after test_progressive.py (file order), on one converge
+(conftest.py). Each test starts from blue live with demo version 1, no split (the blue_live_v1 fixture; the file
+before this one leaves it so), and arm B, version 2, on green (idle): the state an operator sets up with deploy.yml
+and rollback.yml. ensure_arms() puts version 2 on green when it is not there, by rewriting green's model file and
+restarting it (what a deploy does before it switches; the release flow itself is tested in test_progressive.py and
+molecule/release). Traffic: files/experiment_load.py on the host (the converge copies it), keep-alive clients through
+the frontend, a fresh sticky key per request, and an outcome posted to POST /v2/outcomes for every answer's request
+id, planted by model version at an exact rate. So a planted difference must give the right winner, and equal rates
+must give none. Bad input against the real runtimes (a version no color serves) must fail before anything changes.
+Small samples (a few hundred per arm) keep the scenario short; the difference planted is large enough for them. The
+split itself is a fair hash of random keys, so the report's sample-ratio-mismatch check (p < 0.001) flags it in about
+1 run in 1000 by chance.
 """
 
 from __future__ import annotations
@@ -21,8 +23,12 @@ import pathlib
 import sys
 import time
 
+import pytest
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "shared"))
 import playbook
+
+pytestmark = [pytest.mark.progressive, pytest.mark.usefixtures("blue_live_v1")]
 
 MODELS = "/var/lib/sovereign/models"
 FACT = "/etc/ansible/facts.d/sovereign.fact"
@@ -148,3 +154,4 @@ def test_no_difference_reports_none(host, tmp_path):
     assert report["verdict"] == "no detectable difference at this sample size", report["verdict_reason"]
     lo, hi = report["comparison"]["ci"]
     assert lo < 0 < hi
+
