@@ -19,8 +19,12 @@ split itself is a fair hash of random keys, so the report's sample-ratio-mismatc
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import signal
+import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -57,6 +61,12 @@ def served(host, color):
     spec = contract(host)["runtime"]["colors"][color]
     out = host.run(f"curl -sf http://{spec['host']}:{spec['port']}/v2/models/demo")
     return json.loads(out.stdout)["versions"][0] if out.rc == 0 else None
+
+
+def recording(host, color):
+    """What COLOR's runtime says it records now (GET /v2/experiment)."""
+    spec = contract(host)["runtime"]["colors"][color]
+    return json.loads(host.check_output(f"curl -sf http://{spec['host']}:{spec['port']}/v2/experiment"))
 
 
 def map_entries(host):
@@ -155,3 +165,66 @@ def test_no_difference_reports_none(host, tmp_path):
     lo, hi = report["comparison"]["ci"]
     assert lo < 0 < hi
 
+
+def test_a_killed_experiment_is_ended_by_action_stop(host, tmp_path):
+    """SIGTERM to ansible-playbook (what Ctrl-C or a CI timeout sends; Ansible runs no always: task then, nor on
+    SIGKILL) while experiment.yml holds a 600 s experiment: what the user finds is both colors still recording it,
+    HAProxy still splitting and the fleet lock held. `experiment.yml -e experiment_action=stop` ends it: it breaks the
+    dead run's lock, ends the recording on both colors, removes their experiment.json, puts all traffic back on the
+    live color, releases the lock and says what it stopped; the killed run's hold job on the host ends too. (Left
+    alone, each runtime stops recording by itself at the experiment's expiry, its planned end plus
+    experiment_expire_grace_s: tests/unit/runtime/test_experiment.py.)"""
+    ensure_arms(host)
+    colors = contract(host)["runtime"]["colors"]
+    dirs = [colors[c]["experiment_dir"] for c in ("blue", "green")]
+    extra = {**BASE, "experiment_name": "killed", "experiment_duration_s": 600, "experiment_min_samples": 0,
+             "experiment_report_dir": str(tmp_path / "killed")}  # fmt: skip
+    proc = subprocess.Popen(
+        playbook.command("experiment.yml", extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 240
+        while not (
+            any("Hold the experiment" in line for line in lines)
+            and all(recording(host, c)["experiment"] == "killed" for c in ("blue", "green"))
+        ):
+            assert proc.poll() is None, "".join(lines)[-4000:]
+            assert time.monotonic() < deadline, "the experiment's hold never started:\n" + "".join(lines)[-4000:]
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+        reader.join(10)
+    assert proc.returncode == -signal.SIGTERM, "".join(lines)[-3000:]
+    # What the killed run left: the split, both colors recording, the lock.
+    assert map_entries(host)["weight"] == "50"
+    assert all(host.file(f"{d}/experiment.json").exists for d in dirs)
+    assert all(recording(host, c)["experiment"] == "killed" for c in ("blue", "green"))
+    assert host.file("/var/lib/sovereign/deploy.lock").exists
+
+    rc, text = play({"experiment_action": "stop"})
+    assert rc == 0, text[-3000:]
+    assert "stopped experiment(s) killed" in text and "the split (50 % to green) removed: all traffic on blue" in text
+    assert "breaking the fleet deploy lock" in text and "that ansible-playbook is no longer running" in text
+    entries = map_entries(host)
+    assert entries["live"] == "blue" and int(entries.get("weight", 0)) == 0
+    assert not any(host.file(f"{d}/experiment.json").exists for d in dirs)
+    assert all(recording(host, c)["experiment"] is None for c in ("blue", "green"))
+    assert not host.file("/var/lib/sovereign/deploy.lock").exists
+    # The killed run's hold (an async job on the host) sees the experiment gone and ends.
+    deadline = time.monotonic() + 60
+    while host.run("pgrep -f experiment-wait.py").rc == 0:
+        assert time.monotonic() < deadline, host.run("pgrep -af experiment-wait.py").stdout
+        time.sleep(0.5)
+    # Stopping again finds nothing to stop and changes nothing.
+    rc, text = play({"experiment_action": "stop"})
+    assert rc == 0 and "no experiment was recording" in text and "all traffic on blue" in text, text[-3000:]
