@@ -221,9 +221,10 @@ def test_a_killed_experiment_is_ended_by_action_stop(host, tmp_path):
     assert all(recording(host, c)["experiment"] is None for c in ("blue", "green"))
     assert not host.file("/var/lib/sovereign/deploy.lock").exists
     # The killed run's hold (an async job on the host) sees the experiment gone and ends.
+    # ("[e]": the pattern does not match the shell that runs pgrep, whose command line holds it.)
     deadline = time.monotonic() + 60
-    while host.run("pgrep -f experiment-wait.py").rc == 0:
-        assert time.monotonic() < deadline, host.run("pgrep -af experiment-wait.py").stdout
+    while host.run("pgrep -f '[e]xperiment-wait[.]py'").rc == 0:
+        assert time.monotonic() < deadline, host.run("pgrep -af '[e]xperiment-wait[.]py'").stdout
         time.sleep(0.5)
     # Stopping again finds nothing to stop and changes nothing.
     rc, text = play({"experiment_action": "stop"})
