@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -47,10 +48,14 @@ BASE = {
 }
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def play(extra):
-    """playbooks/experiment.yml with EXTRA; returns (rc, output with whitespace collapsed)."""
+    """playbooks/experiment.yml with EXTRA; returns (rc, output with whitespace collapsed and no colors: molecule
+    forces Ansible's colors, which it sets line by line, so a message wrapped over lines has codes inside it)."""
     rc, out, _seconds = playbook.play("experiment.yml", extra)
-    return rc, out
+    return rc, " ".join(ANSI.sub("", out).split())
 
 
 def contract(host):
