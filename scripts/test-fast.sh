@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # `make test-fast`: the checks that need no container, in lanes that run side by side. Each argument is one lane: make
-# targets run one after another (a failing step does not stop its lane). The lint/sanity lane is mostly one process
-# on one core, and the unit tests wait on servers and subprocesses; side by side they keep both cores busy instead
-# of leaving one idle for minutes (docs/benchmarks.md "Test suite").
+# targets run one after another (a failing step does not stop its lane). The Makefile's TEST_FAST_LANES gives one lane
+# (two lanes, unit tests beside lint and sanity, pushed load-sensitive unit tests over: docs/benchmarks.md "Test suite").
 # Output stays readable: each step writes its own log (.cache/test-fast/STEP.log), printed whole when the step ends,
 # never interleaved with another step's, with its wall time and exit status; a summary follows. The exit status is
 # the first failing step's (in the order the steps are listed), 0 when every step passed.
