@@ -3,7 +3,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 for name in $(podman ps -a --filter label=sovereign.lab --format '{{.Names}}' 2>/dev/null); do
-  podman rm -f "$name" >/dev/null && echo "removed container $name"
+  # A second try: on a loaded machine podman rm can time out waiting for conmon's exit file (see lab_down.yml).
+  for _ in 1 2 3; do podman rm -f "$name" >/dev/null && { echo "removed container $name"; break; }; sleep 5; done
 done
 podman network exists sovereign-lab 2>/dev/null && podman network rm sovereign-lab >/dev/null && echo "removed network sovereign-lab"
 rm -rf .lab inventories/lab
