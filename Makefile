@@ -16,7 +16,7 @@ PENDING_SCENARIOS := $(shell sed -n 's/^\([a-z_0-9]*\):.*/\1/p' molecule/PENDING
 SCENARIOS ?= $(filter-out $(PENDING_SCENARIOS),$(notdir $(patsubst %/molecule.yml,%,$(wildcard molecule/*/molecule.yml))))
 
 .PHONY: help bootstrap lab lab-down test test-fast lint ruff ansible-lint sanity unit molecule \
-        changelog-lint build constraints clean rules
+        changelog-lint build constraints clean rules unit-1 unit-2 unit-3
 
 help: ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -36,7 +36,14 @@ test: bootstrap ## everything CI runs: lint, sanity, unit, every molecule scenar
 	@bash scripts/timed.sh test-fast $(MAKE) --no-print-directory test-fast
 	@bash scripts/timed.sh molecule $(MAKE) --no-print-directory molecule
 
-test-fast: lint changelog-lint build sanity unit rules ## everything that needs no container (< 3 min)
+# scripts/test-fast.sh: one quoted list of steps per lane, lanes side by side; every step runs, each step's log is
+# printed whole when it ends, the exit status is the first failure's. One lane by default: two lanes
+# ("unit-1 unit-2 unit-3" "ruff ansible-lint changelog-lint build sanity rules") measured 7 unit failures at load
+# 12-18 (load-sensitive tests, docs/benchmarks.md "Test suite"); they go first.
+TEST_FAST_LANES ?= "ruff ansible-lint changelog-lint build sanity unit-1 unit-2 unit-3 rules"
+
+test-fast: ## everything that needs no container (each step's log printed whole, a summary)
+	@bash scripts/test-fast.sh $(TEST_FAST_LANES)
 
 lint: ruff ansible-lint ## ruff and ansible-lint (production profile)
 
@@ -63,18 +70,17 @@ sanity: ## ansible-test sanity on a copy laid out as ansible_collections/soverei
 # collection's tests and the torch-based ones (runtime, examples) never share one; and importing controller code
 # (ansible.errors, as filter plugins do) sets ansible's is_controller, after which a module's warnings go to the
 # controller's display instead of its result, so filter tests never share a process with module tests.
-UNIT_GROUPS := "tests/unit/plugins/modules tests/unit/plugins/module_utils tests/unit/ops tests/unit/playbooks tests/unit/roles" \
-               "tests/unit/plugins/filter" "tests/unit/runtime tests/unit/examples tests/unit/benchmarks"
+UNIT_GROUP_1 := tests/unit/plugins/modules tests/unit/plugins/module_utils tests/unit/ops tests/unit/playbooks tests/unit/roles
+UNIT_GROUP_2 := tests/unit/plugins/filter
+UNIT_GROUP_3 := tests/unit/runtime tests/unit/examples tests/unit/benchmarks
+UNIT_GROUPS := "$(UNIT_GROUP_1)" "$(UNIT_GROUP_2)" "$(UNIT_GROUP_3)"
+UNIT_TARGETS := unit-1 unit-2 unit-3
 
 unit: ## pytest unit tests (modules, module_utils, CLI; runtime and examples in a second process)
-	@rc=0; for group in $(UNIT_GROUPS); do \
-	   paths=$$(for p in $$group; do [ -d $$p ] && echo $$p; done); \
-	   [ -n "$$paths" ] || continue; \
-	   echo "==> pytest $$paths"; \
-	   prc=0; pytest -n $(PYTEST_WORKERS) $$paths || prc=$$?; \
-	   if [ $$prc -eq 5 ]; then echo "pytest: no tests collected in $$paths"; prc=0; fi; \
-	   [ $$prc -eq 0 ] || rc=$$prc; \
-	 done; exit $$rc
+	@PYTEST_WORKERS=$(PYTEST_WORKERS) bash scripts/unit.sh $(UNIT_GROUPS)
+
+$(UNIT_TARGETS): unit-%: ## one group of UNIT_GROUPS (unit-1, unit-2, unit-3)
+	@PYTEST_WORKERS=$(PYTEST_WORKERS) bash scripts/unit.sh "$(UNIT_GROUP_$*)"
 
 molecule: ## every molecule scenario, as parallel independent processes
 	@[ ! -s molecule/PENDING ] || { echo "molecule: not run, pending (molecule/PENDING):"; sed 's/^/  /' molecule/PENDING; }

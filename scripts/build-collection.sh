@@ -9,7 +9,7 @@ tarball=$(ls "$out"/sovereign-mlops-*.tar.gz)
 listing=$(tar -tzf "$tarball")
 # The lab's playbooks and what only they use (galaxy.yml build_ignore) are the checkout's, not the collection's.
 lab_only='playbooks/(lab|lab_churn|lab_down)\.yml|playbooks/vars/lab\.yml|playbooks/templates/lab_hosts\.yml\.j2|playbooks/files/lab_alert_receiver\.py'
-bad=$(grep -E "^(molecule|tests|\.venv|\.cache|\.ansible|\.lab|collections|inventories/lab|benchmarks|examples|scripts|requirements)(/|\$)|^($lab_only)\$|__pycache__|\.pyc\$" <<<"$listing" || true)
+bad=$(grep -E "^(molecule|tests|\.venv|\.cache|\.ansible|\.hypothesis|\.lab|collections|inventories/lab|benchmarks|examples|scripts|requirements)(/|\$)|^($lab_only)\$|__pycache__|\.pyc\$" <<<"$listing" || true)
 if [ -n "$bad" ]; then
   echo "collection tarball contains what must stay out of it:" >&2
   head -n 20 <<<"$bad" >&2

@@ -6,7 +6,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 dest="$root/.cache/sanity/ansible_collections/sovereign/mlops"
 mkdir -p "$dest"
 rsync -a --delete --exclude .git --exclude .venv --exclude .cache --exclude .ansible --exclude collections \
-  --exclude '.*_cache' --exclude __pycache__ --exclude .lab --exclude inventories/lab --exclude '*.egg-info' \
+  --exclude '.*_cache' --exclude .hypothesis --exclude __pycache__ --exclude .lab --exclude inventories/lab --exclude '*.egg-info' \
   --exclude runtime/build "$root/" "$dest/"
 cd "$dest"
 # git ls-files decides what ansible-test looks at; give the copy its own index.

@@ -238,7 +238,12 @@ def cmd_experiment_report(args, hosts):
             dumps.extend(got)
             errors.extend(errs)
     report = experiment.build(
-        args.name, dumps, alpha=args.alpha, metric_kind=args.metric_kind, higher_is_better=args.higher_is_better
+        args.name,
+        dumps,
+        alpha=args.alpha,
+        metric_kind=args.metric_kind,
+        higher_is_better=args.higher_is_better,
+        min_samples_per_host=args.min_samples_per_host,
     )
     if args.chart:
         why = experiment.chart(report, args.chart)
@@ -323,6 +328,12 @@ def build_parser():
         help="default: the definition's, else from the values",
     )
     p.add_argument("--lower-is-better", dest="higher_is_better", action="store_false", default=None)
+    p.add_argument(
+        "--min-samples-per-host",
+        type=int,
+        help="requests each host must give each arm (default: the definition's, else "
+        f"{experiment.MIN_SAMPLES_PER_HOST}; a host with none never passes)",
+    )
     p.set_defaults(func=cmd_experiment_report)
     return parser
 

@@ -20,6 +20,10 @@ SRM_P = 0.001  # below this the split is broken, not unlucky (GrowthBook, Statsi
 BINARY = "binary"
 CONTINUOUS = "continuous"
 BUCKETS = 20
+# Each host must give each arm at least this many requests (the definition's min_samples_per_host, else this):
+# a host whose traffic never reached the experiment (its split not set, its clients elsewhere) cannot pass.
+MIN_SAMPLES_PER_HOST = 100
+NO_HOST = "(unnamed host)"  # a dump without a host name (a file given by hand)
 
 # Run on a host (python3, stdlib): every color of the host contract that has an experiment_dir, dumped by the
 # color's own venv (its sovereign_runtime), one JSON line: {"dumps": [{color, ...dump}], "errors": [...]}.
@@ -121,6 +125,7 @@ def build(
     metric_kind: str | None = None,
     higher_is_better: bool | None = None,
     min_samples: int | None = None,
+    min_samples_per_host: int | None = None,
 ) -> dict[str, Any]:
     """The report of experiment NAME from its dumps: per-arm numbers, the comparison, the SRM check, the verdict."""
     notes: list[str] = []
@@ -136,6 +141,8 @@ def build(
     share_b = float(definition.get("split", 50)) / 100.0
     higher = definition.get("higher_is_better", True) if higher_is_better is None else higher_is_better
     min_n = int(min_samples if min_samples is not None else definition.get("min_samples") or 0)
+    per_host = definition.get("min_samples_per_host", MIN_SAMPLES_PER_HOST)
+    min_host = int(min_samples_per_host if min_samples_per_host is not None else per_host or 0)
     declared = metric_kind or definition.get("metric_kind")
 
     # Outcomes: the latest per request id, wherever it was received.
@@ -150,9 +157,12 @@ def build(
     # The experiment's window, [started, ends): a color that read the end of the experiment late recorded past it
     # (each color applies the end when it reads its experiment.json); those rows are left out for both arms alike.
     w_start = _number(definition.get("started"), -math.inf)
-    w_end = _number(definition.get("ends"), math.inf)
+    w_end = min(_number(definition.get("ends"), math.inf), _number(definition.get("expires"), math.inf))
     outside = 0
+    # Requests per host and arm: every host of the definition (the playbook names them) and of the dumps.
+    by_host: dict[str, dict[str, int]] = {h: {"A": 0, "B": 0} for h in definition.get("hosts") or []}
     for d in dumps:
+        counts = by_host.setdefault(d.get("host") or NO_HOST, {"A": 0, "B": 0})
         for row in d.get("assignments", []):
             rid, color, _model, version = row[0], row[1], row[2], row[3]
             if not w_start <= float(row[4]) < w_end:
@@ -164,6 +174,7 @@ def build(
                 other += 1
                 continue
             rows_by_arm[arm].append(row)
+            counts[arm] += 1
             if rid is not None:
                 seen[rid] = seen.get(rid, 0) + 1
     if other:
@@ -224,7 +235,8 @@ def build(
         "threshold": SRM_P,
         "mismatch": p_srm < SRM_P,
     }
-    verdict, reason = _verdict(comparison, srm_doc, arms, higher, alpha, min_n)
+    hosts = [{"host": h, "requests": c} for h, c in sorted(by_host.items())]
+    verdict, reason = _verdict(comparison, srm_doc, arms, higher, alpha, min_n, hosts, min_host)
     report = {
         "experiment": name,
         "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -236,8 +248,10 @@ def build(
             "kind": kind,
             "higher_is_better": higher,
             "min_samples_per_arm": min_n,
+            "min_samples_per_host": min_host,
         },
         "arms": arms,
+        "hosts": hosts,
         "comparison": comparison.as_dict() if comparison else None,
         "relative_difference": (
             comparison.difference / arms[0]["metric"]["mean"] if comparison and arms[0]["metric"]["mean"] else None
@@ -253,7 +267,7 @@ def build(
     return clean(report)
 
 
-def _verdict(comp, srm_doc, arms, higher, alpha, min_n) -> tuple[str, str]:
+def _verdict(comp, srm_doc, arms, higher, alpha, min_n, hosts, min_host) -> tuple[str, str]:
     if srm_doc["mismatch"]:
         return "no verdict: sample ratio mismatch", (
             f"arm B got {srm_doc['observed_share_b']:.1%} of the requests, the split says "
@@ -265,6 +279,16 @@ def _verdict(comp, srm_doc, arms, higher, alpha, min_n) -> tuple[str, str]:
         return "not enough data", (
             f"arm(s) {', '.join(short)} got fewer than the minimum sample of {min_n} requests "
             "(" + ", ".join(f"{a['arm']}: {a['requests']}" for a in arms) + "): run the experiment longer"
+        )
+    least = max(min_host, 1)  # a host with no request in an arm never passes, whatever the minimum
+    thin = [h for h in hosts if min(h["requests"].values()) < least]
+    if thin:
+        return "not enough data", (
+            "host(s) "
+            + "; ".join(f"{h['host']} (A: {h['requests']['A']}, B: {h['requests']['B']})" for h in thin)
+            + f" gave an arm fewer than the minimum of {least} requests per host: that host's traffic did not "
+            "reach the experiment (its split, its clients) or the experiment was too short for it; check the host, "
+            "run longer, or leave it out of the experiment's hosts"
         )
     small = [a["arm"] for a in arms if a["metric"]["n"] < 2]
     if comp is None or small:
@@ -384,6 +408,11 @@ def format_table(report: dict) -> str:
         f"sample ratio: B {s['observed_share_b']:.2%} of requests, split {s['expected_share_b']:.0%}, "
         f"chi2 {s['chi2']:.3g}, p = {s['p_value']:.3g} -> {'MISMATCH' if s['mismatch'] else 'ok'}"
     )
+    if report.get("hosts"):
+        lines.append(
+            f"per host (minimum {m.get('min_samples_per_host', 0)} per arm): "
+            + ", ".join(f"{h['host']} A {h['requests']['A']} B {h['requests']['B']}" for h in report["hosts"])
+        )
     lines += ["", f"verdict: {report['verdict']}", f"  {report['verdict_reason']}"]
     lines += [f"note: {n}" for n in report["notes"]]
     return "\n".join(lines)

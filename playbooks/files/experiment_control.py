@@ -2,6 +2,12 @@
 instant, with its start (or end) DELAY_S after the host's clock at that instant.
 
     experiment_control.py started|ends DELAY_S DEFINITION_JSON DIR [DIR ...]
+    experiment_control.py stop DELAY_S - DIR [DIR ...]
+
+``stop`` (playbooks/experiment.yml -e experiment_action=stop, after a killed run) ends whatever experiment each DIR's
+experiment.json names, DELAY_S from now, and prints what it found: {"at", "now", "found": {DIR: NAME or null}}.
+With ``expire_after_s`` in the definition, ``expires`` = ``started`` + it is written too: past it a runtime records
+nothing more even if the file stays (a killed playbook never removes it; docs/adr/1422).
 
 Each runtime reads its DIR/experiment.json every 0.25 s and records the answers between ``started`` and ``ends``
 (docs/adr/1420). Written one task per color, the files reached the colors seconds apart on a loaded host, so one arm
@@ -31,12 +37,47 @@ def write(directory, doc):
         raise
 
 
+def read(directory):
+    try:
+        with open(os.path.join(directory, "experiment.json"), encoding="utf-8") as handle:
+            doc = json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # unreadable: the runtime ignores it too; stop removes it all the same
+    return doc if isinstance(doc, dict) else {}
+
+
+def with_expiry(doc):
+    try:
+        return dict(doc, expires=round(float(doc["started"]) + float(doc["expire_after_s"]), 6))
+    except (KeyError, TypeError, ValueError):
+        return doc
+
+
 def main(argv):
-    if len(argv) < 5 or argv[1] not in ("started", "ends"):
-        sys.exit("usage: experiment_control.py started|ends DELAY_S DEFINITION_JSON DIR [DIR ...]")
-    key, delay, definition, directories = argv[1], float(argv[2]), json.loads(argv[3]), argv[4:]
+    if len(argv) < 5 or argv[1] not in ("started", "ends", "stop"):
+        sys.exit(
+            "usage: experiment_control.py started|ends DELAY_S DEFINITION_JSON DIR [DIR ...]\n"
+            "       experiment_control.py stop DELAY_S - DIR [DIR ...]"
+        )
+    key, delay, directories = argv[1], float(argv[2]), argv[4:]
     now = time.time()
-    doc = dict(definition, **{key: round(now + delay, 6)})
+    at = round(now + delay, 6)
+    if key == "stop":
+        found = {}
+        for directory in directories:
+            doc = read(directory)
+            found[directory] = doc.get("name") if doc else None
+            if doc and doc.get("name"):
+                try:
+                    ends = min(at, float(doc.get("ends", at)))  # an end already set stays
+                except (TypeError, ValueError):
+                    ends = at
+                write(directory, dict(doc, ends=ends))
+        print(json.dumps({"at": at, "now": now, "found": found}))
+        return 0
+    doc = with_expiry(dict(json.loads(argv[3]), **{key: at}))
     for directory in directories:
         write(directory, doc)
     print(json.dumps({"at": doc[key], "now": now}))

@@ -38,6 +38,9 @@ class MlflowServer:
         # The venv's console scripts first; no MLFLOW_* setting of the caller's environment leaks in.
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+        # As the mlflow role runs it (mlflow_job_execution_enabled: false): without the GenAI job runner and its 7
+        # huey consumers, each of which imports mlflow (~10 s of CPU per server, 1.3 GB), which no test here uses.
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
         with open(work / "server.log", "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, cwd=work, start_new_session=True)
         return cls(f"http://127.0.0.1:{port}", proc, work)

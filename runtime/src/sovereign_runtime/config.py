@@ -126,6 +126,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("chaos-latency-ms", _float, 0.0, "TESTS ONLY: extra delay per infer request", None, True),
     Flag("chaos-error-rate", _fraction, 0.0, "TESTS ONLY: fraction of infer requests answered 500", None, True),
     Flag("experiment-dir", str, "", "A/B records to DIR/experiments.sqlite while DIR/experiment.json says", None, True),
+    Flag("experiment-keep", _positive_int, 20, "keep the records of the last N experiments, prune older", None, True),
     Flag("log-level", str, "info", "log level", ("debug", "info", "warning", "error"), True),
 )
 
@@ -218,6 +219,7 @@ class Settings:
     chaos_latency_ms: float = 0.0
     chaos_error_rate: float = 0.0
     experiment_dir: str = ""
+    experiment_keep: int = 20
     log_level: str = "info"
 
     @classmethod

@@ -15,6 +15,13 @@ Switched on by ``--experiment-dir DIR`` (the role gives each color its own state
   assignments by request id, whichever color the outcome reached.
 * ``GET /v2/experiment``: the running experiment and this color's counts (what the playbook waits on: after the
   end, ``experiment`` null and ``pending_rows`` 0 - ``pending`` also counts outcomes, which callers keep posting).
+* An experiment whose ``expires`` (epoch s; the playbook writes its planned end plus a grace) has passed is no
+  longer recorded, even while its experiment.json is still there: a killed ``playbooks/experiment.yml`` never removed
+  it (docs/adr/1422). ``GET /v2/experiment`` then says ``"expired": NAME``; ``experiment.yml -e
+  experiment_action=stop`` removes the file and the split.
+* Old experiments are pruned: the database keeps the records of the last ``keep`` experiments
+  (``--experiment-keep``, default 20) and the outcomes no kept experiment can join (older than the oldest one's
+  start), checked when the writer starts, when an experiment starts, and every ``PRUNE_INTERVAL`` seconds.
 
 The hot path never touches the disk: an answer appends one tuple to a deque (~0.7 us); a writer thread drains it
 every ``INTERVAL`` seconds in one transaction. A crash (SIGKILL, power) loses at most the last interval's rows;
@@ -45,6 +52,8 @@ INTERVAL = 0.25
 MAX_PENDING = 200_000
 MAX_OUTCOMES_PER_POST = 10_000
 MAX_ID = 256
+KEEP = 20  # experiments whose records the database keeps (--experiment-keep)
+PRUNE_INTERVAL = 3600.0
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 SCHEMA = """
@@ -116,7 +125,9 @@ def parse_outcomes(body: bytes) -> list[tuple[str, float]]:
 class ExperimentStore:
     """One color's records. ``record`` and ``add_outcomes`` run on the event loop; everything else on the writer."""
 
-    def __init__(self, directory: str | Path, color: str, model: Callable[[], tuple[str, str]]) -> None:
+    def __init__(
+        self, directory: str | Path, color: str, model: Callable[[], tuple[str, str]], keep: int = KEEP
+    ) -> None:
         self.dir = Path(directory)
         self.control = self.dir / CONTROL_FILE
         self.db_path = self.dir / DB_FILE
@@ -125,6 +136,7 @@ class ExperimentStore:
         self.active: str | None = None  # the experiment being recorded (read on the loop, set by the writer)
         self.started = 0.0
         self.window = (0.0, math.inf)  # record answers from ``started`` until ``ends`` (epoch seconds)
+        self.expires = math.inf  # the active experiment's expiry (epoch seconds): not recorded after it
         self.rows: deque = deque()
         self.outcomes: deque = deque()
         self.dropped = 0
@@ -135,6 +147,10 @@ class ExperimentStore:
         self._thread: threading.Thread | None = None
         self._db: sqlite3.Connection | None = None
         self.error = ""
+        self.keep = max(1, int(keep))
+        self.expired: str | None = None  # an experiment whose expiry passed while its control file stayed
+        self._prune_due = True  # at the writer's start, then on each new experiment and every PRUNE_INTERVAL
+        self._pruned_at = 0.0
 
     # ------------------------------------------------------------------------------------------------ event loop
 
@@ -176,6 +192,8 @@ class ExperimentStore:
             "pending_rows": len(self.rows),
             "dropped": self.dropped,
             "database": str(self.db_path),
+            "keep": self.keep,
+            **({"expired": self.expired} if self.expired else {}),
             **({"error": self.error} if self.error else {}),
         }
 
@@ -206,6 +224,9 @@ class ExperimentStore:
             try:
                 self.poll_control()
                 self.flush()
+                self.check_expiry()
+                if self._prune_due or time.monotonic() - self._pruned_at >= PRUNE_INTERVAL:
+                    self.prune()
                 self.error = ""
             except sqlite3.Error as exc:  # a full or read-only disk: say so, keep serving, retry next interval
                 if not self.error:
@@ -232,20 +253,82 @@ class ExperimentStore:
         if name is not None:  # the definition (arms, split, metric) stays with the records: the report reads it
             db.execute("INSERT OR REPLACE INTO experiments VALUES (?, ?, ?)", (name, json.dumps(doc), time.time()))
         if name is not None and name == self.active:  # the same experiment, rewritten (its end set): new window
-            self.window = (self.started, _time(doc.get("ends"), math.inf))
+            self.expires = _time(doc.get("expires"), self.expires)
+            self.window = (self.started, min(_time(doc.get("ends"), math.inf), self.expires))
             return
+        self.expired = None
         if name == self.active:
             return
         if self.active is not None:
             self.flush()  # the old experiment's rows go in under its name
         started = _time(doc.get("started"), time.time()) if doc else 0.0
-        self.window = (started, _time(doc.get("ends"), math.inf) if doc else math.inf)
+        self.expires = _time(doc.get("expires"), math.inf) if doc else math.inf
+        self.window = (started, min(_time(doc.get("ends"), math.inf), self.expires) if doc else math.inf)
         if name is not None:
             self.requests = db.execute("SELECT count(*) FROM assignments WHERE experiment = ?", (name,)).fetchone()[0]
             self.outcome_count = db.execute("SELECT count(*) FROM outcomes WHERE t >= ?", (started,)).fetchone()[0]
         self.started = started
         self.active = name
+        if name is not None:
+            self._prune_due = True
         log_event("experiment_started" if name else "experiment_stopped", experiment=name, database=str(self.db_path))
+
+    def check_expiry(self) -> None:
+        """Stop recording an experiment whose expiry passed (its playbook was killed: the file is still there)."""
+        if self.active is None or time.time() < self.expires:
+            return
+        self.flush()
+        name, self.active, self.expired = self.active, None, self.active
+        log_event(
+            "experiment_expired",
+            logging.WARNING,
+            experiment=name,
+            control=str(self.control),
+            fix="ansible-playbook playbooks/experiment.yml -e experiment_action=stop (removes it and the split)",
+        )
+
+    def prune(self) -> dict[str, int]:
+        """Drop the records of all but the last ``keep`` experiments (by when they were last seen), and the outcomes
+        older than the oldest kept experiment's start (no report can join them). Returns the rows deleted."""
+        db = self._db
+        assert db is not None
+        self._prune_due, self._pruned_at = False, time.monotonic()
+        kept = db.execute(
+            "SELECT name, definition FROM experiments ORDER BY seen DESC LIMIT ?", (self.keep,)
+        ).fetchall()
+        names = [name for name, _definition in kept]
+        if self.active is not None and self.active not in names:
+            names.append(self.active)
+        starts = []
+        for _name, definition in kept:
+            try:
+                starts.append(float(json.loads(definition).get("started")))
+            except (TypeError, ValueError, AttributeError):
+                continue
+        first = db.execute(
+            f"SELECT min(t) FROM assignments WHERE experiment IN ({','.join('?' * len(names))})", names
+        ).fetchone()[0]
+        if first is not None:
+            starts.append(float(first))
+        # No experiment left to join them: outcomes before now (a later experiment joins only its own) go too.
+        cutoff = min(starts) if starts else (self.started or time.time())
+        marks = ",".join("?" * len(names))
+        db.execute("BEGIN")
+        try:
+            done = {
+                "assignments": db.execute(f"DELETE FROM assignments WHERE experiment NOT IN ({marks})", names).rowcount,
+                "experiments": db.execute(f"DELETE FROM experiments WHERE name NOT IN ({marks})", names).rowcount,
+                "outcomes": db.execute("DELETE FROM outcomes WHERE t < ?", (cutoff,)).rowcount,
+            }
+            db.execute("COMMIT")
+        except sqlite3.Error:
+            db.execute("ROLLBACK")
+            raise
+        if any(done.values()):
+            log_event(
+                "experiment_records_pruned", keep=self.keep, kept=sorted(names), database=str(self.db_path), **done
+            )
+        return done
 
     def flush(self) -> None:
         rows, outcomes = self.rows, self.outcomes
@@ -278,7 +361,7 @@ class ExperimentStore:
             self.outcome_count += sum(1 for o in outs if o[2] >= self.started)
 
 
-def install(app: Any, color: str, directory: str) -> ExperimentStore:
+def install(app: Any, color: str, directory: str, keep: int = KEEP) -> ExperimentStore:
     """Wire a store into the ASGI app: the infer hook, ``POST /v2/outcomes``, ``GET /v2/experiment``, metrics."""
     from .app import BodyTooLarge  # here: ``python -m sovereign_runtime.experiment`` (dump) needs no torch
     from .protocol import dumps, error_body
@@ -289,7 +372,7 @@ def install(app: Any, color: str, directory: str) -> ExperimentStore:
         m = engine.model
         return (m.name, m.version) if m is not None else ("", "")
 
-    store = ExperimentStore(directory, color, model)
+    store = ExperimentStore(directory, color, model, keep)
     store.start()
     app.on_infer = store.record
 

@@ -73,7 +73,7 @@ class RuntimeServer(uvicorn.Server):
         if cfg.experiment_dir:  # A/B records (experiment.py): opened now, so a bad directory fails the start
             from .experiment import install
 
-            self.experiments = install(self.app, cfg.color, cfg.experiment_dir)
+            self.experiments = install(self.app, cfg.color, cfg.experiment_dir, cfg.experiment_keep)
         tasks = self.server_state.tasks  # one per HTTP request being handled
         self.engine.busy = tasks.__len__
         connections = self.server_state.connections

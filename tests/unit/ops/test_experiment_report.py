@@ -252,3 +252,58 @@ def test_rows_outside_the_window_are_left_out_for_both_arms():
     assert a["requests"] == b["requests"] == 300
     assert not report["srm"]["mismatch"]
     assert "601 request(s) left out: recorded outside the experiment's window" in " | ".join(report["notes"])
+
+
+def _host_dumps(host, n_a, n_b, seed):
+    """Another host's two dumps (blue = A, green = B), n_a and n_b requests with outcomes."""
+    out = _dumps(max(n_a, 1), max(n_b, 1), bern(0.1), bern(0.3), seed=seed)
+    for d, n in zip(out, (n_a, n_b), strict=True):
+        d["host"] = host
+        for row in d["assignments"]:
+            row[0] = f"{host}-{row[0]}"
+        d["assignments"] = d["assignments"][:n]
+        d["outcomes"] = [[f"{host}-{rid}", v, t] for rid, v, t in d["outcomes"]]
+    return out
+
+
+def test_a_host_without_traffic_cannot_pass_the_report():
+    """Per host, not only per arm: h1 alone would show "B better", but h2's split never sent B a request (and h3,
+    named by the definition, sent nothing at all): not enough data, naming each host and its counts. Within the
+    minimum per host (the definition's, or --min-samples-per-host) the verdict is the data's again."""
+    h1 = _dumps(1000, 1000, bern(0.1), bern(0.3))
+    assert experiment.build("t", h1)["verdict"] == "B better"
+    h2 = _host_dumps("h2", 30, 0, seed=8)
+    report = experiment.build("t", h1 + h2)
+    assert not report["srm"]["mismatch"], report["srm"]  # 1030 vs 1000: the overall split looks fine
+    assert report["verdict"] == "not enough data"
+    assert "h2 (A: 30, B: 0)" in report["verdict_reason"] and "h1" not in report["verdict_reason"]
+    assert "minimum of 100 requests per host" in report["verdict_reason"]
+    assert report["hosts"] == [
+        {"host": "h1", "requests": {"A": 1000, "B": 1000}},
+        {"host": "h2", "requests": {"A": 30, "B": 0}},
+    ]
+    # No request at all in an arm never passes, even with no minimum.
+    assert experiment.build("t", h1 + h2, min_samples_per_host=0)["verdict"] == "not enough data"
+    h2 = _host_dumps("h2", 30, 25, seed=8)
+    assert experiment.build("t", h1 + h2)["verdict"] == "not enough data"
+    assert experiment.build("t", h1 + h2, min_samples_per_host=20)["verdict"] == "B better"
+    for d in h1 + h2:
+        d["definition"] = dict(d["definition"], min_samples_per_host=20, hosts=["h1", "h2", "h3"])
+    report = experiment.build("t", h1 + h2)
+    assert report["verdict"] == "not enough data" and "h3 (A: 0, B: 0)" in report["verdict_reason"]
+    assert "h2" not in report["verdict_reason"] and report["metric"]["min_samples_per_host"] == 20
+    assert "per host (minimum 20 per arm): h1 A 1000 B 1000, h2 A 30 B 25, h3 A 0 B 0" in experiment.format_table(
+        report
+    )
+
+
+def test_the_cli_takes_a_minimum_per_host(tmp_path, capsys):
+    files = []
+    for i, d in enumerate(_dumps(1000, 1000, bern(0.1), bern(0.3)) + _host_dumps("h2", 30, 25, seed=8)):
+        path = tmp_path / f"dump{i}.json"
+        path.write_text(json.dumps(d))
+        files += ["--dump", str(path)]
+    assert cli.main(["experiment", "report", "t", *files, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verdict"] == "not enough data"
+    assert cli.main(["experiment", "report", "t", *files, "--json", "--min-samples-per-host", "20"]) == 0
+    assert json.loads(capsys.readouterr().out)["verdict"] == "B better"

@@ -1,7 +1,7 @@
 """playbooks/experiment.yml refuses bad input before it reads or changes anything: a real `ansible-playbook` on a
 localhost inventory (group inference) with bad -e values; each run must fail at the first check, naming the
 problem, with no task after it run. (Unknown versions and colors that do not serve an arm are checked against real
-runtimes in molecule/progressive/tests/test_experiment.py.)"""
+runtimes in molecule/release/tests/test_progressive_experiment.py, run by molecule/release_faults.)"""
 
 from __future__ import annotations
 
@@ -32,6 +32,13 @@ CASES = [
     ("bad duration", {"experiment_duration_s": -5}, 'experiment_duration_s="-5"'),
     ("same version twice", {"experiment_model_b": "models:/churn/3"}, "Both arms are models:/churn/3"),
     ("two models", {"experiment_model_b": "models:/fraud/4"}, "The arms serve different models (churn and fraud)"),
+    ("unknown action", {"experiment_action": "pause"}, 'experiment_action="pause": it must be start'),
+    (
+        "bad minimum per host",
+        {"experiment_min_samples_per_host": "some"},
+        'experiment_min_samples_per_host="some" (>= 0)',
+    ),
+    ("bad expiry grace", {"experiment_expire_grace_s": -1}, 'experiment_expire_grace_s="-1" (>= 0 seconds)'),
 ]
 
 

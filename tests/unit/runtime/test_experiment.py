@@ -67,6 +67,81 @@ def test_outcomes_accept_numbers_and_booleans():
     assert parse_outcomes(body) == [("a", 0.0), ("b", 12.5)]
 
 
+def _start_experiment(store, control, doc):
+    """Control file DOC, read by the store (removed and read first: the store notices a change by mtime and size)."""
+    control.unlink(missing_ok=True)
+    store.poll_control()
+    control.write_text(json.dumps(doc))
+    store.poll_control()
+
+
+def test_prune_keeps_the_last_experiments_and_the_outcomes_they_can_join(tmp_path):
+    """keep=2 of three experiments: the oldest one's assignments and definition go, and the outcomes older than the
+    oldest kept experiment's start (no report can join them); the writer thread prunes by itself when it starts."""
+    now = time.time()
+    control = tmp_path / "experiment.json"
+    store = ExperimentStore(tmp_path, "blue", lambda: ("mlp", "3"), keep=2)
+    store._open()
+    for i, name in enumerate(("e1", "e2", "e3")):
+        _start_experiment(store, control, {"name": name, "started": now - 300 + 100 * i})
+        store.record([(b"x-request-id", f"{name}-r".encode())], 200, 0.001)
+        store.flush()
+    db = store._db
+    db.execute("UPDATE experiments SET seen = ? WHERE name = 'e1'", (now - 300,))  # the order they were seen in
+    db.execute("UPDATE experiments SET seen = ? WHERE name = 'e2'", (now - 200,))
+    db.execute("UPDATE experiments SET seen = ? WHERE name = 'e3'", (now - 100,))
+    old = [("before-all", 1.0, now - 1000, "blue"), ("before-e2", 1.0, now - 250, "blue"), ("e2-r", 1.0, now, "blue")]
+    db.executemany("INSERT INTO outcomes VALUES (?, ?, ?, ?)", old)
+    done = store.prune()
+    assert done == {"assignments": 1, "experiments": 1, "outcomes": 2}
+    assert [r[0] for r in db.execute("SELECT name FROM experiments ORDER BY name")] == ["e2", "e3"]
+    assert [r[0] for r in db.execute("SELECT DISTINCT experiment FROM assignments ORDER BY 1")] == ["e2", "e3"]
+    assert [r[0] for r in db.execute("SELECT request_id FROM outcomes")] == ["e2-r"]
+    assert dump(tmp_path, "e1")["definition"] is None and not dump(tmp_path, "e1")["assignments"]
+    assert [a[0] for a in dump(tmp_path, "e2")["assignments"]] == ["e2-r"]
+    assert store.prune() == {"assignments": 0, "experiments": 0, "outcomes": 0}  # nothing more to do
+    control.unlink()
+    store.poll_control()
+    db.close()
+
+    # A color restarted with keep=1: its writer prunes at its start (the newest experiment seen, e3, stays).
+    later = ExperimentStore(tmp_path, "blue", lambda: ("mlp", "3"), keep=1)
+    later.start()
+    try:
+
+        def pruned():
+            with sqlite3.connect(tmp_path / "experiments.sqlite") as check:
+                return [r[0] for r in check.execute("SELECT name FROM experiments")] == ["e3"]
+
+        wait_until(pruned, 30, "the writer to prune e2 at its start")
+    finally:
+        later.stop()
+    assert later.status()["keep"] == 1
+    assert [a[0] for a in dump(tmp_path, "e3")["assignments"]] == ["e3-r"] and not dump(tmp_path, "e2")["assignments"]
+
+
+def test_an_expired_experiment_is_not_recorded_though_its_file_stays(tmp_path):
+    """A killed playbooks/experiment.yml leaves experiment.json behind: past its "expires" the color records nothing
+    more, says so in GET /v2/experiment ("expired"), and a new experiment clears that."""
+    now = time.time()
+    control = tmp_path / "experiment.json"
+    store = ExperimentStore(tmp_path, "blue", lambda: ("mlp", "3"))
+    store._open()
+    _start_experiment(store, control, {"name": "k1", "started": now - 20, "expires": now - 10})
+    store.record([(b"x-request-id", b"late")], 200, 0.001)  # past the expiry: not recorded, even before the check
+    assert not store.rows
+    store.check_expiry()
+    assert store.active is None and store.status()["experiment"] is None and store.status()["expired"] == "k1"
+    store.poll_control()  # the same file: it stays expired
+    assert store.active is None and control.exists()
+    _start_experiment(store, control, {"name": "k2", "started": now - 1, "expires": now + 3600})
+    store.record([(b"x-request-id", b"r1")], 200, 0.001)
+    store.check_expiry()
+    assert store.active == "k2" and len(store.rows) == 1 and "expired" not in store.status()
+    store.flush()
+    store._db.close()
+
+
 def test_store_records_only_while_the_control_file_names_an_experiment(tmp_path):
     store = ExperimentStore(tmp_path, "blue", lambda: ("mlp", "3"))
     store._open()
@@ -179,7 +254,7 @@ def written(base: str, requests: int) -> bool:
 
 def test_two_colors_records_make_the_report(models, tmp_path):
     """Both colors as real processes (version 1 = arm A on blue, version 2 = arm B on green), an experiment.json in
-    each one's directory, answers sent to each color directly (the split itself is HAProxy's: molecule/progressive),
+    each one's directory, answers sent to each color directly (the split itself is HAProxy's: molecule/release_faults),
     outcomes planted by version and posted to the OTHER color (an outcome need not reach the color that answered),
     then each color's dump and `sovereign-ops experiment report --dump`: the planted winner, with both colors'
     rows and outcomes joined."""

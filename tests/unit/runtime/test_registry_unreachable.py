@@ -148,37 +148,53 @@ def test_refused_credentials_fail_at_once(status, fetch_with):
 
 def test_serve_says_why_it_is_not_ready_then_fails_and_exits_1():
     """The real process: ready's 503 body names the cause while it retries (state loading) and after it
-    gave up (state failed), for --failed-exit-delay-s; then exit 1; the journal has every attempt."""
+    gave up (state failed), for --failed-exit-delay-s; then exit 1; the journal has every attempt.
+    Both states last only so long (the retries' 1 + 2 + 4 s, the exit delay's 8 s): long enough for a poll to see
+    each at load 20, and nothing here asserts an upper bound on a time."""
     closed = free_port()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = [*runtime_command(), "serve", "--model-uri", "models:/fraud@champion", "--port", str(port)]
-    cmd += ["--tracking-uri", f"http://127.0.0.1:{closed}", "--registry-attempts", "3", "--failed-exit-delay-s", "4"]
+    cmd += ["--tracking-uri", f"http://127.0.0.1:{closed}", "--registry-attempts", "4", "--failed-exit-delay-s", "8"]
     proc = subprocess.Popen(cmd, env=runtime_env(), stderr=subprocess.PIPE, text=True)
     try:
         seen = []
+        asked_while_loading = [0.0]  # when the last request that was answered "loading" was sent
 
         def state(wanted):
-            body = http("GET", f"{base}/v2/health/ready", timeout=2).json()
+            asked = time.monotonic()
+            body = http("GET", f"{base}/v2/health/ready", timeout=5).json()
             seen.append(body)
+            if body["state"] == "loading":
+                asked_while_loading[0] = asked
             return body["state"] == wanted
 
-        wait_until(lambda: state("loading") and "attempt" in seen[-1]["reason"], 60, "a retry on ready")
+        def retrying_seen():
+            got = state("loading") and "attempt" in seen[-1]["reason"]
+            assert seen[-1]["state"] != "failed", f"failed before a poll saw a retry: {seen[-3:]}"
+            return got
+
+        # The wait covers the process start (torch, then mlflow in the loader thread: minutes at load 20).
+        try:
+            wait_until(retrying_seen, 300, "a retry on ready")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last answers: {seen[-3:]}; exit status {proc.poll()}") from None
         retrying = seen[-1]
         assert retrying["ready"] is False
         assert f"127.0.0.1:{closed}" in retrying["reason"] and "connection refused" in retrying["reason"]
-        wait_until(lambda: state("failed"), 30, "state failed")
+        wait_until(lambda: state("failed"), 120, "state failed")
         failed = seen[-1]
-        gave_up_at = time.monotonic()
-        assert f"127.0.0.1:{closed}" in failed["reason"] and "gave up after 3 attempts" in failed["reason"]
-        assert proc.wait(30) == 1
-        assert 2 <= time.monotonic() - gave_up_at < 15  # held --failed-exit-delay-s (4 s), then exited
+        assert f"127.0.0.1:{closed}" in failed["reason"] and "gave up after 4 attempts" in failed["reason"]
+        assert proc.wait(60) == 1
+        # It gave up after a request answered "loading" was sent, and held --failed-exit-delay-s from then on: the
+        # exit comes at least 8 s after that request, however late this test saw either state.
+        assert time.monotonic() - asked_while_loading[0] >= 8
         events = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
         retried = [e for e in events if e["event"] == "registry_unreachable"]
-        assert [(e["attempt"], e["retry_in_s"]) for e in retried] == [(1, 1.0), (2, 2.0)]
+        assert [(e["attempt"], e["retry_in_s"]) for e in retried] == [(1, 1.0), (2, 2.0), (3, 4.0)]
         final = next(e for e in events if e["event"] == "load_failed")
         assert final["tracking_server"] == f"127.0.0.1:{closed}" and final["cause"] == "refused"
-        assert final["error"] == failed["reason"]
+        assert final["error"] == failed["reason"] and final["exit_in_s"] == 8
     finally:
         stop(proc)
 

@@ -16,6 +16,7 @@ from ansible_collections.sovereign.mlops.plugins.modules import deploy_lock
 from ansible_collections.sovereign.mlops.tests.unit.plugins.modules.release_fixtures.harness import run_module
 
 NOW_ISO = _ledger.iso_from_epoch(time.time())
+FRESH_TTL = 86400
 OLD_ISO = "2020-01-01T00:00:00Z"
 
 
@@ -218,16 +219,17 @@ CASES = [
 def test_deploy_lock(tmp_path, capsys, case):
     path = tmp_path / "deploy.lock"
     existing = case["existing"]
+    # NOW_ISO is taken at import: a "fresh" lock needs a TTL that outlasts a slow unit run (600 s did not, at load 15).
     if existing == "fresh":
-        _make_lock(path, "bob@ci", NOW_ISO, 600)
+        _make_lock(path, "bob@ci", NOW_ISO, FRESH_TTL)
     elif existing == "stale":
         _make_lock(path, "bob@ci", OLD_ISO, 60)
     elif existing == "noinfo":
         _make_lock(path, None, None, None, info=False)
     elif existing == "killed":
-        _make_lock(path, "bob@ci", NOW_ISO, 1800, **KILLED)
+        _make_lock(path, "bob@ci", NOW_ISO, FRESH_TTL, **KILLED)
     elif existing == "ours":
-        _make_lock(path, "bob@ci", NOW_ISO, 600, token="mine")
+        _make_lock(path, "bob@ci", NOW_ISO, FRESH_TTL, token="mine")
     result = run_module(deploy_lock.main, dict(path=str(path), **case["args"]), capsys, check_mode=case.get("check"))
 
     assert bool(result.get("failed")) is case["failed"], result

@@ -2,27 +2,38 @@
 on CPU behind the real HAProxy; molecule/release's converge), the report read from the files it leaves on the
 controller.
 
-Runs after test_progressive.py (file order), which leaves arm A, demo version 1, on blue (live) and arm B, version 2,
-on green (idle): the state an operator sets up with deploy.yml and rollback.yml. ensure_arms() checks it, and only
-when it does not hold puts version 2 on green by rewriting green's model file and restarting it (what a deploy does
-before it switches; the release flow itself is tested in test_progressive.py and molecule/release). Traffic:
-files/experiment_load.py on the host (prepare.yml), keep-alive clients through the frontend, a fresh sticky key per
-request, and an outcome posted to POST /v2/outcomes for every answer's request id, planted by model version at an
-exact rate. So a planted difference must give the right winner, and equal rates must give none. Bad input against
-the real runtimes (a version no color serves) must fail before anything changes. Small samples (a few hundred per
-arm) keep the scenario short; the difference planted is large enough for them. The split itself is a fair hash of
-random keys, so the report's sample-ratio-mismatch check (p < 0.001) flags it in about 1 run in 1000 by chance.
+Marked progressive: molecule/release_faults runs it after test_progressive.py (file order), on one converge
+(conftest.py). Each test starts from blue live with demo version 1, no split (the blue_live_v1 fixture; the file
+before this one leaves it so), and arm B, version 2, on green (idle): the state an operator sets up with deploy.yml
+and rollback.yml. ensure_arms() puts version 2 on green when it is not there, by rewriting green's model file and
+restarting it (what a deploy does before it switches; the release flow itself is tested in test_progressive.py and
+molecule/release). Traffic: files/experiment_load.py on the host (the converge copies it), keep-alive clients through
+the frontend, a fresh sticky key per request, and an outcome posted to POST /v2/outcomes for every answer's request
+id, planted by model version at an exact rate. So a planted difference must give the right winner, and equal rates
+must give none. Bad input against the real runtimes (a version no color serves) must fail before anything changes.
+Small samples (a few hundred per arm) keep the scenario short; the difference planted is large enough for them. The
+split itself is a fair hash of random keys, so the report's sample-ratio-mismatch check (p < 0.001) flags it in about
+1 run in 1000 by chance.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import re
+import signal
+import subprocess
 import sys
+import threading
 import time
+
+import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "shared"))
 import playbook
+
+pytestmark = [pytest.mark.progressive, pytest.mark.usefixtures("blue_live_v1")]
 
 MODELS = "/var/lib/sovereign/models"
 FACT = "/etc/ansible/facts.d/sovereign.fact"
@@ -37,10 +48,14 @@ BASE = {
 }
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def play(extra):
-    """playbooks/experiment.yml with EXTRA; returns (rc, output with whitespace collapsed)."""
+    """playbooks/experiment.yml with EXTRA; returns (rc, output with whitespace collapsed and no colors: molecule
+    forces Ansible's colors, which it sets line by line, so a message wrapped over lines has codes inside it)."""
     rc, out, _seconds = playbook.play("experiment.yml", extra)
-    return rc, out
+    return rc, " ".join(ANSI.sub("", out).split())
 
 
 def contract(host):
@@ -51,6 +66,12 @@ def served(host, color):
     spec = contract(host)["runtime"]["colors"][color]
     out = host.run(f"curl -sf http://{spec['host']}:{spec['port']}/v2/models/demo")
     return json.loads(out.stdout)["versions"][0] if out.rc == 0 else None
+
+
+def recording(host, color):
+    """What COLOR's runtime says it records now (GET /v2/experiment)."""
+    spec = contract(host)["runtime"]["colors"][color]
+    return json.loads(host.check_output(f"curl -sf http://{spec['host']}:{spec['port']}/v2/experiment"))
 
 
 def map_entries(host):
@@ -148,3 +169,68 @@ def test_no_difference_reports_none(host, tmp_path):
     assert report["verdict"] == "no detectable difference at this sample size", report["verdict_reason"]
     lo, hi = report["comparison"]["ci"]
     assert lo < 0 < hi
+
+
+def test_a_killed_experiment_is_ended_by_action_stop(host, tmp_path):
+    """SIGTERM to ansible-playbook (what Ctrl-C or a CI timeout sends; Ansible runs no always: task then, nor on
+    SIGKILL) while experiment.yml holds a 600 s experiment: what the user finds is both colors still recording it,
+    HAProxy still splitting and the fleet lock held. `experiment.yml -e experiment_action=stop` ends it: it breaks the
+    dead run's lock, ends the recording on both colors, removes their experiment.json, puts all traffic back on the
+    live color, releases the lock and says what it stopped; the killed run's hold job on the host ends too. (Left
+    alone, each runtime stops recording by itself at the experiment's expiry, its planned end plus
+    experiment_expire_grace_s: tests/unit/runtime/test_experiment.py.)"""
+    ensure_arms(host)
+    colors = contract(host)["runtime"]["colors"]
+    dirs = [colors[c]["experiment_dir"] for c in ("blue", "green")]
+    extra = {**BASE, "experiment_name": "killed", "experiment_duration_s": 600, "experiment_min_samples": 0,
+             "experiment_report_dir": str(tmp_path / "killed")}  # fmt: skip
+    proc = subprocess.Popen(
+        playbook.command("experiment.yml", extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 240
+        while not (
+            any("Hold the experiment" in line for line in lines)
+            and all(recording(host, c)["experiment"] == "killed" for c in ("blue", "green"))
+        ):
+            assert proc.poll() is None, "".join(lines)[-4000:]
+            assert time.monotonic() < deadline, "the experiment's hold never started:\n" + "".join(lines)[-4000:]
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+        reader.join(10)
+    assert proc.returncode == -signal.SIGTERM, "".join(lines)[-3000:]
+    # What the killed run left: the split, both colors recording, the lock.
+    assert map_entries(host)["weight"] == "50"
+    assert all(host.file(f"{d}/experiment.json").exists for d in dirs)
+    assert all(recording(host, c)["experiment"] == "killed" for c in ("blue", "green"))
+    assert host.file("/var/lib/sovereign/deploy.lock").exists
+
+    rc, text = play({"experiment_action": "stop"})
+    assert rc == 0, text[-3000:]
+    assert "stopped experiment(s) killed" in text and "the split (50 % to green) removed: all traffic on blue" in text
+    assert "breaking the fleet deploy lock" in text and "that ansible-playbook is no longer running" in text
+    entries = map_entries(host)
+    assert entries["live"] == "blue" and int(entries.get("weight", 0)) == 0
+    assert not any(host.file(f"{d}/experiment.json").exists for d in dirs)
+    assert all(recording(host, c)["experiment"] is None for c in ("blue", "green"))
+    assert not host.file("/var/lib/sovereign/deploy.lock").exists
+    # The killed run's hold (an async job on the host) sees the experiment gone and ends.
+    # ("[e]": the pattern does not match the shell that runs pgrep, whose command line holds it.)
+    deadline = time.monotonic() + 60
+    while host.run("pgrep -f '[e]xperiment-wait[.]py'").rc == 0:
+        assert time.monotonic() < deadline, host.run("pgrep -af '[e]xperiment-wait[.]py'").stdout
+        time.sleep(0.5)
+    # Stopping again finds nothing to stop and changes nothing.
+    rc, text = play({"experiment_action": "stop"})
+    assert rc == 0 and "no experiment was recording" in text and "all traffic on blue" in text, text[-3000:]

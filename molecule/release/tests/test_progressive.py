@@ -1,11 +1,15 @@
 """Progressive delivery end to end (issue 14): playbooks/deploy.yml -e strategy=canary and rollback.yml against one
 real host (sovereign-runtime on CPU with real TorchScript models behind the real HAProxy; molecule/release's converge).
+Marked progressive: molecule/release_faults runs it, before test_progressive_experiment.py and the release fault
+cases, on its one converge (conftest.py).
 
 The playbooks run as real `ansible-playbook` processes against molecule's inventory; the host is read through
 testinfra's podman backend; the load runs on the host (files/progressive_load.py, keep-alive clients through the
 frontend, each answer's color and model version recorded with its time). Tests run in file order and share the host:
-bad input first (nothing may change), then a canary of v2 on green that steps through its weights, then a degraded
-canary of blue that must abort at its first analysis, then a canary killed mid-way, rolled back, and re-run.
+bad input first (nothing may change), then a canary of v2 on green that steps through its weights (from blue live
+with v1, no split: the blue_live_v1 fixture), then a degraded canary of blue that must abort at its first analysis,
+then a canary killed mid-way, rolled back, and re-run: it leaves blue live with v1 and no split, where the tests after
+this file start.
 
 No GPU here: the runtime runs on CPU. The latency limits are loosened for a small shared machine (stated per test);
 the degraded canary's +1500 ms chaos latency is far above them.
@@ -28,6 +32,8 @@ from ansible_collections.sovereign.mlops.plugins.module_utils._haproxy import ar
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "shared"))
 from playbook import command, play
+
+pytestmark = pytest.mark.progressive
 
 MODELS = "/var/lib/sovereign/models"
 LEDGER = "/var/lib/sovereign/deployments.jsonl"
@@ -190,6 +196,7 @@ def _binomial_tolerance(n, p):
     return 4 * math.sqrt(max(p * (1 - p), 0.0025) / max(n, 1)) + 0.02
 
 
+@pytest.mark.usefixtures("blue_live_v1")
 def test_canary_steps_through_its_weights_under_load(host):
     """v2 to green, steps 5, 25, 50 (held 4 s, analysed) then 100: not one failed request; during each step the
     keyless requests' share of green is the weight within a binomial tolerance; every sticky key stays on the arm the
