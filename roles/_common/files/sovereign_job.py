@@ -152,19 +152,27 @@ def take_lock(lock_dir, job):
 
 def run(args, metrics_file):
     env = dict(os.environ, SOVEREIGN_JOB_METRICS_FILE=metrics_file, SOVEREIGN_JOB_NAME=args.job)
+    proc = None
+    stopped = []
+
+    def forward(signum, _frame):
+        # systemctl stop: pass it on to the whole job, then record the run as failed.
+        stopped.append(signum)
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signum)
+
+    # Before the command starts: a stop that comes while it is being started still reaches it.
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
     try:
         proc = subprocess.Popen(args.command, env=env, start_new_session=True)
     except OSError as exc:
         say(f"cannot start {args.command[0]!r}: {exc.strerror}")
         return 127
-
-    def forward(signum, _frame):
-        # systemctl stop: pass it on to the whole job, then record the run as failed.
+    if stopped:  # the signal came during Popen, before forward() knew the process group
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+            os.killpg(proc.pid, stopped[0])
     try:
         rc = proc.wait(timeout=args.timeout or None)
     except subprocess.TimeoutExpired:

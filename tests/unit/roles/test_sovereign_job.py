@@ -4,7 +4,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -132,12 +131,20 @@ def test_timeout_kills_the_whole_job_and_records_a_failure(tmp_path):
 
 def test_sigterm_to_the_wrapper_stops_the_job_and_records_it(tmp_path):
     (tmp_path / "textfile").mkdir()
+    started = tmp_path / "started"
     proc = subprocess.Popen(
         [sys.executable, str(WRAPPER), "--textfile-dir", str(tmp_path / "textfile"), "--lock-dir", str(tmp_path),
-         "--job", "demo", "--max-age", "60", "--", "sleep", "30"],
+         "--job", "demo", "--max-age", "60", "--", "sh", "-c", f"touch {started}; exec sleep 30"],
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    threading.Timer(0.5, proc.terminate).start()
+    # The stop comes once the job runs (a fixed delay lost the race to the interpreter's start on a loaded machine).
+    deadline = time.monotonic() + 60
+    while not started.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            proc.stderr.read() if proc.poll() is not None else "the job never started"
+        )
+        time.sleep(0.05)
+    proc.terminate()
     assert proc.wait(timeout=15) == 128 + 15
     assert samples(prom(tmp_path))['sovereign_job_success{job="demo"}'] == 0
 

@@ -83,9 +83,11 @@ def test_slow_canary_fails_on_p99_with_the_measurement(capsys):
 
 @needs_haproxy
 def test_slower_than_stable_fails_the_comparison(capsys):
-    with switch(live="blue", green_mode="slow", green_slow=0.04) as env:
+    """Under max_p99_ms but far above 1.5x the stable p99: 300 ms, so that a loaded machine's jitter on the stable
+    arm (tens of ms at load 15) cannot lift its bound past the canary (a 40 ms canary passed there once)."""
+    with switch(live="blue", green_mode="slow", green_slow=0.3) as env:
         split(env, 10)
-        result = analyse(env, capsys, seconds=1.5, max_seconds=1.5, min_requests=5)
+        result = analyse(env, capsys, seconds=3, max_seconds=3, min_requests=5)
     assert result["verdict"] == "fail"
     assert [c["name"] for c in result["checks"] if c["ok"] is False] == ["p99_vs_stable"]
 
