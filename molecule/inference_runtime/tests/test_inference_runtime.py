@@ -12,6 +12,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "shared"))
 import host_contract
 
 COLORS = {"blue": 8001, "green": 8002}
+GRPC_PORTS = {"blue": 8201, "green": 8202}  # the role's default inference_runtime_grpc_ports (ADR 1705)
 GOLDEN = "/var/lib/sovereign/models/demo/model.pt.golden.json"
 
 
@@ -149,6 +150,7 @@ def test_host_contract_color_is_what_runs(host, color, port):
     assert spec == {
         "host": internal(host),
         "port": port,
+        "grpc_port": GRPC_PORTS[color],
         "unit": f"sovereign-runtime@{color}.service",
         "env_file": f"/etc/sovereign/runtime/{color}.env",
         "model_env": f"/etc/sovereign/runtime/{color}.model.env",
@@ -159,6 +161,18 @@ def test_host_contract_color_is_what_runs(host, color, port):
     assert host.socket(f"tcp://{spec['host']}:{spec['port']}").is_listening
     env = dict(line.split("=", 1) for line in host.file(spec["env_file"]).content_string.splitlines() if "=" in line)
     assert env["SOVEREIGN_RUNTIME_PORT"] == str(spec["port"])
+    assert env["SOVEREIGN_RUNTIME_GRPC_PORT"] == str(spec["grpc_port"])
+    # A real ServerLive call with the color's own grpcio (testinfra's socket check misses gRPC's listener: grpc core
+    # binds an IPv6 dual-stack socket, which ss lists as [::ffff:ADDRESS]).
+    live = (
+        "import grpc, sys; from sovereign_runtime.oip_grpc import oip_v2_pb2 as pb;"
+        " call = grpc.insecure_channel(sys.argv[1]).unary_unary('/inference.GRPCInferenceService/ServerLive',"
+        " request_serializer=pb.ServerLiveRequest.SerializeToString,"
+        " response_deserializer=pb.ServerLiveResponse.FromString);"
+        " print(call(pb.ServerLiveRequest(), timeout=30).live)"
+    )
+    answer = host.run(f'{spec["venv"]}/bin/python -c "{live}" {spec["host"]}:{spec["grpc_port"]}')
+    assert answer.rc == 0 and answer.stdout.strip() == "True", answer.stderr
     assert env["SOVEREIGN_RUNTIME_EXPERIMENT_DIR"] == spec["experiment_dir"]
     assert host.file(spec["model_env"]).contains("SOVEREIGN_RUNTIME_MODEL_URI=")
     assert host.file(spec["venv"] + "/bin/python").exists

@@ -1,19 +1,34 @@
 """The raw ASGI application: routing, body limits, JSON errors. No framework on the hot path.
 
 Every answer is JSON (``/metrics`` excepted); every client mistake is a 4xx ``{"error": "..."}``.
+
+The direct path (ADR 1715): an infer request that httpproto.Protocol has read whole (``POST`` to this
+model's exact infer URL, a Content-Length within the limit) skips ASGI: ``infer_direct`` hands it to
+``Engine.submit`` and ``_answer_direct`` writes the answer, the same bytes ``_infer`` + ``_reply`` send
+through ASGI, metrics, request ids and experiment records included. Everything else (other URLs, chunked
+or oversized bodies, an engine whose ``infer`` is wrapped: chaos, feature service) takes the ASGI path.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE as _STATUS_LINE
+
 from . import __version__
 from .engine import BINARY_TYPE, READY, RETRY_AFTER, Engine
+from .logs import log_event
 from .protocol import dumps, error_body
 
 perf_counter = time.perf_counter
+STATUS_LINE = _STATUS_LINE  # uvicorn's status lines, as it writes them
+_ERROR_500 = (
+    b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 21\r\n"
+    b"connection: close\r\n\r\nInternal Server Error"
+)
 JSON = (b"content-type", b"application/json")
 METRICS_TYPE = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
 GET_ONLY = [(b"allow", b"GET, HEAD")]
@@ -44,6 +59,9 @@ class App:
         self.on_shutdown = on_shutdown
         self.on_infer: Callable[[list | None, int, float], None] | None = None  # experiment.py records answers
         self.post_routes: dict[str, Callable[..., Awaitable[None]]] = {}  # experiment.py: POST /v2/outcomes
+        self._direct_model: Any = None  # the model _direct_urls were made for
+        self._direct_urls: frozenset[bytes] = frozenset()
+        self._version_line = b""  # b"x-sovereign-model-version: ...\r\n"
         self._exact = {
             "/v2/health/live": self._live,
             "/v2/health/ready": self._ready,
@@ -162,6 +180,59 @@ class App:
         finally:
             engine.in_flight -= 1
 
+    # ---------------------------------------------------------------------------------------------
+    # The direct path (httpproto.Protocol, ADR 1715)
+
+    def takes_direct(self, url: bytes) -> bool:
+        """Whether a POST to the raw request target ``url`` goes to ``infer_direct``: this model's infer URL,
+        spelled exactly (no query, no percent-encoding), and an engine whose ``infer`` is the plain one."""
+        engine = self.engine
+        model = engine.model
+        if model is not self._direct_model:
+            self._direct_model = model
+            self._direct_urls = _infer_urls(model)
+            self._version_line = b"x-sovereign-model-version: " + model.version.encode() + b"\r\n" if model else b""
+        return url in self._direct_urls and "infer" not in engine.__dict__  # chaos / features wrap infer
+
+    def infer_direct(self, conn: Any, body: bytes, header_length: bytes | None) -> None:
+        """One whole infer request from httpproto.Protocol; ``conn.send(data)`` writes the answer."""
+        engine = self.engine
+        t0 = perf_counter()
+        engine.in_flight += 1
+
+        def done(status: int, payload: bytes, headers: list | None) -> None:
+            engine.in_flight -= 1
+            self._answer_direct(conn, t0, status, payload, headers)
+
+        try:
+            engine.submit(body, header_length, t0, done)
+        except Exception as exc:  # a bug: uvicorn's answer to an app that raised (500, logged, closed)
+            if not conn.response_complete:
+                engine.in_flight -= 1
+                log_event("infer_failed", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+                conn.keep_alive = False
+                conn.send(_ERROR_500)
+
+    def _answer_direct(self, conn: Any, t0: float, status: int, payload: bytes, headers: list | None) -> None:
+        """What ``_infer`` and ``_reply`` send, as one piece of bytes (uvicorn's formatting)."""
+        self.metrics.count("infer", status)
+        ctype = b"content-type: application/json\r\ncontent-length: "
+        if headers and headers[0] is BINARY_TYPE:
+            headers = headers[1:]
+            ctype = b"content-type: application/octet-stream\r\ncontent-length: "
+        head = [STATUS_LINE[status], *conn.default_lines(), ctype, str(len(payload)).encode(), b"\r\n"]
+        head.append(self._version_line)
+        if headers:
+            for name, value in headers:
+                head += (name, b": ", value, b"\r\n")
+        head.append(b"\r\n" if conn.keep_alive else b"connection: close\r\n\r\n")
+        head.append(payload)
+        conn.send(b"".join(head))
+        latency = perf_counter() - t0
+        self.metrics.request_latency.observe(latency)
+        if self.on_infer is not None:
+            self.on_infer(headers, status, latency)
+
     async def _read_body(self, scope: dict, receive: Callable) -> bytes | None:
         limit = self.max_body
         for key, value in scope["headers"]:
@@ -234,3 +305,21 @@ class App:
 
     async def _metrics(self, send: Callable, method: str) -> None:
         await self._reply(send, "metrics", 200, self.metrics.render(), None, method, METRICS_TYPE)
+
+
+def _infer_urls(model: Any) -> frozenset[bytes]:
+    """The request targets of ``model``'s infer endpoint that need no decoding (ASCII letters, digits, ``-._~``)."""
+    if model is None:
+        return frozenset()
+    urls = []
+    for name in (model.name,):
+        if not _plain(name):
+            continue
+        urls.append(f"/v2/models/{name}/infer".encode())
+        if _plain(model.version):
+            urls.append(f"/v2/models/{name}/versions/{model.version}/infer".encode())
+    return frozenset(urls)
+
+
+def _plain(segment: str) -> bool:
+    return bool(segment) and segment.isascii() and all(c.isalnum() or c in "-._~" for c in segment)

@@ -92,6 +92,7 @@ FLAGS: tuple[Flag, ...] = (
         None,
         True,
     ),
+    Flag("grpc-port", _int, 0, "OIP v2 over gRPC on this TCP port (same host); 0 = off", None, True),
     Flag("color", str, "", "deployment color, reported in metrics and metadata", ("", "blue", "green"), True),
     Flag("max-batch-delay-ms", _float, 1.0, "wait up to this long to fill a batch, only under concurrency", None, True),
     Flag("max-queue-size", _positive_int, 256, "admitted requests waiting for compute; beyond: 503", None, True),
@@ -191,6 +192,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
+    grpc_port: int = 0
     color: str = ""
     max_batch_delay_ms: float = 1.0
     max_queue_size: int = 256

@@ -36,6 +36,7 @@ from .logs import log_event
 from .metrics import Metrics
 from .model import LoadedModel, cuda_memory, normalise_outputs
 from .protocol import (
+    TORCH_TO_OIP,
     DecodedRequest,
     Decoder,
     RequestError,
@@ -75,10 +76,85 @@ class ModelError:
 class _Item:
     tensors: list[torch.Tensor]
     rows: int
-    fut: asyncio.Future
+    fut: asyncio.Future | _Callback  # the flush calls its set_result
     t_enqueued: float
     deadline: float
     picked: bool = False
+
+
+class _Callback:
+    """Stands in for the future of a request submitted without a coroutine (``Engine.submit``): the flush's
+    ``set_result`` answers it at once. Never raises: an error answering one request (a bug) is logged and
+    answered 500, and its batch's other requests are still answered."""
+
+    __slots__ = ("done", "engine", "req")
+
+    def __init__(self, engine: Engine, req: DecodedRequest, done: Callable[[int, bytes, Any], None]) -> None:
+        self.engine = engine
+        self.req = req
+        self.done = done
+
+    def set_result(self, result: Any) -> None:
+        try:
+            answer = self.engine._answer(self.req, result)
+        except Exception as exc:
+            log_event("answer_failed", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+            answer = (500, error_body(f"internal error: {type(exc).__name__}"), None)
+        try:
+            self.done(*answer)
+        except Exception as exc:
+            log_event("answer_failed", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+
+
+class _BatchOutputs:
+    """The output tensors of one batched forward, and (made once, on first use) their rows as Python lists:
+    one ``tolist`` per batch instead of a split, a reshape and a ``tolist`` per request."""
+
+    __slots__ = ("_lists", "outs")
+
+    def __init__(self, outs: list[torch.Tensor]) -> None:
+        self.outs = outs
+        self._lists: list[list] | None = None
+
+    def lists(self) -> list[list]:
+        lists = self._lists
+        if lists is None:
+            lists = self._lists = [o.reshape(o.shape[0], -1).tolist() for o in self.outs]
+        return lists
+
+
+class _Rows:
+    """A request's result from a batch: rows ``start:stop`` of every output (future result)."""
+
+    __slots__ = ("shared", "start", "stop")
+
+    def __init__(self, shared: _BatchOutputs, start: int, stop: int) -> None:
+        self.shared = shared
+        self.start = start
+        self.stop = stop
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [o[self.start : self.stop] for o in self.shared.outs]
+
+    def encode(self, specs: list[TensorSpec], wanted: list[str] | None) -> list[dict[str, Any]]:
+        """What ``encode_outputs(specs, self.tensors(), wanted)`` returns, from the batch's lists."""
+        start, stop = self.start, self.stop
+        shared = self.shared
+        lists = shared.lists()
+        out = []
+        for spec, tensor, rows in zip(specs, shared.outs, lists, strict=False):
+            if wanted is not None and spec.name not in wanted:
+                continue
+            data = rows[start] if stop - start == 1 else [v for row in rows[start:stop] for v in row]
+            out.append(
+                {
+                    "name": spec.name,
+                    "datatype": TORCH_TO_OIP.get(tensor.dtype, spec.datatype),
+                    "shape": [stop - start, *tensor.shape[1:]],
+                    "data": data,
+                }
+            )
+        return out
 
 
 class Engine:
@@ -113,6 +189,10 @@ class Engine:
         # requests: the clients answered by the previous batch come back a round trip later, and a batch
         # formed without them splits the clients into cohorts that never merge (ADR 1704). None: unknown.
         self.clients: Callable[[float], int] | None = None
+        # Requests a frontend has received that are not answered yet (grpc_server.py: gRPC calls, counted before their
+        # message is read). More of them than are queued: others are on their way, so a batch waits for them (up to
+        # the delay) even after a batch of one. None: no such frontend (HTTP alone decides by the last batch).
+        self.arriving: Callable[[], int] | None = None
         self._target = 1  # rows the timed flush waits for
         self._batch_seconds = 0.0  # how long the last batched forward took
         self._module: Any = None
@@ -268,8 +348,22 @@ class Engine:
                 req = self.decoder.decode(body)  # type: ignore[union-attr]
             except RequestError as exc:
                 return exc.status, error_body(exc.message), None
+        result = await self.run(req, t0)
+        if type(result) is list:
+            if req.binary is not None:
+                return self._binary_reply(req, result)
+            outputs = encode_outputs(self.out_specs, result, req.outputs)
+            rid = req.id if req.id is not None else new_id()  # request_id.py: every answer has an id
+            body = b"".join((self._resp_prefix, b',"id":', dumps(rid), b',"outputs":', dumps_outputs(outputs), b"}"))
+            return 200, body, request_id_header(rid)
+        status, message, headers = result
+        return status, error_body(message), headers
+
+    async def run(self, req: DecodedRequest, t0: float) -> list[torch.Tensor] | tuple[int, str, list | None]:
+        """Admission, batching and the forward of one decoded request, whatever its protocol (HTTP here, gRPC in
+        grpc_server.py): the output tensors, or (HTTP-equivalent status, message, extra HTTP headers)."""
         if self.waiting >= self.max_waiting:
-            return 503, error_body(f"queue full ({self.max_waiting} requests waiting)"), RETRY_AFTER
+            return 503, f"queue full ({self.max_waiting} requests waiting)", RETRY_AFTER
         self.waiting += 1
         picked = False
         deadline = t0 + self.timeout
@@ -304,6 +398,67 @@ class Engine:
         finally:
             if not picked:
                 self.waiting -= 1
+        if type(result) is _Rows:
+            return result.tensors()
+        if type(result) is list:
+            return result
+        if result is _TIMEOUT:
+            return 504, f"timed out after {self.timeout:g}s waiting for compute", None
+        return result.status, result.message, None
+
+    def submit(
+        self, body: bytes, header_length: bytes | None, t0: float, done: Callable[[int, bytes, Any], None]
+    ) -> None:
+        """``infer`` without a coroutine, for the HTTP direct path (ADR 1715): the request is decoded now and
+        answered through ``done(status, body, headers)``, at once or from the flush of its batch. Same checks,
+        answers and metrics as ``infer``. With batching on, a request runs inline only when no other client
+        sent one lately (``_alone``) and nothing is queued; otherwise it joins the queue, and the flush
+        (``call_soon``, after every request parsed in this loop iteration) forms the batch.
+        ``header_length``: the binary tensor extension's Inference-Header-Content-Length, else None."""
+        if not self.serving:
+            done(503, error_body(f"model not ready: {self.reason}"), RETRY_AFTER)
+            return
+        try:
+            req = self.decoder.decode(body, header_length)  # type: ignore[union-attr]
+        except RequestError as exc:
+            done(exc.status, error_body(exc.message), None)
+            return
+        if self.waiting >= self.max_waiting:
+            done(503, error_body(f"queue full ({self.max_waiting} requests waiting)"), RETRY_AFTER)
+            return
+        now = perf_counter()
+        deadline = t0 + self.timeout
+        if now > deadline:
+            done(*self._answer(req, _TIMEOUT))
+        elif self.batching and (
+            self._queue or self._flush_handle is not None or self._last_batch > 1 or not self._alone(now)
+        ):
+            self.waiting += 1
+            self._enqueue(_Item(req.tensors, req.rows, _Callback(self, req, done), now, deadline), get_running_loop())
+        else:
+            m = self.metrics
+            m.queue_latency.observe(0.0)  # inline: no queue
+            result = self._compute(req.tensors)
+            m.compute_latency.observe(perf_counter() - now)
+            m.batch_size.observe(req.rows)
+            done(*self._answer(req, result))
+
+    def _alone(self, now: float) -> bool:
+        """No other client sent a request lately (``clients``, the server's connections: this one counts
+        itself): a direct request then runs inline, as ``infer`` runs one whose task is the only one."""
+        clients = self.clients
+        return clients is not None and clients(now - max(0.001, 10 * self.delay, 3 * self._batch_seconds)) <= 1
+
+    def _answer(self, req: DecodedRequest, result: Any) -> tuple[int, bytes, list | None]:
+        """A request's compute result (output tensors, its rows of a batch's outputs, ``_TIMEOUT`` or a
+        ModelError) -> (status, body, headers)."""
+        if type(result) is _Rows:
+            if req.binary is not None:
+                return self._binary_reply(req, result.tensors())
+            outputs = result.encode(self.out_specs, req.outputs)
+            rid = req.id if req.id is not None else new_id()  # request_id.py: every answer has an id
+            body = b"".join((self._resp_prefix, b',"id":', dumps(rid), b',"outputs":', dumps_outputs(outputs), b"}"))
+            return 200, body, request_id_header(rid)
         if type(result) is list:
             if req.binary is not None:
                 return self._binary_reply(req, result)
@@ -339,7 +494,8 @@ class Engine:
         if handle is None:
             if (
                 self.delay
-                and self._last_batch > 1  # there is concurrency: wait (up to the delay) for every active client
+                # there is concurrency: wait (up to the delay) for every active client
+                and (self._last_batch > 1 or (self.arriving is not None and self.arriving() > self._queued_rows))
                 and self._queued_rows < self.max_batch
                 and self._queued_rows < (target := self._expected())
             ):
@@ -406,10 +562,12 @@ class Engine:
                 for it in batch:
                     it.fut.set_result(self._compute(it.tensors))
             else:
-                sizes = [it.rows for it in batch]
-                parts = [o.split(sizes) for o in outs]
-                for j, it in enumerate(batch):
-                    it.fut.set_result([p[j] for p in parts])
+                shared = _BatchOutputs(outs)
+                start = 0
+                for it in batch:
+                    stop = start + it.rows
+                    it.fut.set_result(_Rows(shared, start, stop))
+                    start = stop
         self._batch_seconds = perf_counter() - t
         m.compute_latency.observe(self._batch_seconds)
         m.batch_size.observe(rows)

@@ -18,6 +18,12 @@ any answer) that reaches a client still writing its request body before the conn
 It also notes when each connection's latest request arrived (``last_request``): the engine's batcher counts
 the clients that are active (ADR 1704).
 
+* **Direct path** (ADR 1715). An infer request (``POST``, the exact URL ``App.takes_direct`` accepts, a
+  Content-Length within ``--max-body-bytes``, no chunked body, no ``Expect: 100-continue``, nothing
+  pipelined ahead of it) makes no ASGI scope, cycle or task: its body is collected as the parser delivers
+  it and, once whole, handed to ``App.infer_direct``; the answer is one write. ``_Direct`` stands in for
+  uvicorn's cycle meanwhile (keep-alive, disconnect, shutdown, a pipelined request queued behind it).
+
 All of it relies on uvicorn internals (``RequestResponseCycle``); tests/unit/runtime/test_httpproto.py checks
 them against the uvicorn version pinned in requirements/constraints.txt.
 """
@@ -93,21 +99,120 @@ class Cycle(RequestResponseCycle):
                     transport.close()
 
 
+class _NoEvent:
+    @staticmethod
+    def set() -> None:
+        pass
+
+
+_NO_EVENT = _NoEvent()
+
+
+class _Direct:
+    """A request on the direct path, in uvicorn's place of the connection's cycle: the attributes its
+    protocol reads of a cycle (``response_complete``, ``disconnected``, ``keep_alive``, ``message_event``)."""
+
+    __slots__ = ("disconnected", "header_length", "keep_alive", "parts", "proto", "response_complete")
+
+    message_event = _NO_EVENT  # uvicorn's connection_lost wakes its cycle's reader: there is none
+
+    def __init__(self, proto: Protocol, keep_alive: bool, header_length: bytes | None) -> None:
+        self.proto = proto
+        self.keep_alive = keep_alive
+        self.header_length = header_length
+        self.parts: list[bytes] = []
+        self.response_complete = False
+        self.disconnected = False
+
+    def default_lines(self) -> list[bytes]:
+        """uvicorn's default headers (server, date: both off in server.py) as header lines."""
+        return [name + b": " + value + b"\r\n" for name, value in self.proto.server_state.default_headers]
+
+    def send(self, data: bytes) -> None:
+        """The whole answer (head and body) in one write, then what uvicorn does when a response completes."""
+        if self.response_complete:
+            return
+        self.response_complete = True
+        proto = self.proto
+        transport = proto.transport
+        if self.disconnected or transport.is_closing():
+            return
+        transport.write(data)
+        if not self.keep_alive:
+            transport.close()
+        proto.on_response_complete()
+
+
 class Protocol(HttpToolsProtocol):
     """``uvicorn.Config(http=Protocol)``."""
 
     _linger_left = -1  # >= 0: lingering, this many more bytes are read and dropped
     _linger_timer: asyncio.TimerHandle | None = None
+    _direct: _Direct | None = None  # the request being read takes the direct path
 
     last_request = 0.0  # perf_counter() when this connection's latest request arrived (Engine.clients)
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        app = self.app  # config.loaded_app: the App itself unless uvicorn wrapped it (proxy headers, trace logging)
+        self._app = app if hasattr(app, "infer_direct") else None
+        self._max_body = app.max_body if self._app is not None else 0
+
     def on_headers_complete(self) -> None:
         self.last_request = perf_counter()
+        app = self._app
+        if app is not None and self.parser.get_method() == b"POST" and app.takes_direct(self.url):
+            direct = self._take_direct()
+            if direct is not None:
+                self._direct = direct
+                self.cycle = direct  # type: ignore[assignment]
+                return
+        self._direct = None
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and type(cycle) is RequestResponseCycle:
             cycle.__class__ = Cycle  # before its task first runs: the app's send is Cycle.send
             cycle._proto = self
+
+    def _take_direct(self) -> _Direct | None:
+        """A _Direct for the request whose headers were just parsed, or None when it needs uvicorn's path."""
+        cycle = self.cycle
+        if (cycle is not None and not cycle.response_complete) or self.pipeline or self.expect_100_continue:
+            return None
+        if self.parser.should_upgrade():
+            return None
+        length = header_length = None
+        for name, value in self.headers:
+            if name == b"content-length":
+                if length is not None:
+                    return None
+                length = value
+            elif name == b"inference-header-content-length":
+                header_length = value
+            elif name == b"transfer-encoding":
+                return None
+        if length is None or not length.isdigit() or int(length) > self._max_body:
+            return None  # a body without a length, or one too large: the ASGI path answers it (413, linger)
+        keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+        return _Direct(self, keep_alive, header_length)
+
+    def on_body(self, body: bytes) -> None:
+        direct = self._direct
+        if direct is None:
+            super().on_body(body)
+        else:
+            direct.parts.append(body)
+
+    def on_message_complete(self) -> None:
+        direct = self._direct
+        if direct is None:
+            super().on_message_complete()
+            return
+        self._direct = None
+        parts = direct.parts
+        body = parts[0] if len(parts) == 1 and type(parts[0]) is bytes else b"".join(parts)
+        direct.parts = []
+        self._app.infer_direct(direct, body, direct.header_length)  # type: ignore[union-attr]
 
     def linger(self) -> None:
         transport = self.transport

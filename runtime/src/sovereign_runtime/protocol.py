@@ -55,6 +55,8 @@ for _name in ("uint16", "uint32", "uint64"):  # torch >= 2.3 has them (limited o
     if hasattr(torch, _name):
         OIP_TO_TORCH[_name.upper()] = getattr(torch, _name)
 TORCH_TO_OIP: dict[torch.dtype, str] = {v: k for k, v in OIP_TO_TORCH.items()}
+# Bytes per element of each datatype served (raw tensors: binary extension, gRPC raw contents).
+ITEMSIZE: dict[str, int] = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in OIP_TO_TORCH.items()}
 
 # numpy / MLflow signature dtype names -> OIP.
 NUMPY_TO_OIP = {
@@ -304,9 +306,14 @@ class Decoder:
         try:
             if code is not None and data:
                 try:
-                    tensor = torch.frombuffer(array(code, data), dtype=dtype)
+                    flat = array(code, data)
                 except (TypeError, OverflowError):  # nested lists, or bad values: the general path decides
                     tensor = _general_tensor(data, datatype, dtype)
+                else:
+                    if len(flat) != count:
+                        raise RequestError(f"data has {len(flat)} element(s), shape {shape} needs {count}")
+                    # flat and contiguous: a view, cheaper than reshape
+                    return idx, torch.frombuffer(flat, dtype=dtype).view(shape)
             else:
                 tensor = _general_tensor(data, datatype, dtype)
         except RequestError as exc:
@@ -351,7 +358,7 @@ def _binary_tensor(raw: _Raw | None, size: Any, name: str, datatype: str, shape:
         )
     dtype = OIP_TO_TORCH[datatype]
     count = prod(shape)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = ITEMSIZE[datatype]
     if type(size) is not int or size != count * itemsize:
         raise RequestError(
             f"input {name!r}: binary_data_size {size!r}, shape {shape} of {datatype} needs {count * itemsize} bytes"
@@ -367,7 +374,7 @@ def _binary_tensor(raw: _Raw | None, size: Any, name: str, datatype: str, shape:
         if tensor.max().item() > 1:
             raise RequestError(f"input {name!r}: BOOL data must be bytes 0 or 1")
         tensor = tensor.view(torch.bool)
-    return tensor.reshape(shape)
+    return tensor.view(shape)  # frombuffer's tensor is flat and contiguous: a view, cheaper than reshape
 
 
 ALL_OUTPUTS = frozenset(["*"])  # DecodedRequest.binary: every output as raw bytes

@@ -84,6 +84,7 @@ class RuntimeServer(uvicorn.Server):
         self.engine.clients = clients
         self.exit_code = 0
         self.bridge: Any = None
+        self.grpc: Any = None  # grpc_server.GrpcFrontend with --grpc-port
         self._loop: asyncio.AbstractEventLoop | None = None
         self._exit_at: float | None = None  # SIGTERM: when the listener closes
         self._failed_exit_at: float | None = None  # load failure: when the process exits 1
@@ -100,6 +101,7 @@ class RuntimeServer(uvicorn.Server):
             model_uri=cfg.model_uri,
             host=cfg.host,
             port=cfg.port,
+            grpc_port=cfg.grpc_port,
             color=cfg.color,
             device=cfg.device,
             max_batch_size=cfg.max_batch_size,
@@ -109,6 +111,11 @@ class RuntimeServer(uvicorn.Server):
             chaos=bool(cfg.chaos_latency_ms or cfg.chaos_error_rate),
         )
         open_flags(self.engine, self._loop)  # --flags-file: operator switches from a flagd file (flags.py)
+        if cfg.grpc_port:  # OIP v2 over gRPC, on this loop, sharing the engine (grpc_server.py)
+            from .grpc_server import start_grpc
+
+            # A port that cannot be bound fails the start up (exit 3, as uvicorn does for the HTTP port).
+            self.grpc = await start_grpc(self.engine, cfg)
         threading.Thread(target=self._load, name="model-loader", daemon=True).start()
 
     def _load(self) -> None:
@@ -215,6 +222,13 @@ class RuntimeServer(uvicorn.Server):
         if self._failed_exit_at is not None and time.monotonic() >= self._failed_exit_at:
             self.should_exit = True
         return await super().on_tick(counter)
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        # gRPC refuses new calls when the HTTP listener closes; its calls in progress get the same drain time.
+        stopping = asyncio.ensure_future(self.grpc.stop(self.cfg.drain_timeout_s)) if self.grpc else None
+        await super().shutdown(sockets)
+        if stopping is not None:
+            await stopping
 
     async def on_shutdown(self) -> None:
         if self.experiments is not None:

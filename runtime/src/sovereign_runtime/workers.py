@@ -447,9 +447,14 @@ class Worker:
             f"sovereign_runtime_worker_restarts_total {float(restarts)}\n"
         )
         body = merge_metrics(texts, extra)
-        if ready_workers != self.count:  # every worker's ready gauge agrees with /v2/health/ready
-            body = body.replace(b"\nsovereign_runtime_ready 1.0\n", b"\nsovereign_runtime_ready 0.0\n")
-        return body
+        # The ready gauge agrees with /v2/health/ready (200 iff this worker and every slot say ready), read from the
+        # fresh state, never from the peers' snapshots: one written just before its worker became ready (up to
+        # SNAPSHOT_INTERVAL old) would make the min 0.0 while /v2/health/ready already answers 200.
+        from .engine import READY as ENGINE_READY
+
+        if self.server.engine.state == ENGINE_READY and ready_workers == self.count:
+            return body.replace(b"\nsovereign_runtime_ready 0.0\n", b"\nsovereign_runtime_ready 1.0\n")
+        return body.replace(b"\nsovereign_runtime_ready 1.0\n", b"\nsovereign_runtime_ready 0.0\n")
 
     def _share_experiment(self, store: Any) -> None:
         """The color's requests from the database (every worker writes it); pending rows summed over workers."""

@@ -17,13 +17,15 @@ import threading
 import time
 from http.client import HTTPConnection, HTTPException
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import IN, http, infer_body, runtime_command, runtime_env, wait_until
 from mlflow_testserver import free_port
 from sovereign_runtime import workers
-from sovereign_runtime.config import parse
+from sovereign_runtime.config import Settings, parse
+from sovereign_runtime.engine import Engine
 
 # ------------------------------------------------------------------------------------------------- plan
 
@@ -103,6 +105,25 @@ def test_shared_state_slots(tmp_path):
     sup.add_restart(2)
     assert list(sup.states()) == [workers.GONE, workers.READY, workers.GONE]
     assert (sup.pending(1), worker.restarts(2), worker.restarts(0)) == (42, 2, 0)
+
+
+def test_ready_gauge_follows_the_slots_not_a_peers_older_snapshot(tmp_path):
+    """A peer's snapshot may predate its readiness by up to SNAPSHOT_INTERVAL: the merged gauge must still say what
+    /v2/health/ready says (this worker and every slot ready), not the min of the snapshots."""
+    engine = Engine(Settings(model_uri="m"))
+    server = SimpleNamespace(engine=engine)
+    workers.SharedState(tmp_path, 2, create=True)
+    peer = engine.metrics.render().replace(b"sovereign_runtime_ready 1.0", b"sovereign_runtime_ready 0.0")
+    (tmp_path / workers.SNAPSHOT.format(1)).write_bytes(peer)  # written while the peer was still loading
+    worker = workers.Worker(server, 0, 2, tmp_path)
+    engine.set_ready()
+    worker.shared.set_state(0, workers.READY)
+    worker.shared.set_state(1, workers.LOADING)
+    assert _metric(worker.render().decode(), "sovereign_runtime_ready") == 0.0  # the peer is not ready yet
+    worker.shared.set_state(1, workers.READY)  # ready now; its next snapshot is not written yet
+    assert _metric(worker.render().decode(), "sovereign_runtime_ready") == 1.0
+    engine.begin_drain()
+    assert _metric(worker.render().decode(), "sovereign_runtime_ready") == 0.0
 
 
 # ------------------------------------------------------------------------------------------------- the real server
