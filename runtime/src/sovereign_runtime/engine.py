@@ -352,10 +352,7 @@ class Engine:
         if type(result) is list:
             if req.binary is not None:
                 return self._binary_reply(req, result)
-            outputs = encode_outputs(self.out_specs, result, req.outputs)
-            rid = req.id if req.id is not None else new_id()  # request_id.py: every answer has an id
-            body = b"".join((self._resp_prefix, b',"id":', dumps(rid), b',"outputs":', dumps_outputs(outputs), b"}"))
-            return 200, body, request_id_header(rid)
+            return self._json_reply(req, encode_outputs(self.out_specs, result, req.outputs))
         status, message, headers = result
         return status, error_body(message), headers
 
@@ -449,23 +446,23 @@ class Engine:
         clients = self.clients
         return clients is not None and clients(now - max(0.001, 10 * self.delay, 3 * self._batch_seconds)) <= 1
 
+    def _json_reply(self, req: DecodedRequest, outputs: list) -> tuple[int, bytes, list | None]:
+        """A 200 JSON answer of encoded outputs, with the request's id (request_id.py: every answer has one)."""
+        rid = req.id if req.id is not None else new_id()
+        body = b"".join((self._resp_prefix, b',"id":', dumps(rid), b',"outputs":', dumps_outputs(outputs), b"}"))
+        return 200, body, request_id_header(rid)
+
     def _answer(self, req: DecodedRequest, result: Any) -> tuple[int, bytes, list | None]:
         """A request's compute result (output tensors, its rows of a batch's outputs, ``_TIMEOUT`` or a
         ModelError) -> (status, body, headers)."""
         if type(result) is _Rows:
             if req.binary is not None:
                 return self._binary_reply(req, result.tensors())
-            outputs = result.encode(self.out_specs, req.outputs)
-            rid = req.id if req.id is not None else new_id()  # request_id.py: every answer has an id
-            body = b"".join((self._resp_prefix, b',"id":', dumps(rid), b',"outputs":', dumps_outputs(outputs), b"}"))
-            return 200, body, request_id_header(rid)
+            return self._json_reply(req, result.encode(self.out_specs, req.outputs))
         if type(result) is list:
             if req.binary is not None:
                 return self._binary_reply(req, result)
-            outputs = encode_outputs(self.out_specs, result, req.outputs)
-            rid = req.id if req.id is not None else new_id()  # request_id.py: every answer has an id
-            body = b"".join((self._resp_prefix, b',"id":', dumps(rid), b',"outputs":', dumps_outputs(outputs), b"}"))
-            return 200, body, request_id_header(rid)
+            return self._json_reply(req, encode_outputs(self.out_specs, result, req.outputs))
         if result is _TIMEOUT:
             return 504, error_body(f"timed out after {self.timeout:g}s waiting for compute"), None
         return result.status, error_body(result.message), None
