@@ -26,7 +26,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import queue
 import shutil
 import subprocess
 import sys
@@ -140,30 +139,7 @@ def drive_grpc(target: str, payload: bytes, concurrency: int, warmup: float, dur
         )
         for n in per
     ]
-    for p in procs:
-        p.start()
-    for _ in procs:
-        if not ready.acquire(timeout=60):
-            raise RuntimeError("gRPC load could not connect within 60 s")
-    go.set()
-    try:
-        out = [results.get(timeout=warmup + duration + 60) for _ in procs]
-    except queue.Empty:
-        raise RuntimeError("gRPC load got no result in time") from None
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    failed = [r["error"] for r in out if "error" in r]
-    if failed:
-        raise RuntimeError(failed[0])
-    return {
-        "lat": [x for r in out for x in r["lat"]],
-        "window": max(r["window"] for r in out),
-        "errors": sum(r["errors"] for r in out),
-        "concurrency": concurrency,
-    }
+    return loadgen.gather(procs, ready, go, results, warmup + duration, concurrency, "gRPC load")
 
 
 def cpu_seconds(pid: int) -> float:

@@ -182,16 +182,21 @@ def drive(host, port, payload, concurrency, warmup, duration, pin, max_requests=
         )
         for i, n in enumerate(per)
     ]
+    return gather(procs, ready, go, results, warmup + duration, concurrency, "load generator")
+
+
+def gather(procs, ready, go, results, seconds: float, concurrency: int, what: str) -> dict:
+    """Start the load processes, release them together once all have connected, merge what they measured."""
     for p in procs:
         p.start()
     for _ in procs:
         if not ready.acquire(timeout=60):
-            raise RuntimeError("load generator could not connect within 60 s")
+            raise RuntimeError(f"{what} could not connect within 60 s")
     go.set()
     try:
-        out = [results.get(timeout=warmup + duration + 60) for _ in procs]
+        out = [results.get(timeout=seconds + 60) for _ in procs]
     except queue.Empty:
-        raise RuntimeError("load generator got no result in time") from None
+        raise RuntimeError(f"{what} got no result in time") from None
     finally:
         for p in procs:
             p.join(timeout=10)
