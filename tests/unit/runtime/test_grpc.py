@@ -326,8 +326,12 @@ def test_stop_refuses_new_calls_and_finishes_those_in_flight(loaded, models):
             # accepted, and held by held_run like the first (DEADLINE_EXCEEDED), or cancelled by grpc core as the
             # shutdown starts (CANCELLED); neither is the refusal this test is about.
             wait_until(lambda: _refuses_connections(s.frontend.port), 30, "stop refusing new connections")
+            # A channel of its own subchannel pool: grpc core's global pool would hand the new channel the first
+            # call's connection, already draining, and the call would be CANCELLED on it (seen once in CI) instead
+            # of being refused a connection.
+            fresh = triton.InferenceServerClient(s.url, channel_args=[("grpc.use_local_subchannel_pool", 1)])
             with pytest.raises(InferenceServerException) as err:
-                s.client().infer(MODEL, [inp], client_timeout=10)
+                fresh.infer(MODEL, [inp], client_timeout=10)
             assert err.value.status() == "StatusCode.UNAVAILABLE"
             s.loop.call_soon_threadsafe(release.set)
             got = pending.result(30).as_numpy("output__0")
