@@ -153,6 +153,43 @@ def make_engine(model: LoadedModel, **overrides: Any) -> Engine:
     return engine
 
 
+class RecordingTransport:
+    """A double of uvloop's TCP transport (no socket): records the writes and the close, refuses a write after
+    the close, as the protocol classes' wire tests need."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def get_extra_info(self, name, default=None):
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 50000)}.get(name, default)
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed, "write after close"
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def set_write_buffer_limits(self, *args, **kwargs) -> None:
+        pass
+
+
 @dataclass
 class Response:
     status: int

@@ -13,45 +13,12 @@ import struct
 import pytest
 import torch
 import uvicorn
-from conftest import IN, infer_body, make_engine
+from conftest import IN, RecordingTransport, infer_body, make_engine
 from sovereign_runtime.app import App
 from sovereign_runtime.httpproto import Protocol
 from uvicorn.server import ServerState
 
 URL = "/v2/models/mlp/infer"
-
-
-class Transport:
-    """Records writes and closes, like uvloop's TCP transport would carry them."""
-
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-        self.closed = False
-
-    def get_extra_info(self, name, default=None):
-        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 50000)}.get(name, default)
-
-    def write(self, data: bytes) -> None:
-        assert not self.closed, "write after close"
-        self.writes.append(bytes(data))
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        pass
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
 
 
 class Wire:
@@ -75,13 +42,13 @@ class Wire:
         self.state = ServerState()
         self.max_tasks = 0
 
-    def connect(self) -> tuple[Protocol, Transport]:
+    def connect(self) -> tuple[Protocol, RecordingTransport]:
         proto = Protocol(config=self.config, server_state=self.state, app_state={})
-        transport = Transport()
+        transport = RecordingTransport()
         proto.connection_made(transport)  # type: ignore[arg-type]
         return proto, transport
 
-    async def settle(self, transports: list[Transport], answers: int) -> None:
+    async def settle(self, transports: list[RecordingTransport], answers: int) -> None:
         """Run the loop until the transports hold ``answers`` writes in all (every answer is one write)."""
         for _ in range(2000):
             self.max_tasks = max(self.max_tasks, len(self.state.tasks))
@@ -215,7 +182,7 @@ def test_concurrent_direct_requests_share_one_forward(loaded):
     engine = make_engine(loaded["mlflow_pt2"], model_name="mlp", max_batch_delay_ms=0)
     xs = [torch.full((1, IN), i / 10) for i in range(16)]
 
-    async def run() -> list[Transport]:
+    async def run() -> list[RecordingTransport]:
         wire = Wire(engine)
         conns = [wire.connect() for _ in xs]
         forwards = engine.metrics.batch_size.total, sum(engine.metrics.batch_size.counts)
@@ -232,7 +199,7 @@ def test_concurrent_direct_requests_share_one_forward(loaded):
 
 
 def test_connection_close_and_shutdown_close_after_the_answer(engine):
-    async def run() -> tuple[Transport, Transport]:
+    async def run() -> tuple[RecordingTransport, RecordingTransport]:
         wire = Wire(engine)
         proto, closing = wire.connect()
         proto.data_received(request(infer_body(torch.ones(1, IN)), headers="Connection: close\r\n"))
@@ -250,7 +217,7 @@ def test_connection_close_and_shutdown_close_after_the_answer(engine):
 
 
 def test_a_client_gone_before_its_answer_gets_no_write(engine):
-    async def run() -> Transport:
+    async def run() -> RecordingTransport:
         wire = Wire(engine)
         proto, transport = wire.connect()
         proto.data_received(request(infer_body(torch.ones(1, IN))))
@@ -322,7 +289,7 @@ def test_a_bug_answering_is_a_500_and_a_close(engine, monkeypatch):
     def broken(*args):
         raise RuntimeError("bug")
 
-    async def run() -> Transport:
+    async def run() -> RecordingTransport:
         wire = Wire(engine)
         monkeypatch.setattr(engine, "submit", broken)
         proto, transport = wire.connect()

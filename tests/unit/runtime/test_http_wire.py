@@ -18,7 +18,18 @@ import pytest
 import requests
 import torch
 import uvicorn
-from conftest import IN, AsgiClient, http, infer_body, make_engine, runtime_command, runtime_env, stop, wait_until
+from conftest import (
+    IN,
+    AsgiClient,
+    RecordingTransport,
+    http,
+    infer_body,
+    make_engine,
+    runtime_command,
+    runtime_env,
+    stop,
+    wait_until,
+)
 from mlflow_testserver import free_port
 from sovereign_runtime.app import App
 from sovereign_runtime.httpproto import Protocol
@@ -74,41 +85,6 @@ def test_head_and_get_answers_are_whole(server):
         assert resp.status == 200 and resp.getheader("content-length") == str(len(b'{"live":true}'))
         assert body == (b"" if method == "HEAD" else b'{"live":true}')
     conn.close()
-
-
-class RecordingTransport:
-    """A double of uvloop's TCP transport that records write calls (the only thing these tests look at)."""
-
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-        self.closed = False
-
-    def get_extra_info(self, name, default=None):
-        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 50000)}.get(name, default)
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(bytes(data))
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        pass
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def set_write_buffer_limits(self, *args, **kwargs) -> None:
-        pass
 
 
 def test_one_write_per_response(loaded):
