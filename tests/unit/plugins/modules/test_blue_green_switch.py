@@ -126,8 +126,8 @@ def _disable_green(env):
 
 
 def _wait_up(env):
-    env.haproxy.wait_status("blue", "UP")
-    env.haproxy.wait_status("green", "UP")
+    env.haproxy.wait_status("blue", "UP", exact=True)
+    env.haproxy.wait_status("green", "UP", exact=True)
 
 
 def _wait_green_down(env):

@@ -199,7 +199,7 @@ class Switch:
         cfg.write_text(render_haproxy_cfg(values))
         self.haproxy = HAProxy(cfg, values["traffic_switch_admin_socket"]).start()
         for color in ("blue", "green"):
-            self.haproxy.wait_status(color, "UP")
+            self.haproxy.wait_status(color, "UP", exact=True)
 
     @property
     def url(self):

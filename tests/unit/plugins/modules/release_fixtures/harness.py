@@ -74,11 +74,14 @@ def template_vars(tmp, frontend_port, stats_port, colors, **overrides):
         # What haproxy.cfg.j2 routes to: the role resolves it from the host contract (vars/main.yml).
         _traffic_switch_colors=colors,
         traffic_switch_health_path="/v2/health/ready",
+        # Fast checks, so a stopped or failing backend is DOWN within ~0.3 s, but 3 failures in a row as the role's
+        # default and the role's 2 s check timeout: with fall 1 and 1 s, one late answer of a starved Python backend
+        # on a loaded machine took a healthy server DOWN and its requests got 503 (test-fast with two lanes).
         traffic_switch_check_interval="100ms",
-        traffic_switch_check_fall=1,
+        traffic_switch_check_fall=3,
         traffic_switch_check_rise=1,
         traffic_switch_timeouts=dict(
-            connect="2s", client="30s", server="30s", http_request="5s", http_keep_alive="10s", queue="5s", check="1s"
+            connect="2s", client="30s", server="30s", http_request="5s", http_keep_alive="10s", queue="5s", check="2s"
         ),
     )
     values.update(overrides)
@@ -214,13 +217,14 @@ class HAProxy:
                 return dict(zip(header, fields, strict=False))
         return None
 
-    def wait_status(self, color, prefix, timeout=10.0):
-        """Wait until HAProxy's check status of ``color``'s server starts with ``prefix``."""
+    def wait_status(self, color, prefix, timeout=10.0, exact=False):
+        """Wait until HAProxy's check status of ``color``'s server starts with ``prefix`` (is it, with ``exact``:
+        a server starts as "UP 1/3", up with fall-1 checks to go before it is fully "UP")."""
         deadline = time.monotonic() + timeout
         status = None
         while time.monotonic() < deadline:
             status = self.stat(f"be_{color}", color)["status"]
-            if status.startswith(prefix):
+            if status == prefix or (not exact and status.startswith(prefix)):
                 return status
             time.sleep(0.05)
         raise AssertionError(f"server {color} stayed {status!r}, wanted {prefix}")
