@@ -76,7 +76,8 @@ def template_vars(tmp, frontend_port, stats_port, colors, **overrides):
         traffic_switch_health_path="/v2/health/ready",
         # Fast checks, so a stopped or failing backend is DOWN within ~0.3 s, but 3 failures in a row as the role's
         # default and the role's 2 s check timeout: with fall 1 and 1 s, one late answer of a starved Python backend
-        # on a loaded machine took a healthy server DOWN and its requests got 503 (test-fast with two lanes).
+        # on a loaded machine takes a healthy server DOWN (the likely cause, not reproduced, of a 503 seen with two
+        # test-fast lanes).
         traffic_switch_check_interval="100ms",
         traffic_switch_check_fall=3,
         traffic_switch_check_rise=1,
