@@ -50,22 +50,33 @@ if [ -f .venv/.stamp ] && [ "$(cat .venv/.stamp)" = "$venv_stamp" ]; then
   say "virtual environment .venv: up to date"
 else
   say "creating .venv (pinned by requirements/constraints.txt)"
+  rm -rf .venv  # a half-made venv (an interrupted run) is made again, not patched
   "$PYTHON" -m venv .venv
   quiet_pip .venv/bin/pip install -q --upgrade pip
-  # torch first, pinned: an unpinned torch would pull several GB of CUDA wheels. Its CPU build
-  # comes from a local wheel directory where the machine has one, else from PyTorch's CPU index.
+  # uv (pinned, in dev.in too) installs the rest, as the roles fill the hosts' venvs (ADR 0007): it downloads and
+  # unpacks in parallel and keeps its cache (~/.cache/uv), so a fresh clone's venv takes ~30 s instead of minutes.
+  quiet_pip .venv/bin/pip install -q -c requirements/constraints.txt uv
+  # unsafe-best-match: pick each package's pinned version from whichever index has it, as pip does (uv's default
+  # takes a package only from the first index that lists it, and PyTorch's index lists numpy, jinja2, ...).
+  uv_install=(.venv/bin/uv pip install --python .venv/bin/python -q --index-strategy unsafe-best-match
+              -c requirements/constraints.txt)
+  # torch pinned: an unpinned torch would pull several GB of CUDA wheels. Its CPU build comes from a local wheel
+  # directory where the machine has one, else from PyTorch's CPU index.
   torch_source=(--extra-index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}")
   if compgen -G "${TORCH_FIND_LINKS:-/opt/wheels}/torch-*.whl" >/dev/null; then
     torch_source=(--find-links "${TORCH_FIND_LINKS:-/opt/wheels}")
   fi
-  quiet_pip .venv/bin/pip install -q -c requirements/constraints.txt "${torch_source[@]}" torch
-  quiet_pip .venv/bin/pip install -q -c requirements/constraints.txt -r requirements/dev.in
+  "${uv_install[@]}" "${torch_source[@]}" torch -r requirements/dev.in
   # The repo's own packages: the inference server and the on-call CLI (sovereign-ops).
   for package in runtime ops; do
     if [ -f "$package/pyproject.toml" ]; then
-      quiet_pip .venv/bin/pip install -q -c requirements/constraints.txt --no-deps -e "$package"
+      "${uv_install[@]}" --no-deps -e "$package"
     fi
   done
+  # What was installed must import and agree: a missing or conflicting dependency fails here, not in a test.
+  .venv/bin/uv pip check --python .venv/bin/python -q || die ".venv: 'uv pip check' found broken requirements (above)"
+  .venv/bin/python -c 'import ansible, molecule, torch, sovereign_runtime, sovereign_ops' \
+    || die ".venv: a core package does not import (above)"
   echo "$venv_stamp" > .venv/.stamp
 fi
 
