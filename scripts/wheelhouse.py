@@ -4,6 +4,8 @@ Each requirements/hosts-<set>.in becomes .cache/wheelhouse/<set>/ (binary wheels
 requirements/constraints.txt), so a role copies only what its hosts need; the runtime's own wheel
 is built from runtime/ into the `runtime` set. .cache/wheelhouse/ itself holds every wheel of every
 set (hard links) for tools that want one flat directory. Skips all work when its inputs are unchanged.
+Every wheel it downloads is kept in a machine-wide cache too (SOVEREIGN_WHEEL_CACHE, default
+~/.cache/sovereign/wheels): a set whose pins are all there is taken from it offline (a fresh clone: 30 s, not minutes).
 
 GPU hosts: SOVEREIGN_TORCH_VARIANTS="cu126" (space or comma separated) also downloads that CUDA build of the
 pinned torch with its dependencies (the nvidia-* CUDA wheels, several GB) from the PyTorch index
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,6 +33,13 @@ RUNTIME = ROOT / "runtime"
 # --only-binary` rejects them): built into wheels here first, where pip download finds them.
 SDIST_ONLY = ("antlr4-python3-runtime",)  # hydra-core's pin, for dvc (hosts-dvc.in)
 
+
+# Every wheel downloaded is also kept here (hard links, else copies), per machine, not per checkout: a fresh clone
+# (every CI run) takes its sets from it without the network, and downloads only when a pin is not there yet.
+WHEEL_CACHE = Path(
+    os.environ.get("SOVEREIGN_WHEEL_CACHE")
+    or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sovereign" / "wheels"
+)
 
 TORCH_INDEX_URL = os.environ.get("SOVEREIGN_TORCH_INDEX_URL", "https://download.pytorch.org/whl").rstrip("/")
 
@@ -92,11 +102,50 @@ def inputs_digest() -> str:
     return digest.hexdigest()[:16]
 
 
-def pip(*args: str) -> None:
+def pip(*args: str, quiet_failure: bool = False) -> None:
     # A fixed SOURCE_DATE_EPOCH makes the runtime's wheel byte-identical for identical sources, so
     # hosts (which compare its checksum) reinstall and restart only when the runtime really changed.
     env = {**os.environ, "SOURCE_DATE_EPOCH": "315532800"}
-    subprocess.run([sys.executable, "-m", "pip", *args], check=True, env=env)
+    # quiet_failure: a try whose failure is expected and handled (the cache lacks a pin): no pip error on screen.
+    subprocess.run(
+        [sys.executable, "-m", "pip", *args], check=True, env=env, stderr=subprocess.DEVNULL if quiet_failure else None
+    )
+
+
+def build_sdist_only(built: Path) -> None:
+    """SDIST_ONLY's wheels into ``built``: the ones built before, from the machine's wheel cache, else built now."""
+    args = ["wheel", "-q", "--no-deps", "-w", str(built), "-c", str(CONSTRAINTS)]
+    if WHEEL_CACHE.is_dir():
+        try:
+            pip(*args, "--no-index", "--find-links", str(WHEEL_CACHE), *SDIST_ONLY, quiet_failure=True)
+            return
+        except subprocess.CalledProcessError:
+            pass
+    pip(*args, *SDIST_ONLY)
+
+
+def download_set(requirements: Path, target: Path, built: Path) -> None:
+    """One set's wheels into ``target``: from the machine's wheel cache alone when it holds every pin, else from
+    the index (every wheel then joins the cache)."""
+    args = ["download", "-q", "--only-binary=:all:", "--find-links", str(built), "-d", str(target)]
+    args += ["-c", str(CONSTRAINTS), "-r", str(requirements)]
+    if WHEEL_CACHE.is_dir():
+        try:
+            pip(*args[:2], "--no-index", "--find-links", str(WHEEL_CACHE), *args[2:], quiet_failure=True)
+            return
+        except subprocess.CalledProcessError:
+            for partial in target.glob("*.whl"):
+                partial.unlink()
+            print(f"wheelhouse {target.name}: not every pin is in {WHEEL_CACHE}; downloading")
+    pip(*args)
+    WHEEL_CACHE.mkdir(parents=True, exist_ok=True)
+    for wheel in target.glob("*.whl"):
+        cached = WHEEL_CACHE / wheel.name
+        if not cached.exists():
+            try:
+                os.link(wheel, cached)
+            except OSError:  # another file system
+                shutil.copy2(wheel, cached)
 
 
 def main() -> int:
@@ -112,25 +161,13 @@ def main() -> int:
     built.mkdir(exist_ok=True)
     for old in built.glob("*.whl"):
         old.unlink()
-    pip("wheel", "-q", "--no-deps", "-w", str(built), "-c", str(CONSTRAINTS), *SDIST_ONLY)
+    build_sdist_only(built)
     for name, requirements in requirement_sets().items():
         target = WHEELHOUSE / name
         if target.exists():
             for old in target.glob("*.whl"):
                 old.unlink()
-        pip(
-            "download",
-            "-q",
-            "--only-binary=:all:",
-            "--find-links",
-            str(built),
-            "-d",
-            str(target),
-            "-c",
-            str(CONSTRAINTS),
-            "-r",
-            str(requirements),
-        )
+        download_set(requirements, target, built)
         if name == "runtime" and (RUNTIME / "pyproject.toml").exists():
             pip("wheel", "-q", "--no-deps", "-w", str(target), str(RUNTIME))
         for wheel in target.glob("*.whl"):
