@@ -466,3 +466,110 @@ class OIPServer(Backend):
     @property
     def url(self):
         return f"http://127.0.0.1:{self.port}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The same model over OIP v2 gRPC: a real grpcio server speaking the runtime's generated messages
+# ---------------------------------------------------------------------------------------------------------------
+
+PB2_PATH = pathlib.Path(__file__).resolve().parents[5] / "runtime/src/sovereign_runtime/oip_grpc/oip_v2_pb2.py"
+
+
+def oip_pb2():
+    """The runtime's generated oip_v2_pb2 (protobuf, in the project venv), loaded from its file alone: the
+    collection's tests import nothing else of the runtime (no torch in this process, Makefile UNIT_GROUPS). It
+    registers its messages in a descriptor pool of its own (docs/adr/1705), so loading it twice is harmless."""
+    import importlib.util
+    import sys
+
+    name = "_sovereign_oip_v2_pb2"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, PB2_PATH)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
+class GRPCOIPServer:
+    """``inference.GRPCInferenceService`` for model ``double`` (y = 2 * x, version "7") on a loopback port, with
+    a switchable ``mode``: correct, raw (answers in raw_output_contents), server_not_ready, model_not_ready,
+    wrong_outputs, wrong_version, wrong_model, unavailable (ModelInfer answers UNAVAILABLE). ``requests``
+    holds the ModelInferRequest messages received (parsed by protobuf)."""
+
+    def __init__(self, mode="correct", model="double"):
+        import concurrent.futures
+
+        import grpc
+
+        self.grpc = grpc
+        self.pb = oip_pb2()
+        self.mode = mode
+        self.model = model
+        self.requests = []
+        self.calls = []
+        self.server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=4))
+        methods = dict(
+            ServerReady=(self.pb.ServerReadyRequest, self.server_ready),
+            ModelReady=(self.pb.ModelReadyRequest, self.model_ready),
+            ModelInfer=(self.pb.ModelInferRequest, self.model_infer),
+        )
+        handlers = dict(
+            (
+                name,
+                grpc.unary_unary_rpc_method_handler(
+                    fn, request_deserializer=cls.FromString, response_serializer=lambda m: m.SerializeToString()
+                ),
+            )
+            for name, (cls, fn) in methods.items()
+        )
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("inference.GRPCInferenceService", handlers),)
+        )
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+
+    @property
+    def target(self):
+        return f"127.0.0.1:{self.port}"
+
+    def start(self):
+        self.server.start()
+        return self
+
+    def stop(self):
+        self.server.stop(None).wait(5)
+
+    def server_ready(self, request, context):
+        self.calls.append("ServerReady")
+        return self.pb.ServerReadyResponse(ready=self.mode != "server_not_ready")
+
+    def model_ready(self, request, context):
+        self.calls.append("ModelReady")
+        if request.name != self.model:
+            context.abort(self.grpc.StatusCode.NOT_FOUND, f"unknown model {request.name!r}")
+        return self.pb.ModelReadyResponse(ready=self.mode != "model_not_ready")
+
+    def model_infer(self, request, context):
+        self.calls.append("ModelInfer")
+        self.requests.append(request)
+        if self.mode == "unavailable":
+            context.abort(self.grpc.StatusCode.UNAVAILABLE, "queue full")
+        if request.model_name != self.model:
+            context.abort(self.grpc.StatusCode.NOT_FOUND, f"unknown model {request.model_name!r}")
+        x = request.inputs[0]
+        y = [2.0 * v for v in x.contents.fp32_contents]
+        if self.mode == "wrong_outputs":
+            y[3] = 0.12
+        response = self.pb.ModelInferResponse(
+            model_name=self.model if self.mode != "wrong_model" else "other",
+            model_version="8" if self.mode == "wrong_version" else "7",
+            id=request.id,
+        )
+        out = response.outputs.add(name="y", datatype="FP32", shape=list(x.shape))
+        if self.mode == "raw":
+            import struct
+
+            response.raw_output_contents.append(struct.pack(f"<{len(y)}f", *y))
+        else:
+            out.contents.fp32_contents.extend(y)
+        return response
