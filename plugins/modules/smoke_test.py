@@ -18,7 +18,7 @@ description:
   - Sends O(requests) inference requests (C(POST {url}/v2/models/{model_name}/infer)) to one runtime, usually a
     color's own port (not the traffic switch), and checks, in this order
     C(ready) (optional), C(golden_source), C(status), C(schema), C(golden), C(model_version) (optional),
-    C(latency_p50), C(latency_p95), C(latency_p99).
+    C(latency_p50), C(latency_p95), C(latency_p99), then, with O(grpc_target), C(grpc_ready) and C(grpc_infer).
   - Every response must be HTTP 200 and a well-formed OIP v2 inference response (C(model_name), C(outputs) with
     C(name), C(shape), C(datatype), C(data), and as many data elements as the shape's product).
   - Outputs are compared with the golden outputs elementwise, C(|got - expected| <= atol + rtol * |expected|).
@@ -32,6 +32,13 @@ description:
     service (C(parameters.feature_service)) with golden rows by entity key (C(golden_entity_inputs)), one more
     request sends only those keys, so the runtime fetches the features from its online store, and check
     C(entity_golden) compares its outputs with the golden outputs (after C(golden)). Otherwise it is skipped.
+  - With O(grpc_target), the same runtime is then checked over OIP v2 gRPC (C(inference.GRPCInferenceService),
+    cleartext HTTP/2), after the HTTP checks and their latency checks: C(grpc_ready) (C(ServerReady) and
+    C(ModelReady) of O(model_name) both true) and C(grpc_infer) (O(grpc_requests) C(ModelInfer) calls with the
+    golden inputs in typed contents; every answer must be a well-formed inference response of O(model_name) with the
+    golden outputs within the same tolerances and, when set, O(expect_model_version)). Their latency is reported in
+    RV(grpc), not checked. They run only once a golden example was found, and need the Python package C(grpcio) on
+    the managed host (no C(protobuf): the module carries its own codec of the few messages it uses).
   - On failure, RV(ignore:msg) names the first check (in the order above) that failed.
   - The module only reads. It never changes anything (C(changed) is always false) and runs in check mode too.
 options:
@@ -112,6 +119,19 @@ options:
       - Extra HTTP headers sent with every request (for example an authorization header).
     type: dict
     default: {}
+  grpc_target:
+    description:
+      - The runtime's OIP v2 gRPC endpoint, C(host:port), for example C(127.0.0.1:8202) for green's own gRPC port
+        (the host contract's C(runtime.colors.<color>.grpc_port)).
+      - When omitted, nothing is checked over gRPC and RV(grpc) is null.
+      - Needs C(grpcio) importable by the Python that runs the module; a color's runtime venv has it (run the task
+        with C(ansible_python_interpreter) set to C(<venv>/bin/python)).
+    type: str
+  grpc_requests:
+    description:
+      - How many C(ModelInfer) calls to send to O(grpc_target) (at least 1). Ignored without O(grpc_target).
+    type: int
+    default: 5
 notes:
   - The inference requests are real requests to the runtime; inference must be free of side effects (OIP
     inference is).
@@ -139,6 +159,15 @@ EXAMPLES = r"""
         - {name: y, shape: [1], datatype: FP32, data: [3.0]}
     rtol: 1.0e-5
   register: smoke
+
+- name: Also over gRPC, run by the color's runtime venv (it has grpcio)
+  sovereign.mlops.smoke_test:
+    url: http://127.0.0.1:8002
+    model_name: iris
+    grpc_target: 127.0.0.1:8202
+    grpc_requests: 10
+  vars:
+    ansible_python_interpreter: /opt/sovereign/runtime/green/bin/python
 
 - name: Show the figures
   ansible.builtin.debug:
@@ -199,9 +228,39 @@ checks:
   sample:
     - {name: status, passed: true, detail: "22 of 22 responses were 200"}
     - {name: latency_p99, passed: true, detail: "p99 5.1 ms <= 50 ms"}
+grpc:
+  description: The gRPC checks' figures; null when O(grpc_target) is not given.
+  returned: always
+  type: dict
+  contains:
+    target:
+      description: The gRPC endpoint tested.
+      type: str
+      sample: 127.0.0.1:8202
+    requests:
+      description: C(ModelInfer) calls sent (0 when C(grpc_ready) failed or no golden example was found).
+      type: int
+      sample: 5
+    failures:
+      description: Calls that failed (RPC error, schema, golden or version).
+      type: int
+      sample: 0
+    p50_ms:
+      description: Median latency of the successful calls, in milliseconds (null when none succeeded).
+      type: float
+      sample: 1.9
+    p99_ms:
+      description: 99th percentile latency (nearest rank) of the successful calls, in milliseconds.
+      type: float
+      sample: 2.4
+    max_ms:
+      description: Slowest successful call, in milliseconds.
+      type: float
+      sample: 2.4
 """
 
 import json
+import sys
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.sovereign.mlops.plugins.module_utils._host_contract import http_url, runtime_colors
@@ -217,6 +276,14 @@ from ansible_collections.sovereign.mlops.plugins.module_utils._oip import (
     feature_service_from_metadata,
     golden_from_metadata,
     percentile,
+)
+from ansible_collections.sovereign.mlops.plugins.module_utils._oip_grpc import (
+    RPC_ERRORS,
+    DecodeError,
+    GRPCClient,
+    describe_rpc_error,
+    encode_model_infer_request,
+    grpc,
 )
 
 DEFAULT_RTOL = 1e-4
@@ -263,6 +330,7 @@ class SmokeTest:
             max_ms=None,
             model_version=None,
             golden_source=None,
+            grpc=None,
         )
 
     def finish(self):
@@ -492,7 +560,115 @@ class SmokeTest:
                 )
         else:
             self.checks.add("latency_p99", None, "no successful measured request to time")
+        if p["grpc_target"]:
+            self.check_grpc(golden, expected_outputs, rtol, atol)
         return self.finish()
+
+    def check_grpc(self, golden, expected_outputs, rtol, atol):
+        """grpc_ready, then grpc_infer: the golden inputs through ModelInfer, every answer checked as over HTTP."""
+        p = self.p
+        target = p["grpc_target"]
+        figures = dict(target=target, requests=0, failures=0, p50_ms=None, p99_ms=None, max_ms=None)
+        self.result["grpc"] = figures
+        fix = (
+            "check that the runtime listens for gRPC there (--grpc-port, SOVEREIGN_RUNTIME_GRPC_PORT; the "
+            "inference_runtime role's inference_runtime_grpc_ports)"
+        )
+        client = GRPCClient(target, timeout=p["timeout"])
+        try:
+            step = "ServerReady"
+            try:
+                server_ready = client.server_ready()
+                step = "ModelReady"
+                model_ready = client.model_ready(self.model) if server_ready else None
+            except RPC_ERRORS as exc:
+                if step == "ServerReady":
+                    detail = f"gRPC target {target} is unreachable or refused ({describe_rpc_error(exc)}); {fix}"
+                else:
+                    detail = (
+                        f"gRPC target {target}: ModelReady of model {self.model!r} failed ({describe_rpc_error(exc)}); "
+                        "is model_name the model this runtime serves?"
+                    )
+                self.checks.add("grpc_ready", False, detail)
+                return self.checks.add("grpc_infer", None, "skipped: grpc_ready failed")
+            except DecodeError as exc:
+                self.checks.add(
+                    "grpc_ready", False, f"gRPC target {target}: {step} answered something not OIP v2: {exc}"
+                )
+                return self.checks.add("grpc_infer", None, "skipped: grpc_ready failed")
+            if not server_ready:
+                self.checks.add(
+                    "grpc_ready", False, f"gRPC target {target}: ServerReady is false (not ready yet, or draining)"
+                )
+                return self.checks.add("grpc_infer", None, "skipped: grpc_ready failed")
+            if not model_ready:
+                self.checks.add(
+                    "grpc_ready",
+                    False,
+                    f"gRPC target {target}: ModelReady of model {self.model!r} is false (not loaded yet, or "
+                    "another model); is model_name the model this runtime serves?",
+                )
+                return self.checks.add("grpc_infer", None, "skipped: grpc_ready failed")
+            self.checks.add(
+                "grpc_ready", True, f"gRPC target {target}: ServerReady and ModelReady of {self.model!r} true"
+            )
+            self._grpc_infer(client, figures, golden, expected_outputs, rtol, atol)
+        finally:
+            client.close()
+        return None
+
+    def _grpc_infer(self, client, figures, golden, expected_outputs, rtol, atol):
+        p = self.p
+        target = p["grpc_target"]
+        try:
+            request = encode_model_infer_request(self.model, golden["inputs"])
+        except (ValueError, TypeError, OverflowError, KeyError) as exc:  # golden inputs a typed field cannot hold
+            return self.checks.add("grpc_infer", False, f"the golden inputs cannot be sent over gRPC: {exc}")
+        latencies = []
+        first = None
+        consecutive = 0
+        stopped = ""
+        for index in range(p["grpc_requests"]):
+            label = f"gRPC call {index + 1} to {target}"
+            figures["requests"] += 1
+            try:
+                obj, elapsed = client.model_infer(request)
+            except RPC_ERRORS as exc:
+                figures["failures"] += 1
+                consecutive += 1
+                first = first or f"{label} failed: {describe_rpc_error(exc)}"
+                if consecutive >= MAX_CONSECUTIVE_TRANSPORT_FAILURES:
+                    stopped = f", stopped after {consecutive} consecutive RPC failures"
+                    break
+                continue
+            except DecodeError as exc:
+                figures["failures"] += 1
+                first = first or f"{label}: the answer is not a ModelInferResponse: {exc}"
+                continue
+            consecutive = 0
+            error = check_infer_response(obj, self.model)
+            if not error and expected_outputs is not None:
+                error = compare_outputs(obj["outputs"], expected_outputs, rtol, atol)
+            version = obj.get("model_version")
+            if not error and p["expect_model_version"] is not None and str(version) != p["expect_model_version"]:
+                error = "model_version is {}, expected {}".format(
+                    "missing" if version is None else repr(version), p["expect_model_version"]
+                )
+            if error:
+                figures["failures"] += 1
+                first = first or f"{label}: {error}"
+                continue
+            latencies.append(elapsed * 1000.0)
+        if latencies:
+            figures["p50_ms"] = round(percentile(latencies, 50), 3)
+            figures["p99_ms"] = round(percentile(latencies, 99), 3)
+            figures["max_ms"] = round(max(latencies), 3)
+        if first:
+            return self.checks.add(
+                "grpc_infer", False, f"{first} ({figures['failures']} of {figures['requests']} calls failed{stopped})"
+            )
+        what = "golden outputs" if expected_outputs is not None else "well-formed answers (no golden outputs)"
+        return self.checks.add("grpc_infer", True, f"{figures['requests']} gRPC calls to {target}: {what}")
 
     def check_entity_golden(self, expected_outputs, rtol, atol):
         """The golden rows by entity key, when the runtime serves a feature service: features from its online store."""
@@ -546,6 +722,8 @@ def main():
             expect_model_version=dict(type="str"),
             check_ready=dict(type="bool", default=True),
             headers=dict(type="dict", default={}),
+            grpc_target=dict(type="str"),
+            grpc_requests=dict(type="int", default=5),
         ),
         supports_check_mode=True,
     )
@@ -562,6 +740,21 @@ def main():
         p["url"] = http_url(spec["host"], spec["port"])
     if p["requests"] < 1:
         module.fail_json(msg="requests must be >= 1, got {}".format(p["requests"]))
+    if p["grpc_requests"] < 1:
+        module.fail_json(msg="grpc_requests must be >= 1, got {}".format(p["grpc_requests"]))
+    if p["grpc_target"] is not None:
+        target = p["grpc_target"].strip()
+        host, sep, port = target.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            module.fail_json(msg=f"grpc_target must be host:port, got {p['grpc_target']!r}")
+        p["grpc_target"] = target
+        if grpc is None:
+            module.fail_json(
+                msg=f"grpc_target is set but the Python running this module, {sys.executable}, cannot import grpc "
+                "(grpcio): run the task with a Python that has grpcio, e.g. the color's runtime venv "
+                "(vars: ansible_python_interpreter: <runtime venv>/bin/python, the host contract's "
+                "runtime.colors.<color>.venv), or install grpcio for it, or leave grpc_target unset."
+            )
     if p["warmup"] < 0:
         module.fail_json(msg="warmup must be >= 0, got {}".format(p["warmup"]))
     if p["timeout"] <= 0:

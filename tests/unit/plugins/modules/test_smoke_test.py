@@ -5,13 +5,17 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from ansible_collections.sovereign.mlops.plugins.module_utils import _oip
 from ansible_collections.sovereign.mlops.plugins.modules import smoke_test
 from ansible_collections.sovereign.mlops.tests.unit.plugins.modules.release_fixtures.harness import (
     GOLDEN,
+    GRPCOIPServer,
     OIPServer,
     free_port,
+    refused_port,
     run_module,
 )
 
@@ -390,3 +394,195 @@ def test_url_or_contract_and_color_required(capsys, args, fragment):
     assert result["failed"] is True
     assert "give url, or color and a contract" in result["msg"]
     assert fragment in result["msg"], result["msg"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# over OIP v2 gRPC (grpc_target): a real grpcio server beside the HTTP one
+# ---------------------------------------------------------------------------------------------------------------
+
+GRPC_CASES = [
+    dict(
+        id="pass",
+        mode="correct",
+        args=dict(expect_model_version="7"),
+        failed=False,
+        checks=dict(latency_p99=True, grpc_ready=True, grpc_infer=True),
+        grpc=dict(requests=5, failures=0),
+        calls=["ServerReady", "ModelReady"] + ["ModelInfer"] * 5,
+    ),
+    dict(
+        id="pass-raw-answers-golden-from-metadata",
+        mode="raw",
+        args=dict(grpc_requests=2, golden=None),
+        failed=False,
+        checks=dict(golden_source=True, grpc_ready=True, grpc_infer=True),
+        grpc=dict(requests=2, failures=0),
+    ),
+    dict(
+        id="server-not-ready",
+        mode="server_not_ready",
+        failed=True,
+        msg="grpc_ready: gRPC target 127.0.0.1:{port}: ServerReady is false",
+        checks=dict(golden=True, grpc_ready=False, grpc_infer=None),
+        grpc=dict(requests=0, p50_ms=None),
+        calls=["ServerReady"],
+    ),
+    dict(
+        id="model-not-ready",
+        mode="model_not_ready",
+        failed=True,
+        msg="grpc_ready: gRPC target 127.0.0.1:{port}: ModelReady of model 'double' is false",
+        checks=dict(grpc_ready=False, grpc_infer=None),
+        calls=["ServerReady", "ModelReady"],
+    ),
+    dict(
+        id="model-unknown-to-grpc",
+        mode="correct",
+        server_model="other",
+        failed=True,
+        msg="grpc_ready: gRPC target 127.0.0.1:{port}: ModelReady of model 'double' failed (NOT_FOUND: unknown model "
+        "'double'); is model_name the model this runtime serves?",
+        checks=dict(grpc_ready=False, grpc_infer=None),
+    ),
+    dict(
+        id="wrong-outputs",
+        mode="wrong_outputs",
+        failed=True,
+        msg="grpc_infer: gRPC call 1 to 127.0.0.1:{port}: golden output mismatch for output 'y' at index 3: got 0.12 "
+        "expected 8 (rtol 0.0001, atol 1e-05) (5 of 5 calls failed)",
+        checks=dict(golden=True, grpc_ready=True, grpc_infer=False),
+        grpc=dict(requests=5, failures=5, p50_ms=None),
+    ),
+    dict(
+        id="wrong-outputs-within-atol",
+        mode="wrong_outputs",
+        args=dict(atol=10.0),
+        failed=False,
+        checks=dict(grpc_infer=True),
+    ),
+    dict(
+        id="wrong-model-version",
+        mode="wrong_version",
+        args=dict(expect_model_version="7"),
+        failed=True,
+        msg="grpc_infer: gRPC call 1 to 127.0.0.1:{port}: model_version is '8', expected 7",
+        checks=dict(model_version=True, grpc_infer=False),
+    ),
+    dict(
+        id="wrong-model-name-in-answer",
+        mode="wrong_model",
+        failed=True,
+        msg="model_name is 'other', expected 'double'",
+        checks=dict(grpc_infer=False),
+    ),
+    dict(
+        id="calls-refused",
+        mode="unavailable",
+        failed=True,
+        msg="grpc_infer: gRPC call 1 to 127.0.0.1:{port} failed: UNAVAILABLE: queue full (3 of 3 calls failed, "
+        "stopped after 3 consecutive RPC failures)",
+        grpc=dict(requests=3, failures=3),
+    ),
+    dict(
+        id="server-gone",
+        mode="gone",
+        failed=True,
+        msg="grpc_ready: gRPC target 127.0.0.1:{port} is unreachable or refused (UNAVAILABLE",
+        checks=dict(golden=True, latency_p99=True, grpc_ready=False, grpc_infer=None),
+        grpc=dict(requests=0),
+    ),
+    dict(
+        id="check-mode-runs-too",
+        mode="correct",
+        check_mode=True,
+        failed=False,
+        checks=dict(grpc_ready=True, grpc_infer=True),
+        grpc=dict(requests=5, failures=0),
+    ),
+]
+
+
+@pytest.mark.parametrize("case", GRPC_CASES, ids=[c["id"] for c in GRPC_CASES])
+def test_smoke_grpc(case, capsys):
+    http = OIPServer(mode="correct").start()
+    grpc_server = GRPCOIPServer(mode=case["mode"], model=case.get("server_model", "double"))
+    if case["mode"] != "gone":
+        grpc_server.start()
+    try:
+        with refused_port() as gone:
+            port = gone if case["mode"] == "gone" else grpc_server.port
+            args = dict(url=http.url, model_name="double", golden=GOLDEN, grpc_target=f"127.0.0.1:{port}", **GENEROUS)
+            args.update(case.get("args", {}))
+            if args["golden"] is None:
+                del args["golden"]
+            result = run_module(smoke_test.main, args, capsys, check_mode=case.get("check_mode", False))
+    finally:
+        grpc_server.stop()
+        http.stop()
+
+    assert result["changed"] is False
+    assert bool(result.get("failed")) is case["failed"], result
+    if "msg" in case:
+        assert case["msg"].format(port=port) in result["msg"], result["msg"]
+    names = [c["name"] for c in result["checks"]]
+    by_name = dict((c["name"], c["passed"]) for c in result["checks"])
+    for name, passed in case.get("checks", {}).items():
+        assert by_name.get(name, "absent") is passed, (name, result["checks"])
+    # the documented order: the HTTP checks and their latency, then gRPC
+    assert names[-2:] == ["grpc_ready", "grpc_infer"], names
+    figures = result["grpc"]
+    assert figures["target"] == f"127.0.0.1:{port}"
+    for key, value in case.get("grpc", {}).items():
+        assert figures[key] == value, (key, figures)
+    if "calls" in case:
+        assert grpc_server.calls == case["calls"]
+    if not case["failed"]:
+        assert 0 < figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"]
+        assert grpc_server.requests, "no ModelInfer reached the server"
+    for request in grpc_server.requests:  # the golden inputs, in typed contents
+        (tensor,) = request.inputs
+        assert (request.model_name, tensor.name, tensor.datatype, list(tensor.shape)) == ("double", "x", "FP32", [1, 4])
+        assert list(tensor.contents.fp32_contents) == [1.0, 2.0, 3.0, 4.0]
+        assert not request.raw_input_contents
+
+
+def test_no_grpc_target_no_grpc_checks(capsys):
+    server = OIPServer(mode="correct").start()
+    try:
+        result = run_module(
+            smoke_test.main, dict(url=server.url, model_name="double", golden=GOLDEN, **GENEROUS), capsys
+        )
+    finally:
+        server.stop()
+    assert not result.get("failed"), result
+    assert result["grpc"] is None
+    assert not [c for c in result["checks"] if c["name"].startswith("grpc")]
+
+
+GRPC_ARG_ERRORS = [
+    ("grpc-requests-zero", dict(grpc_target="127.0.0.1:1", grpc_requests=0), "grpc_requests must be >= 1, got 0"),
+    ("target-without-port", dict(grpc_target="127.0.0.1"), "grpc_target must be host:port, got '127.0.0.1'"),
+    ("target-is-a-url", dict(grpc_target="http://h:80/x"), "grpc_target must be host:port"),
+]
+
+
+@pytest.mark.parametrize(("args", "fragment"), [c[1:] for c in GRPC_ARG_ERRORS], ids=[c[0] for c in GRPC_ARG_ERRORS])
+def test_grpc_argument_errors(capsys, args, fragment):
+    result = run_module(smoke_test.main, dict(url="http://127.0.0.1:1", model_name="double", **args), capsys)
+    assert result["failed"] is True
+    assert fragment in result["msg"], result["msg"]
+
+
+def test_grpcio_missing(capsys, monkeypatch):
+    """Without grpcio the module fails before any request, naming its interpreter and the fix."""
+    server = OIPServer(mode="correct").start()
+    monkeypatch.setattr(smoke_test, "grpc", None)
+    try:
+        args = dict(url=server.url, model_name="double", golden=GOLDEN, grpc_target="127.0.0.1:8202")
+        result = run_module(smoke_test.main, args, capsys)
+    finally:
+        server.stop()
+    assert result["failed"] is True
+    assert f"the Python running this module, {sys.executable}, cannot import grpc (grpcio)" in result["msg"]
+    assert "ansible_python_interpreter: <runtime venv>/bin/python" in result["msg"]
+    assert server.connections == 0  # failed before the HTTP checks
