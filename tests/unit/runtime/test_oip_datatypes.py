@@ -28,6 +28,18 @@ def collection_oip():
     return module
 
 
+def test_runtime_and_collection_share_one_grpc_contents_table():
+    """The typed-contents field of each datatype: the runtime's gRPC server and the collection's hand-written codec
+    (plugins/module_utils/_oip_grpc.py, the smoke test's; it imports only _oip of the collection, no ansible)."""
+    from sovereign_runtime import grpc_server
+
+    spec = importlib.util.spec_from_file_location("sovereign_collection_oip_grpc", OIP_PY.with_name("_oip_grpc.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert grpc_server.CONTENTS_FIELD == module.CONTENTS_FIELD
+    assert set(module.CONTENTS_FIELD) | {"FP16", "BF16"} == protocol.OIP_DATATYPES
+
+
 def test_runtime_and_collection_share_one_datatype_set():
     oip = collection_oip()
     assert "ansible" not in Path(OIP_PY).read_text().split("import", 1)[0]  # loaded without ansible
