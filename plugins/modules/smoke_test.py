@@ -33,12 +33,12 @@ description:
     request sends only those keys, so the runtime fetches the features from its online store, and check
     C(entity_golden) compares its outputs with the golden outputs (after C(golden)). Otherwise it is skipped.
   - With O(grpc_target), the same runtime is then checked over OIP v2 gRPC (C(inference.GRPCInferenceService),
-    cleartext HTTP/2), after the HTTP checks and their latency checks: C(grpc_ready) (C(ServerReady) and
+    cleartext HTTP/2), after the HTTP checks and their latency checks, C(grpc_ready) (C(ServerReady) and
     C(ModelReady) of O(model_name) both true) and C(grpc_infer) (O(grpc_requests) C(ModelInfer) calls with the
     golden inputs in typed contents; every answer must be a well-formed inference response of O(model_name) with the
     golden outputs within the same tolerances and, when set, O(expect_model_version)). Their latency is reported in
     RV(grpc), not checked. They run only once a golden example was found, and need the Python package C(grpcio) on
-    the managed host (no C(protobuf): the module carries its own codec of the few messages it uses).
+    the managed host (no C(protobuf), the module carries its own codec of the few messages it uses).
   - On failure, RV(ignore:msg) names the first check (in the order above) that failed.
   - The module only reads. It never changes anything (C(changed) is always false) and runs in check mode too.
 options:
