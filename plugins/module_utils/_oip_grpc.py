@@ -463,7 +463,7 @@ def decode_model_infer_response(buf):
                 tensor["datatype"],
                 raws[index],
                 _product(tensor["shape"]),
-                "output {} '{}': raw_output_contents[{}]".format(index, tensor["name"], index),
+                "output {0} '{1}': raw_output_contents[{0}]".format(index, tensor["name"]),
             )
         else:
             field = CONTENTS_FIELD.get(tensor["datatype"])

@@ -229,7 +229,9 @@ checks:
     - {name: status, passed: true, detail: "22 of 22 responses were 200"}
     - {name: latency_p99, passed: true, detail: "p99 5.1 ms <= 50 ms"}
 grpc:
-  description: The gRPC checks' figures; null when O(grpc_target) is not given.
+  description:
+    - The gRPC checks' figures; null when O(grpc_target) is not given, or when the checks did not get to run
+      (C(ready) or C(golden_source) failed).
   returned: always
   type: dict
   contains:
@@ -238,7 +240,7 @@ grpc:
       type: str
       sample: 127.0.0.1:8202
     requests:
-      description: C(ModelInfer) calls sent (0 when C(grpc_ready) failed or no golden example was found).
+      description: C(ModelInfer) calls sent (0 when C(grpc_ready) failed).
       type: int
       sample: 5
     failures:

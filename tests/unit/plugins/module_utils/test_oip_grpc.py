@@ -78,7 +78,7 @@ def test_request_protobuf_parses(datatype, values, field, dtype):
         assert list(msg.raw_input_contents) == [_raw(datatype, values, dtype)]
     else:
         assert not msg.raw_input_contents
-        assert [f.name for f, _ in tensor.contents.ListFields()] == [field]
+        assert [f.name for f, _value in tensor.contents.ListFields()] == [field]
         _same(list(getattr(tensor.contents, field)), _typed(field, values))
 
 
