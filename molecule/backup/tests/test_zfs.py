@@ -2,10 +2,14 @@
 
 TEST ADAPTATION: the datasets live on zfs-fuse with a file-backed pool, because the OpenZFS kernel module cannot be
 loaded in a container; production hosts use OpenZFS (zfsutils-linux) on a pool made from disks. What side_effect.yml
-did (a refused mountpoint, a check-mode run, a record size changed in place) is checked here too.
+did (a refused mountpoint, a check-mode run, a record size changed in place, a stale drop-in removed) is checked here
+too. The data units' drop-ins (ADR 1102) are checked on the units this scenario installs: PostgreSQL 15 (the cluster
+postgresql@15-main.service, an instance of postgresql@.service, and postgresql.service) and MLflow (mlflow.service).
+It installs no Prometheus: prometheus.service's drop-in is checked as a file only.
 """
 
 import pathlib
+import re
 import sys
 
 import pytest
@@ -21,6 +25,20 @@ DATASETS = {
     "dvc_cache": ("/var/lib/sovereign/dvc/cache", "131072"),
     "prometheus": ("/var/lib/prometheus/metrics2", "32768"),
 }
+
+
+# TEST ADAPTATION: zfs-fuse.service mounts the datasets here; zfs-mount.service does on OpenZFS.
+MOUNT_SERVICE = "zfs-fuse.service"
+DROPIN = "sovereign-zfs-datasets.conf"
+# unit -> the mountpoints its drop-in asserts (the role's default `units`).
+DATA_UNITS = {
+    "postgresql@.service": ["/var/lib/postgresql"],
+    "postgresql.service": ["/var/lib/postgresql"],
+    "mlflow.service": ["/var/lib/sovereign/mlflow/artifacts"],
+    "prometheus.service": ["/var/lib/prometheus/metrics2"],
+}
+PG_DATASET = f"{ROOT}/postgresql"
+PG_MOUNTPOINT = "/var/lib/postgresql"
 
 
 def zfs_get(host, dataset, prop):
@@ -64,9 +82,16 @@ def test_host_contract_publishes_the_datasets(host):
     assert section["implementation"] == "zfs-fuse"
     assert section["pool"] == "tank"
     assert section["root"] == ROOT
-    assert section["datasets"] == {
-        key: {"name": f"{ROOT}/{key}", "mountpoint": mountpoint} for key, (mountpoint, _recordsize) in DATASETS.items()
+    units = {
+        key: sorted(u for u, mps in DATA_UNITS.items() if mountpoint in mps)
+        for key, (mountpoint, _) in DATASETS.items()
     }
+    datasets = section["datasets"]
+    assert {key: dict(ds, units=sorted(ds["units"])) for key, ds in datasets.items()} == {
+        key: {"name": f"{ROOT}/{key}", "mountpoint": mountpoint, "units": units[key]}
+        for key, (mountpoint, _recordsize) in DATASETS.items()
+    }
+    assert datasets["dvc_cache"]["units"] == []
 
 
 def test_postgresql_data_and_wal_are_on_their_dataset(host):
@@ -88,3 +113,106 @@ def test_occupied_mountpoint_was_refused_and_its_data_kept(host):
 def test_recordsize_changed_in_place_keeps_the_data(host):
     marker = host.file("/var/lib/prometheus/metrics2/marker")
     assert marker.content_string == "kept across the recordsize change\n"
+
+
+def pg_instance(host):
+    """Debian's cluster unit, postgresql@<version>-<cluster>.service (postgresql@15-main on Debian 12)."""
+    version, cluster = host.check_output("pg_lsclusters -h").split()[:2]
+    return f"postgresql@{version}-{cluster}.service"
+
+
+def unit_asserts(host, unit):
+    """The unit's asserts as systemd loaded them (D-Bus property Asserts, a(sbbsi)): [(type, parameter)]."""
+    path = host.check_output(
+        "busctl call org.freedesktop.systemd1 /org/freedesktop/systemd1 org.freedesktop.systemd1.Manager LoadUnit s %s",
+        unit,
+    ).split('"')[1]
+    raw = host.check_output(
+        "busctl get-property org.freedesktop.systemd1 %s org.freedesktop.systemd1.Unit Asserts", path
+    )
+    return re.findall(r'"(Assert\w+)" (?:true|false) (?:true|false) "([^"]*)"', raw)
+
+
+def show(host, unit, *props):
+    out = host.check_output("systemctl show %s " + " ".join(["-p %s"] * len(props)), unit, *props)
+    return dict(line.split("=", 1) for line in out.splitlines())
+
+
+@pytest.mark.parametrize("unit", sorted(DATA_UNITS))
+def test_data_unit_dropin(host, unit):
+    """Every data unit has the drop-in: after and wanting the mount service, asserting each of its mountpoints."""
+    dropin = host.file(f"/etc/systemd/system/{unit}.d/{DROPIN}")
+    assert dropin.is_file
+    assert (dropin.user, dropin.group, dropin.mode) == ("root", "root", 0o644)
+    lines = [line for line in dropin.content_string.splitlines() if line and not line.startswith("#")]
+    expected = ["[Unit]", f"Wants={MOUNT_SERVICE}", f"After={MOUNT_SERVICE}"]
+    for mountpoint in DATA_UNITS[unit]:
+        expected += [f"RequiresMountsFor={mountpoint}", f"AssertPathIsMountPoint={mountpoint}"]
+    assert lines == expected
+
+
+def test_no_other_data_unit_dropins(host):
+    """Exactly the listed units have one (the DVC cache lists none); side_effect.yml's stale one was removed."""
+    found = host.check_output("find /etc/systemd/system -mindepth 2 -maxdepth 2 -name %s", DROPIN).split()
+    assert sorted(found) == sorted(f"/etc/systemd/system/{unit}.d/{DROPIN}" for unit in DATA_UNITS)
+    assert not host.file(f"/etc/systemd/system/sovereign-stale-test.service.d/{DROPIN}").exists
+
+
+@pytest.mark.parametrize("unit", ["pg_instance", "postgresql.service", "mlflow.service"])
+def test_systemd_loaded_the_dropin(host, unit):
+    """The installed data units, as systemd loaded them: ordering, wants, mounts and the assert from the drop-in."""
+    template = "postgresql@.service" if unit == "pg_instance" else unit
+    unit = pg_instance(host) if unit == "pg_instance" else unit
+    props = show(host, unit, "LoadState", "After", "Wants", "RequiresMountsFor", "DropInPaths")
+    assert props["LoadState"] == "loaded"
+    assert f"/etc/systemd/system/{template}.d/{DROPIN}" in props["DropInPaths"].split()
+    assert MOUNT_SERVICE in props["After"].split()
+    assert MOUNT_SERVICE in props["Wants"].split()
+    for mountpoint in DATA_UNITS[template]:
+        assert mountpoint in props["RequiresMountsFor"].split()
+        assert ("AssertPathIsMountPoint", mountpoint) in unit_asserts(host, unit)
+
+
+def test_uninstalled_data_unit_is_not_found(host):
+    """prometheus.service is not installed here: its drop-in waits for it (checked as a file above)."""
+    assert show(host, "prometheus.service", "LoadState")["LoadState"] == "not-found"
+
+
+def test_postgresql_refuses_to_start_on_an_unmounted_dataset(host):
+    """The real guard: PostgreSQL's dataset unmounted, starting PostgreSQL is refused by the assert and nothing is
+    written under the mountpoint; mounted again, it starts on its data. The system is left as it was found."""
+    instance = pg_instance(host)
+    query = "su postgres -c \"psql -tAc 'SELECT count(*) FROM items' backuptest\""
+    rows = host.check_output(query)
+    was_active = {u: host.service(u).is_running for u in ("mlflow.service", instance)}
+    assert was_active[instance]
+    try:
+        # MLflow first: it keeps connections to PostgreSQL. Stopping postgresql.service stops its clusters (PartOf).
+        host.run_expect([0], "systemctl stop mlflow.service postgresql.service %s", instance)
+        # zfs-fuse may call the mount busy for a moment after the server exited.
+        host.run_expect([0], "for i in $(seq 20); do zfs unmount %s && exit 0; sleep 0.5; done; exit 1", PG_DATASET)
+        assert zfs_get(host, PG_DATASET, "mounted") == "no"
+        assert host.run("mountpoint -q %s", PG_MOUNTPOINT).rc != 0
+        # The directory under the mountpoint: empty (the role mounts only over an empty one), or gone.
+        listing = "find %s -mindepth 1 2>/dev/null || true"
+        assert host.check_output(listing, PG_MOUNTPOINT) == ""
+
+        for unit in (instance, "postgresql.service"):
+            start = host.run("systemctl start %s", unit)
+            assert start.rc != 0, f"{unit} started on an unmounted dataset"
+            assert f"Assertion failed on job for {unit}" in start.stderr
+            assert show(host, unit, "AssertResult")["AssertResult"] == "no"
+        assert not host.service(instance).is_running
+        assert host.check_output(listing, PG_MOUNTPOINT) == "", "something was written under the mountpoint"
+        assert host.run("mountpoint -q %s", PG_MOUNTPOINT).rc != 0
+    finally:
+        if zfs_get(host, PG_DATASET, "mounted") != "yes":
+            host.run_expect([0], "zfs mount %s", PG_DATASET)
+        host.run_expect([0], "systemctl start postgresql.service %s", instance)
+        if was_active["mlflow.service"]:
+            host.run_expect([0], "systemctl start mlflow.service")
+
+    assert show(host, instance, "AssertResult")["AssertResult"] == "yes"
+    assert host.service(instance).is_running
+    assert host.check_output("findmnt -n -o SOURCE --target %s", f"{PG_MOUNTPOINT}/") == PG_DATASET
+    assert host.check_output(query) == rows
