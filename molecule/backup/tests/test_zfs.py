@@ -208,7 +208,8 @@ def test_postgresql_refuses_to_start_on_an_unmounted_dataset(host):
     holders = []
     try:
         # MLflow first: it keeps connections to PostgreSQL. Stopping postgresql.service stops its clusters (PartOf).
-        host.run_expect([0], "systemctl stop mlflow.service postgresql.service %s", instance)
+        stop = ["mlflow.service"] * was_active["mlflow.service"] + ["postgresql.service", instance]
+        host.run_expect([0], "systemctl stop " + " ".join(["%s"] * len(stop)), *stop)
         holders = [u for u in units_holding_mount(host, PG_MOUNTPOINT) if u != instance]
         if holders:
             host.run_expect([0], "systemctl stop " + " ".join(["%s"] * len(holders)), *holders)
