@@ -96,6 +96,20 @@ def frontend(host):
     return color, json.loads(out.splitlines()[-1])["model_version"]
 
 
+def grpc_infer_answered(host, color):
+    """ModelInfer calls the color answered 200, from its own /metrics: here only the smoke test calls it over gRPC
+    (the load is HTTP), so this counts the smoke test's gRPC calls since the color last started."""
+    w = where(host)
+    out = host.check_output(f"curl -sf --max-time 10 http://{w['hosts'][color]}:{w['ports'][color]}/metrics")
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in out.splitlines()
+        if line.startswith("sovereign_runtime_requests_total{")
+        and 'endpoint="grpc_infer"' in line
+        and 'code="200"' in line
+    )
+
+
 def ledger(host):
     f = host.file(LEDGER)
     return [json.loads(line) for line in f.content_string.splitlines() if line.strip()] if f.exists else []
@@ -380,11 +394,16 @@ def test_deploy_and_rollback_under_load_lose_no_request(host):
     assert "breaking a stale fleet deploy lock /var/lib/sovereign/deploy.lock held by crashed@ci-runner" in out
     assert live_color(host) == "green"
     assert frontend(host) == ("green", "2")
+    # The smoke test also went over gRPC, on green's own gRPC port (deploy_smoke_grpc_requests, default 5).
+    assert grpc_infer_answered(host, "green") >= 5
+    blue_grpc = grpc_infer_answered(host, "blue")
 
     rc, out, rollback_s = play("rollback.yml")
     assert rc == 0, out[-3000:]
     assert live_color(host) == "blue"
     assert frontend(host) == ("blue", "1")
+    # Rollback's smoke test of blue too (blue kept running: its count goes on from before).
+    assert grpc_infer_answered(host, "blue") >= blue_grpc + 5
     print(f"deploy.yml {deploy_s:.1f}s, rollback.yml {rollback_s:.1f}s (wall, including ansible-playbook start)")
 
     load = stop_load(host, "loadgen")
