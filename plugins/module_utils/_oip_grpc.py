@@ -363,13 +363,18 @@ def encode_server_ready_request():
     return b""
 
 
-def decode_server_ready_response(buf):
-    """``ready`` of a ServerReadyResponse."""
+def _decode_ready(buf, message):
+    """``ready`` (field 1) of a ServerReadyResponse or a ModelReadyResponse, named ``message`` in errors."""
     ready = False
     for number, wire, value in iter_fields(buf):
         if number == 1:
-            ready = _bool(value, wire, "ServerReadyResponse.ready")
+            ready = _bool(value, wire, message + ".ready")
     return ready
+
+
+def decode_server_ready_response(buf):
+    """``ready`` of a ServerReadyResponse."""
+    return _decode_ready(buf, "ServerReadyResponse")
 
 
 def encode_model_ready_request(name, version=""):
@@ -378,11 +383,7 @@ def encode_model_ready_request(name, version=""):
 
 def decode_model_ready_response(buf):
     """``ready`` of a ModelReadyResponse."""
-    ready = False
-    for number, wire, value in iter_fields(buf):
-        if number == 1:
-            ready = _bool(value, wire, "ModelReadyResponse.ready")
-    return ready
+    return _decode_ready(buf, "ModelReadyResponse")
 
 
 def encode_model_infer_request(model_name, inputs, model_version="", request_id=""):
