@@ -84,7 +84,7 @@ def test_host_contract_publishes_the_datasets(host):
     assert section["root"] == ROOT
     units = {
         key: sorted(u for u, mps in DATA_UNITS.items() if mountpoint in mps)
-        for key, (mountpoint, _) in DATASETS.items()
+        for key, (mountpoint, _recordsize) in DATASETS.items()
     }
     datasets = section["datasets"]
     assert {key: dict(ds, units=sorted(ds["units"])) for key, ds in datasets.items()} == {
