@@ -58,8 +58,10 @@ else
   quiet_pip .venv/bin/pip install -q -c requirements/constraints.txt uv
   # unsafe-best-match: pick each package's pinned version from whichever index has it, as pip does (uv's default
   # takes a package only from the first index that lists it, and PyTorch's index lists numpy, jinja2, ...).
+  # --compile-bytecode: pip wrote the .pyc files at install time, uv does not by default; where
+  # PYTHONDONTWRITEBYTECODE is set (this CI machine) every process would compile ansible & co. again (2x slower suite).
   uv_install=(.venv/bin/uv pip install --python .venv/bin/python -q --index-strategy unsafe-best-match
-              -c requirements/constraints.txt)
+              --compile-bytecode -c requirements/constraints.txt)
   # torch pinned: an unpinned torch would pull several GB of CUDA wheels. Its CPU build comes from a local wheel
   # directory where the machine has one, else from PyTorch's CPU index.
   torch_source=(--extra-index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}")
