@@ -114,7 +114,6 @@ def test_rollback_smoke_task_is_wired_the_same_way():
         assert rollback["sovereign.mlops.smoke_test"][key] == deploy["sovereign.mlops.smoke_test"][key].replace(
             "[color]", "[_release_target]"
         )
-    for key in ("__release_smoke_grpc", "ansible_python_interpreter"):
-        assert " ".join(rollback["vars"][key].split()) == " ".join(deploy["vars"][key].split()).replace(
-            "[color]", "[_release_target]"
-        )
+    # One expression for both, in vars/main.yml (_release_smoke_python), indexed by the task's color.
+    assert deploy["vars"] == {"ansible_python_interpreter": "{{ _release_smoke_python[color] }}"}
+    assert rollback["vars"] == {"ansible_python_interpreter": "{{ _release_smoke_python[_release_target] }}"}
