@@ -7,7 +7,7 @@ jobs=$1; shift
 [ $# -gt 0 ] || { echo "molecule: no scenarios"; exit 0; }
 # Longest first (measured runs, slowest first), so the last scenario to start is a short one and the N
 # slots finish together; a scenario not listed here is taken as long and starts first.
-LONGEST_FIRST=(release_faults backup release monitoring zenoh inference_runtime feast traffic_switch
+LONGEST_FIRST=(release backup monitoring zenoh inference_runtime feast traffic_switch
                mlflow nvidia_gpu dvc_sync common)
 ordered=()
 for s in "$@"; do [[ " ${LONGEST_FIRST[*]} " == *" $s "* ]] || ordered+=("$s"); done

@@ -1,5 +1,5 @@
 """Experiment traffic with planted outcomes (python3 stdlib; a test tool of
-molecule/release/tests/test_progressive_experiment.py, run by molecule/release_faults).
+molecule/release/tests/test_progressive_experiment.py, run by molecule/release).
 
 CLIENTS threads POST the golden inference of MODEL to URL (the frontend) on keep-alive connections, each request
 with a fresh sticky key (X-Sovereign-Key: <run>-<n>: the split assigns it by hash), read the answer's request id and

@@ -1,5 +1,5 @@
 """Keep-alive load that records which arm answered each request (python3 stdlib; a test tool of
-molecule/release/tests/test_progressive.py, run by molecule/release_faults).
+molecule/release/tests/test_progressive.py, run by molecule/release).
 
 KEYLESS threads each POST the golden inference of MODEL to URL in turn on one keep-alive HTTP/1.1 connection,
 without a sticky key (split by weight). One more thread sends the same request with a sticky key header

@@ -1,13 +1,11 @@
 """Markers and the shared precondition of the release tests.
 
-Two scenarios share the files here: molecule/release runs -m "not fault and not progressive" (the release flow),
-molecule/release_faults runs -m "fault or progressive" on its own host (the release flow's fault cases, then
-nothing else: progressive delivery, test_progressive*.py). Molecule passes the files sorted, so in release_faults
-test_progressive.py, then test_progressive_experiment.py, then the fault cases of test_release.py run, in that
-order, on one converge. Each of them starts from the state the converge leaves: blue live serving demo version 1,
-no split. The progressive tests end there too, so the ``blue_live_v1`` fixture (which every test that starts from
-it uses) finds it and costs three reads; run out of order (``-k``, a second ``molecule verify``), it establishes it
-with the release playbooks themselves.
+molecule/release runs every test here on one host and one converge. Molecule passes the files sorted, so
+test_progressive.py, then test_progressive_experiment.py (progressive delivery, marked progressive), then
+test_release.py (the release flow; its fault cases marked fault) run in that order. Each part starts from the state
+the converge leaves: blue live serving demo version 1, no split. The progressive tests end there too, so the
+``blue_live_v1`` fixture (which every test that starts from it uses) finds it and costs three reads; run out of
+order (``-k``, ``-m fault``, a second ``molecule verify``), it establishes it with the release playbooks themselves.
 """
 
 from __future__ import annotations
@@ -34,9 +32,9 @@ _LOOSE = {
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "fault: a fault case of the release flow (molecule/release_faults)")
+    config.addinivalue_line("markers", "fault: a fault case of the release flow")
     config.addinivalue_line(
-        "markers", "progressive: progressive delivery, canary and experiments (issue 14; molecule/release_faults)"
+        "markers", "progressive: progressive delivery, canary and experiments (issue 14)"
     )
 
 

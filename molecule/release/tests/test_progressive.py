@@ -1,7 +1,7 @@
 """Progressive delivery end to end (issue 14): playbooks/deploy.yml -e strategy=canary and rollback.yml against one
 real host (sovereign-runtime on CPU with real TorchScript models behind the real HAProxy; molecule/release's converge).
-Marked progressive: molecule/release_faults runs it, before test_progressive_experiment.py and the release fault
-cases, on its one converge (conftest.py).
+Marked progressive: molecule/release runs it first, before test_progressive_experiment.py and test_release.py, on
+one converge (conftest.py).
 
 The playbooks run as real `ansible-playbook` processes against molecule's inventory; the host is read through
 testinfra's podman backend; the load runs on the host (files/progressive_load.py, keep-alive clients through the

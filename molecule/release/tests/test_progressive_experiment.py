@@ -2,7 +2,7 @@
 on CPU behind the real HAProxy; molecule/release's converge), the report read from the files it leaves on the
 controller.
 
-Marked progressive: molecule/release_faults runs it after test_progressive.py (file order), on one converge
+Marked progressive: molecule/release runs it after test_progressive.py (file order), on one converge
 (conftest.py). Each test starts from blue live with demo version 1, no split (the blue_live_v1 fixture; the file
 before this one leaves it so), and arm B, version 2, on green (idle): the state an operator sets up with deploy.yml
 and rollback.yml. ensure_arms() puts version 2 on green when it is not there, by rewriting green's model file and

@@ -1,10 +1,10 @@
 """The release flow end to end: playbooks/deploy.yml and playbooks/rollback.yml against one real host
 (sovereign-runtime on CPU with two real TorchScript models behind HAProxy).
 
-Two scenarios share this file: molecule/release runs every test but the fault cases (pytest -m "not fault and not
-progressive"), molecule/release_faults runs only those (-m "fault or progressive") on its own host, after the
-progressive delivery tests of test_progressive*.py (conftest.py), so each scenario fits the time budget. Each fault
-case starts from blue live with v1 and no split (the blue_live_v1 fixture of conftest.py).
+molecule/release runs this file after the progressive delivery tests of test_progressive*.py, on the same host and
+converge (conftest.py); they leave blue live with v1 and no split, where this file starts. The deploy under load
+and each fault case start from that state (the blue_live_v1 fixture of conftest.py, which restores it when a test
+runs alone or out of order); the fault cases are marked fault (``-m fault`` runs only them).
 
 The playbooks run as real `ansible-playbook` processes against molecule's inventory; the host's state is read
 through testinfra's podman backend. Tests run in file order and share the host: bad input and a held lock
@@ -372,6 +372,7 @@ def test_registry_model_is_resolved_once_on_the_controller(host, mlflow_server, 
 # -- deploy and rollback under load ---------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("blue_live_v1")
 def test_deploy_and_rollback_under_load_lose_no_request(host):
     # A stale lock (a killed run from long ago) is broken with a warning naming its holder.
     set_lock(host, "crashed@ci-runner", "2020-01-01T00:00:00Z", 60)

@@ -1,7 +1,7 @@
 """playbooks/experiment.yml refuses bad input before it reads or changes anything: a real `ansible-playbook` on a
 localhost inventory (group inference) with bad -e values; each run must fail at the first check, naming the
 problem, with no task after it run. (Unknown versions and colors that do not serve an arm are checked against real
-runtimes in molecule/release/tests/test_progressive_experiment.py, run by molecule/release_faults.)"""
+runtimes in molecule/release/tests/test_progressive_experiment.py, run by molecule/release.)"""
 
 from __future__ import annotations
 

@@ -254,7 +254,7 @@ def written(base: str, requests: int) -> bool:
 
 def test_two_colors_records_make_the_report(models, tmp_path):
     """Both colors as real processes (version 1 = arm A on blue, version 2 = arm B on green), an experiment.json in
-    each one's directory, answers sent to each color directly (the split itself is HAProxy's: molecule/release_faults),
+    each one's directory, answers sent to each color directly (the split itself is HAProxy's: molecule/release),
     outcomes planted by version and posted to the OTHER color (an outcome need not reach the color that answered),
     then each color's dump and `sovereign-ops experiment report --dump`: the planted winner, with both colors'
     rows and outcomes joined."""
