@@ -117,3 +117,36 @@ def test_rollback_smoke_task_is_wired_the_same_way():
     # One expression for both, in vars/main.yml (_release_smoke_python), indexed by the task's color.
     assert deploy["vars"] == {"ansible_python_interpreter": "{{ _release_smoke_python[color] }}"}
     assert rollback["vars"] == {"ansible_python_interpreter": "{{ _release_smoke_python[_release_target] }}"}
+
+
+def test_urls_and_grpc_targets_bracket_an_ipv6_host(tmp_path):
+    """Each color's URL and gRPC target as vars/main.yml renders them from the host contract: an IPv6 address in
+    brackets (blue here), an IPv4 address or a name as it is (green); no gRPC port: no target."""
+    book = tmp_path / "render.yml"
+    book.write_text(
+        f"""
+- hosts: localhost
+  connection: local
+  gather_facts: false
+  vars_files: [{ROLE / "defaults/main.yml"}, {ROLE / "vars/main.yml"}]
+  tasks:
+    - ansible.builtin.copy:
+        content: "{{{{ {{'urls': _release_urls, 'grpc': _release_grpc_targets}} | to_json }}}}"
+        dest: "{tmp_path}/out.json"
+"""
+    )
+    colors = {
+        "blue": {"host": "fd00::5", "port": 8001, "grpc_port": 9001},
+        "green": {"host": "10.0.0.5", "port": 8002, "grpc_port": 0},
+    }
+    (tmp_path / "extra.json").write_text(json.dumps({"ansible_local": {"sovereign": {"runtime": {"colors": colors}}}}))
+    env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_LOCALHOST_WARNING": "false"}
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "ansible-playbook"), "-i", "localhost,", str(book),
+         "-e", f"@{tmp_path / 'extra.json'}", "-e", f"ansible_python_interpreter={sys.executable}"],
+        capture_output=True, text=True, env=env, timeout=180, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    rendered = json.loads((tmp_path / "out.json").read_text())
+    assert rendered["urls"] == {"blue": "http://[fd00::5]:8001", "green": "http://10.0.0.5:8002"}
+    assert {k: v.strip() for k, v in rendered["grpc"].items()} == {"blue": "[fd00::5]:9001", "green": ""}
