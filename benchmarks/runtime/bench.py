@@ -325,6 +325,8 @@ def measure_model(model: str, names: list[str], args, work: Path, failures: list
             stop(proc)
         reap(work)
         if args.keep_logs:
+            # It need not exist beforehand (a missing one once ended a run after its first model).
+            args.keep_logs.mkdir(parents=True, exist_ok=True)
             for _, _, _, log in started:
                 shutil.copy(log, args.keep_logs / log.name)
     return rows, configs

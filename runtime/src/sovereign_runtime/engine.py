@@ -194,7 +194,7 @@ class Engine:
         # the delay) even after a batch of one. None: no such frontend (HTTP alone decides by the last batch).
         self.arriving: Callable[[], int] | None = None
         self._target = 1  # rows the timed flush waits for
-        self._batch_seconds = 0.0  # how long the last batched forward took
+        self._batch_seconds = 0.0  # how long the last forward took, batched or inline (the clients' window)
         self._module: Any = None
         self._cuda = False
         self._resp_prefix = b""
@@ -390,7 +390,8 @@ class Engine:
                 m = self.metrics
                 m.queue_latency.observe(0.0)  # inline: no queue
                 result = self._compute(req.tensors)
-                m.compute_latency.observe(perf_counter() - now)
+                self._batch_seconds = seconds = perf_counter() - now
+                m.compute_latency.observe(seconds)
                 m.batch_size.observe(req.rows)
         finally:
             if not picked:
@@ -436,7 +437,10 @@ class Engine:
             m = self.metrics
             m.queue_latency.observe(0.0)  # inline: no queue
             result = self._compute(req.tensors)
-            m.compute_latency.observe(perf_counter() - now)
+            # An inline forward times the window too (_alone): with delay 0 and only batches timing it, a forward
+            # longer than 1 ms made every next client look alone, and a slow model never batched (ADR 1704).
+            self._batch_seconds = seconds = perf_counter() - now
+            m.compute_latency.observe(seconds)
             m.batch_size.observe(req.rows)
             done(*self._answer(req, result))
 

@@ -9,6 +9,7 @@ import asyncio
 import json
 import re
 import struct
+import time
 
 import pytest
 import torch
@@ -318,6 +319,38 @@ def test_a_batchs_rows_encode_as_the_split_tensors_do(dtype):
             want = encode_outputs(specs, [o[start:stop] for o in outs], wanted)
             assert rows.encode(specs, wanted) == want
         assert all(torch.equal(a, o[start:stop]) for a, o in zip(rows.tensors(), outs, strict=True))
+
+
+@pytest.mark.parametrize("delay_ms", [0.0, 1.0])
+def test_after_a_slow_inline_forward_the_next_client_is_not_alone(loaded, delay_ms):
+    """A model whose forward is slower than the 1 ms lone-client window (the heavy MLP: ~3 ms): client a's request
+    runs inline; client b's, parsed when that forward ends, sees a's request as recent, so it joins the queue
+    (the batch its neighbours join) instead of running inline too. Before, with delay 0, only a batched forward
+    widened the window: every request looked alone and a slow model never batched (bench.py, heavy, c=16, d0:
+    1.0 rows per forward)."""
+    engine = make_engine(loaded["mlflow_pt2"], model_name="mlp", max_batch_delay_ms=delay_ms)
+    sent: dict[str, float] = {}  # each client's last request, as httpproto.Protocol.last_request keeps it
+    engine.clients = lambda since: sum(t >= since for t in sent.values())
+    compute = engine._compute
+
+    def slow(tensors):
+        time.sleep(0.005)
+        return compute(tensors)
+
+    engine._compute = slow
+    answered: list[str] = []
+    body = infer_body(torch.ones(1, IN))
+
+    async def run() -> list[str]:
+        for client in ("a", "b"):
+            sent[client] = now = time.perf_counter()
+            engine.submit(body, None, now, lambda status, _body, _headers, c=client: answered.append(f"{c} {status}"))
+        at_once = list(answered)
+        await asyncio.sleep(0.1)
+        return at_once
+
+    assert asyncio.run(run()) == ["a 200"]  # a inline; b queued
+    assert answered == ["a 200", "b 200"]
 
 
 @pytest.mark.parametrize(("clients", "inline"), [(1, True), (2, False)])
