@@ -1,8 +1,9 @@
 """Run one of the collection's playbooks from a molecule test, as an operator would: a real ``ansible-playbook``
 process against molecule's inventory (``MOLECULE_INVENTORY_FILE``, which ``molecule verify`` sets).
 
-Used by molecule/release (``sys.path.insert`` of molecule/shared, as for host_contract.py): :func:`play` runs a playbook to its end; :func:`command` is its command line, for a test that
-starts the process itself (to kill it mid-way).
+Used by molecule/release (``sys.path.insert`` of molecule/shared, as for host_contract.py): :func:`play` runs a
+playbook to its end; :func:`command` is its command line, for a test that starts the process itself (to kill it
+mid-way).
 """
 
 from __future__ import annotations

@@ -33,9 +33,7 @@ _LOOSE = {
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "fault: a fault case of the release flow")
-    config.addinivalue_line(
-        "markers", "progressive: progressive delivery, canary and experiments (issue 14)"
-    )
+    config.addinivalue_line("markers", "progressive: progressive delivery, canary and experiments (issue 14)")
 
 
 def routing(host):
