@@ -194,7 +194,7 @@ class Engine:
         # the delay) even after a batch of one. None: no such frontend (HTTP alone decides by the last batch).
         self.arriving: Callable[[], int] | None = None
         self._target = 1  # rows the timed flush waits for
-        self._batch_seconds = 0.0  # how long the last forward took, batched or inline (the clients' window)
+        self._forward_seconds = 0.0  # how long the last forward took, batched or inline (the clients' window)
         self._module: Any = None
         self._cuda = False
         self._resp_prefix = b""
@@ -390,7 +390,7 @@ class Engine:
                 m = self.metrics
                 m.queue_latency.observe(0.0)  # inline: no queue
                 result = self._compute(req.tensors)
-                self._batch_seconds = seconds = perf_counter() - now
+                self._forward_seconds = seconds = perf_counter() - now
                 m.compute_latency.observe(seconds)
                 m.batch_size.observe(req.rows)
         finally:
@@ -439,7 +439,7 @@ class Engine:
             result = self._compute(req.tensors)
             # An inline forward times the window too (_alone): with delay 0 and only batches timing it, a forward
             # longer than 1 ms made every next client look alone, and a slow model never batched (ADR 1704).
-            self._batch_seconds = seconds = perf_counter() - now
+            self._forward_seconds = seconds = perf_counter() - now
             m.compute_latency.observe(seconds)
             m.batch_size.observe(req.rows)
             done(*self._answer(req, result))
@@ -448,7 +448,7 @@ class Engine:
         """No other client sent a request lately (``clients``, the server's connections: this one counts
         itself): a direct request then runs inline, as ``infer`` runs one whose task is the only one."""
         clients = self.clients
-        return clients is not None and clients(now - max(0.001, 10 * self.delay, 3 * self._batch_seconds)) <= 1
+        return clients is not None and clients(now - max(0.001, 10 * self.delay, 3 * self._forward_seconds)) <= 1
 
     def _json_reply(self, req: DecodedRequest, outputs: list) -> tuple[int, bytes, list | None]:
         """A 200 JSON answer of encoded outputs, with the request's id (request_id.py: every answer has one)."""
@@ -517,7 +517,7 @@ class Engine:
         clients = self.clients
         if clients is None:
             return min(self.max_batch, self._last_batch)
-        window = max(10 * self.delay, 3 * self._batch_seconds)
+        window = max(10 * self.delay, 3 * self._forward_seconds)
         return max(1, min(self.max_batch, clients(perf_counter() - window)))
 
     def _flush(self) -> None:
@@ -569,8 +569,8 @@ class Engine:
                     stop = start + it.rows
                     it.fut.set_result(_Rows(shared, start, stop))
                     start = stop
-        self._batch_seconds = perf_counter() - t
-        m.compute_latency.observe(self._batch_seconds)
+        self._forward_seconds = perf_counter() - t
+        m.compute_latency.observe(self._forward_seconds)
         m.batch_size.observe(rows)
 
     # ---------------------------------------------------------------------------------------------
