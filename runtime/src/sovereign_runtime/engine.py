@@ -2,8 +2,13 @@
 
 Execution model (see docs/adr/0101-runtime-serving-design.md):
 
-* Everything on the hot path runs on the event loop thread, the forward pass included. Handing a
-  ~20 us forward to a worker thread costs more (GIL hand-offs, wake-ups) than it saves.
+* Everything on the hot path runs on the event loop thread, the forward pass included, while forwards are
+  short: handing a ~20 us forward to a worker thread costs more (GIL hand-offs, wake-ups) than it saves.
+* Batches of a model whose last forward took at least ``OFFLOAD_SECONDS`` (a heavy model, a GPU) run on the
+  engine's one forward thread (ADR 1716), one at a time: the loop goes on reading and parsing (and accepting
+  gRPC calls) meanwhile, and what arrives during a forward joins the queue and forms the next batch. A lone
+  HTTP request still runs inline (no hop); a gRPC call always joins the queue then, because grpcio accepts
+  one call per loop round trip and every call would look alone (``run(..., alone_inline=False)``).
 * Batching off (``max_batch_size`` 0 or 1): each request runs its forward inline, in its handler.
 * Batching on, and the request is alone (no other request parsed, nothing queued): inline, exactly as
   with batching off. Otherwise it joins a queue and a flush is scheduled with ``call_soon``; the flush
@@ -25,6 +30,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +64,9 @@ LOADING, READY, FAILED, DRAINING = "loading", "ready", "failed", "draining"
 RETRY_AFTER = [(b"retry-after", b"1")]
 BINARY_TYPE = (b"content-type", b"application/octet-stream")  # first of the headers: App uses it as the type
 _TIMEOUT = object()  # future result: the request's deadline passed before its batch started
+# A forward at least this long (the last one measured) sends the next batches to the forward thread: its hop (~50 us)
+# is then a few per cent of the forward, and the loop is free for the next batch's requests meanwhile (ADR 1716).
+OFFLOAD_SECONDS = 0.001
 
 
 class ModelError:
@@ -195,6 +204,8 @@ class Engine:
         self.arriving: Callable[[], int] | None = None
         self._target = 1  # rows the timed flush waits for
         self._forward_seconds = 0.0  # how long the last forward took, batched or inline (the clients' window)
+        self._pool: ThreadPoolExecutor | None = None  # the forward thread, made on first use
+        self._forward_busy = False  # a batch is running on the forward thread (nothing else computes meanwhile)
         self._module: Any = None
         self._cuda = False
         self._resp_prefix = b""
@@ -356,9 +367,13 @@ class Engine:
         status, message, headers = result
         return status, error_body(message), headers
 
-    async def run(self, req: DecodedRequest, t0: float) -> list[torch.Tensor] | tuple[int, str, list | None]:
+    async def run(
+        self, req: DecodedRequest, t0: float, alone_inline: bool = True
+    ) -> list[torch.Tensor] | tuple[int, str, list | None]:
         """Admission, batching and the forward of one decoded request, whatever its protocol (HTTP here, gRPC in
-        grpc_server.py): the output tensors, or (HTTP-equivalent status, message, extra HTTP headers)."""
+        grpc_server.py): the output tensors, or (HTTP-equivalent status, message, extra HTTP headers).
+        ``alone_inline`` False (gRPC): with batching on and a slow forward, a request that looks alone joins the
+        queue too, and its forward runs on the forward thread while the loop accepts the next calls."""
         if self.waiting >= self.max_waiting:
             return 503, f"queue full ({self.max_waiting} requests waiting)", RETRY_AFTER
         self.waiting += 1
@@ -371,9 +386,11 @@ class Engine:
             elif self.batching and (
                 self._queue
                 or self._flush_handle
+                or self._forward_busy  # a batch is on the forward thread: this one waits for the next
                 or self.busy is None
                 or self.busy() > 1
                 or (self.delay and self._last_batch > 1)  # a client of a concurrent batch: wait for the others
+                or (not alone_inline and self._offloading())  # gRPC: lone-looking is not alone (docstring)
             ):
                 loop = get_running_loop()
                 item = _Item(req.tensors, req.rows, loop.create_future(), now, deadline)
@@ -429,7 +446,11 @@ class Engine:
         if now > deadline:
             done(*self._answer(req, _TIMEOUT))
         elif self.batching and (
-            self._queue or self._flush_handle is not None or self._last_batch > 1 or not self._alone(now)
+            self._queue
+            or self._flush_handle is not None
+            or self._forward_busy
+            or self._last_batch > 1
+            or not self._alone(now)
         ):
             self.waiting += 1
             self._enqueue(_Item(req.tensors, req.rows, _Callback(self, req, done), now, deadline), get_running_loop())
@@ -443,6 +464,10 @@ class Engine:
             m.compute_latency.observe(seconds)
             m.batch_size.observe(req.rows)
             done(*self._answer(req, result))
+
+    def _offloading(self) -> bool:
+        """Batches run on the forward thread: the last forward was slow."""
+        return self._forward_seconds >= OFFLOAD_SECONDS
 
     def _alone(self, now: float) -> bool:
         """No other client sent a request lately (``clients``, the server's connections: this one counts
@@ -522,6 +547,8 @@ class Engine:
 
     def _flush(self) -> None:
         self._flush_handle = None
+        if self._forward_busy:
+            return  # the batch on the forward thread flushes again when it is done (_offloaded)
         queue = self._queue
         m = self.metrics
         max_rows = self.max_batch
@@ -543,35 +570,81 @@ class Engine:
                 batch.append(item)
                 rows += item.rows
             if batch:
+                if self._offloading():
+                    self._offload(batch, rows)
+                    return  # one batch at a time there; the rest waits for it (and gathers more)
                 self._run_batch(batch, rows)
                 self._last_batch = len(batch)
 
     def _run_batch(self, batch: list[_Item], rows: int) -> None:
-        m = self.metrics
         t = perf_counter()
+        results = self._batch_results(batch, rows)
+        self._batch_done(batch, results, rows, perf_counter() - t)
+
+    def _batch_results(self, batch: list[_Item], rows: int) -> list[Any]:
+        """The forward of one batch: each item's result (on the loop, or on the forward thread: no loop state)."""
         if len(batch) == 1:
-            batch[0].fut.set_result(self._compute(batch[0].tensors))
-        else:
-            try:
-                n_inputs = len(batch[0].tensors)
-                merged = [torch.cat([it.tensors[i] for it in batch]) for i in range(n_inputs)]
-                outs = self.forward(merged)
-                if any(o.dim() == 0 or o.shape[0] != rows for o in outs):
-                    raise ValueError("output rows do not match input rows")
-            except Exception:
-                # One bad request must not fail its neighbours: run them one by one.
-                for it in batch:
-                    it.fut.set_result(self._compute(it.tensors))
-            else:
-                shared = _BatchOutputs(outs)
-                start = 0
-                for it in batch:
-                    stop = start + it.rows
-                    it.fut.set_result(_Rows(shared, start, stop))
-                    start = stop
-        self._forward_seconds = perf_counter() - t
-        m.compute_latency.observe(self._forward_seconds)
+            return [self._compute(batch[0].tensors)]
+        try:
+            n_inputs = len(batch[0].tensors)
+            merged = [torch.cat([it.tensors[i] for it in batch]) for i in range(n_inputs)]
+            outs = self.forward(merged)
+            if any(o.dim() == 0 or o.shape[0] != rows for o in outs):
+                raise ValueError("output rows do not match input rows")
+        except Exception:
+            # One bad request must not fail its neighbours: run them one by one.
+            return [self._compute(it.tensors) for it in batch]
+        shared = _BatchOutputs(outs)
+        results: list[Any] = []
+        start = 0
+        for it in batch:
+            stop = start + it.rows
+            results.append(_Rows(shared, start, stop))
+            start = stop
+        return results
+
+    def _batch_done(self, batch: list[_Item], results: list[Any], rows: int, seconds: float) -> None:
+        for it, result in zip(batch, results, strict=True):
+            fut = it.fut
+            if type(fut) is _Callback or not fut.done():  # done: cancelled (shutdown) while on the forward thread
+                fut.set_result(result)
+        self._forward_seconds = seconds
+        m = self.metrics
+        m.compute_latency.observe(seconds)
         m.batch_size.observe(rows)
+
+    def _offload(self, batch: list[_Item], rows: int) -> None:
+        """Run one batch on the forward thread; answer it and flush the next one from the loop when it is done."""
+        pool = self._pool
+        if pool is None:
+            pool = self._pool = ThreadPoolExecutor(1, thread_name_prefix="forward")
+        self._forward_busy = True
+        loop = get_running_loop()
+
+        def timed() -> tuple[list[Any], float]:
+            t = perf_counter()
+            return self._batch_results(batch, rows), perf_counter() - t
+
+        loop.run_in_executor(pool, timed).add_done_callback(lambda f: self._offloaded(f, batch, rows, loop))
+
+    def _offloaded(self, f: asyncio.Future, batch: list[_Item], rows: int, loop: asyncio.AbstractEventLoop) -> None:
+        self._forward_busy = False
+        if f.cancelled() or f.exception() is not None:  # not the model's error (those are results): a bug, or shutdown
+            exc = f.exception() if not f.cancelled() else asyncio.CancelledError()
+            log_event("forward_failed", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+            error = ModelError(exc)  # type: ignore[arg-type]
+            error.status, error.message = 500, f"internal error running the model: {type(exc).__name__}"
+            results: list[Any] = [error] * len(batch)
+            seconds = self._forward_seconds
+        else:
+            results, seconds = f.result()
+        self._batch_done(batch, results, rows, seconds)
+        self._last_batch = len(batch)
+        if self._queue:  # arrived during the forward: they have waited one already, flush now
+            if self._flush_handle is not None:
+                self._flush_handle.cancel()
+            self._flush_handle = loop.call_soon(self._flush)
+            self._flush_is_timer = False
 
     # ---------------------------------------------------------------------------------------------
     # Documents

@@ -268,7 +268,7 @@ class GrpcFrontend:
                 req, raw = decode(engine, request)
             except RequestError as exc:
                 raise Refused(exc.status, exc.message) from None
-            result = await engine.run(req, t0)
+            result = await engine.run(req, t0, alone_inline=False)  # a lone-looking call: see Engine.run
             if type(result) is not list:
                 raise Refused(result[0], result[1])
             response = self._response(model, req, result, raw)
