@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from ansible.errors import AnsibleFilterError
+from ansible_collections.sovereign.mlops.plugins.module_utils._host_contract import url_host
 
 DOCUMENTATION = r"""
 name: scrape_targets
@@ -72,10 +73,7 @@ def _address(hostvars, host, address):
             or _get(hostvars, host, "ansible_host")
             or host
         )
-    address = str(address)
-    if ":" in address and not address.startswith("["):
-        address = f"[{address}]"
-    return address
+    return url_host(address)
 
 
 def scrape_targets(hostvars, hosts, previous=None):

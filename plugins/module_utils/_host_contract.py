@@ -178,11 +178,18 @@ def local_address(address):
     return address
 
 
+def url_host(address):
+    """``address`` as the host part of a URL or a ``host:port`` pair: an IPv6 literal in brackets (RFC 3986),
+    anything else (IPv4, a name, an address already bracketed) as it is. The one copy: the roles reach it
+    through the ``sovereign.mlops.url_host`` filter."""
+    address = str(address)
+    if ":" in address and not address.startswith("["):
+        return f"[{address}]"
+    return address
+
+
 def http_url(address, port):
-    host = local_address(str(address))
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"http://{host}:{int(port)}"
+    return f"http://{url_host(local_address(str(address)))}:{int(port)}"
 
 
 def runtime_colors(contract):

@@ -293,7 +293,7 @@ from ansible_collections.sovereign.mlops.plugins.module_utils._haproxy import (
     shares,
     show_map,
 )
-from ansible_collections.sovereign.mlops.plugins.module_utils._host_contract import resolve, runtime_colors
+from ansible_collections.sovereign.mlops.plugins.module_utils._host_contract import resolve, runtime_colors, url_host
 from ansible_collections.sovereign.mlops.plugins.module_utils._ledger import utc_now_iso
 from ansible_collections.sovereign.mlops.plugins.module_utils._oip import (
     TRANSPORT_ERRORS,
@@ -399,10 +399,7 @@ class Switch:
 
     def direct_health_url(self, color):
         spec = self.colors[color]
-        host = spec["host"]
-        if ":" in host and not host.startswith("["):
-            host = f"[{host}]"
-        return "http://{}:{}{}".format(host, spec["port"], self.p["health_path"])
+        return "http://{}:{}{}".format(url_host(spec["host"]), spec["port"], self.p["health_path"])
 
     def check_direct_health(self, color):
         """Error text when ``color`` is not ready on its own port, else None."""
