@@ -43,6 +43,7 @@ from .metrics import Metrics
 from .model import LoadedModel, cuda_memory, normalise_outputs
 from .protocol import (
     TORCH_TO_OIP,
+    BinaryEncoder,
     DecodedRequest,
     Decoder,
     RequestError,
@@ -53,6 +54,7 @@ from .protocol import (
     encode_outputs,
     error_body,
     loads,
+    raw_bytes,
 )
 from .request_id import header as request_id_header
 from .request_id import new_id
@@ -119,11 +121,23 @@ class _BatchOutputs:
     """The output tensors of one batched forward, and (made once, on first use) their rows as Python lists:
     one ``tolist`` per batch instead of a split, a reshape and a ``tolist`` per request."""
 
-    __slots__ = ("_lists", "outs")
+    __slots__ = ("_lists", "_raws", "metas", "outs")
 
     def __init__(self, outs: list[torch.Tensor]) -> None:
         self.outs = outs
         self._lists: list[list] | None = None
+        self._raws: list[tuple[bytes, int]] | None = None
+        self.metas = tuple((o.dtype, tuple(o.shape[1:])) for o in outs)  # BinaryEncoder's layout key
+
+    def raws(self) -> list[tuple[bytes, int]]:
+        """Each output's raw bytes and bytes per row (binary answers slice them: one copy per batch)."""
+        raws = self._raws
+        if raws is None:
+            raws = self._raws = []
+            for o in self.outs:
+                data = raw_bytes(o)
+                raws.append((data, len(data) // o.shape[0]))
+        return raws
 
     def lists(self) -> list[list]:
         lists = self._lists
@@ -176,6 +190,7 @@ class Engine:
         self.model: LoadedModel | None = None
         self.decoder: Decoder | None = None
         self.out_specs: list[TensorSpec] = []
+        self._binary_encoder: BinaryEncoder | None = None
         self.golden_report: dict[str, Any] = {}
         self.in_flight = 0  # infer requests inside the server (HTTP and Zenoh)
         self.waiting = 0  # admitted, not yet picked up for compute
@@ -486,7 +501,7 @@ class Engine:
         ModelError) -> (status, body, headers)."""
         if type(result) is _Rows:
             if req.binary is not None:
-                return self._binary_reply(req, result.tensors())
+                return self._binary_rows_reply(req, result)
             return self._json_reply(req, result.encode(self.out_specs, req.outputs))
         if type(result) is list:
             if req.binary is not None:
@@ -506,10 +521,41 @@ class Engine:
             return exc.status, error_body(exc.message), None
         return await Engine.infer(self, body, t0, req)
 
+    @property
+    def binary_encoder(self) -> BinaryEncoder:
+        """The binary answers' encoder of the current output specs (startup may name the outputs late)."""
+        enc = self._binary_encoder
+        if enc is None or enc.specs is not self.out_specs:
+            enc = self._binary_encoder = BinaryEncoder(self.out_specs)
+        return enc
+
     def _binary_reply(self, req: DecodedRequest, result: list[torch.Tensor]) -> tuple[int, bytes, list]:
         rid = req.id if req.id is not None else new_id()  # request_id.py: every answer has an id
         prefix = b"".join((self._resp_prefix, b',"id":', dumps(rid)))
-        body, head = encode_binary(prefix, self.out_specs, result, req.outputs, req.binary)  # type: ignore[arg-type]
+        body, head = self.binary_encoder.encode(prefix, result, req.outputs, req.binary)  # type: ignore[arg-type]
+        head_length = (b"inference-header-content-length", str(head).encode())
+        return 200, body, [BINARY_TYPE, head_length, *request_id_header(rid)]
+
+    def _binary_rows_reply(self, req: DecodedRequest, result: _Rows) -> tuple[int, bytes, list]:
+        """``_binary_reply`` of a request's rows of a batch: from the batch's raw bytes, not its own tensors."""
+        shared = result.shared
+        if any(o.dim() == 0 for o in shared.outs):
+            return self._binary_reply(req, result.tensors())
+        rid = req.id if req.id is not None else new_id()
+        prefix = b"".join((self._resp_prefix, b',"id":', dumps(rid)))
+        answer = self.binary_encoder.encode_rows(
+            prefix,
+            shared.metas,
+            shared.raws(),
+            result.start,
+            result.stop,
+            req.outputs,
+            req.binary,  # type: ignore[arg-type]
+        )
+        if answer is None:  # an output asked for as JSON data
+            body, head = encode_binary(prefix, self.out_specs, result.tensors(), req.outputs, req.binary)  # type: ignore[arg-type]
+        else:
+            body, head = answer
         head_length = (b"inference-header-content-length", str(head).encode())
         return 200, body, [BINARY_TYPE, head_length, *request_id_header(rid)]
 

@@ -185,6 +185,7 @@ class Decoder:
         self.index = {spec.name: i for i, spec in enumerate(inputs)}
         self.output_names = {spec.name for spec in outputs} if outputs else None
         self.batch_dim = batch_dim
+        self._plans: dict[bytes, _Plan] = {}  # binary requests: JSON header bytes -> what it decodes to
 
     def decode(self, body: bytes, header_length: bytes | None = None) -> DecodedRequest:
         """``header_length``: the ``Inference-Header-Content-Length`` header (binary tensor extension): the
@@ -212,8 +213,11 @@ class Decoder:
                 f"Inference-Header-Content-Length {header_length[:40].decode('latin-1')!r} must be an integer"
                 f" between 0 and the body's {len(body)} bytes"
             )
-        raw = _Raw(body, n)
         head = body[:n]
+        plan = self._plans.get(head)
+        if plan is not None and plan.size == len(body) - n:
+            return plan.decode(body, n)
+        raw = _Raw(body, n)
         try:
             doc = _fast_loads(head)
         except orjson.JSONDecodeError:
@@ -224,6 +228,12 @@ class Decoder:
                 f"binary data: {len(body) - n} byte(s) follow the JSON header, the inputs' binary_data_size"
                 f" add up to {raw.offset - n}"
             )
+        if plan is None and n <= _PLAN_MAX_HEADER and req.id is None:
+            plan = _Plan.of(doc, req, self.index)
+            if plan is not None:
+                if len(self._plans) >= _PLANS_KEPT:
+                    self._plans.clear()
+                self._plans[head] = plan
         return req
 
     def validate(self, req: Any, raw: _Raw | None = None) -> DecodedRequest:
@@ -348,6 +358,57 @@ class _Raw:
         self.offset = offset
 
 
+# A client sends the same JSON header with every request of one shape (tritonclient does, unless it sets an
+# id): what a header decodes to is kept, so such a request costs a dict lookup and one frombuffer per input
+# instead of a JSON parse and a validation. Headers with an id (unique per request) are not kept; the set is
+# bounded (cleared when full), and so are the headers kept.
+_PLANS_KEPT = 256
+_PLAN_MAX_HEADER = 4096
+
+
+class _Plan:
+    """What one binary request header decodes to: the inputs' places in the raw part, rows, outputs asked."""
+
+    __slots__ = ("binary", "inputs", "n_inputs", "outputs", "rows", "size")
+
+    def __init__(self, inputs: list[tuple], n_inputs: int, rows: int, outputs: Any, binary: Any, size: int) -> None:
+        self.inputs = inputs  # (model input index, dtype, element count, offset in the raw part, shape)
+        self.n_inputs = n_inputs
+        self.rows = rows
+        self.outputs = outputs
+        self.binary = binary
+        self.size = size  # bytes of the raw part
+
+    @classmethod
+    def of(cls, doc: dict, req: DecodedRequest, index: dict[str, int]) -> _Plan | None:
+        """The plan of a header that has just decoded to ``req``; None when a request with that header is not
+        all raw tensors (JSON data in the header: kept out, simpler) or has a BOOL input (checked per request)."""
+        inputs = []
+        offset = 0
+        for item in doc["inputs"]:
+            params = item.get("parameters")
+            if type(params) is not dict or "binary_data_size" not in params:
+                return None
+            idx = index[item["name"]]
+            tensor = req.tensors[idx]
+            if tensor.dtype is torch.bool:
+                return None
+            inputs.append((idx, tensor.dtype, tensor.numel(), offset, tuple(tensor.shape)))
+            offset += params["binary_data_size"]
+        return cls(inputs, len(req.tensors), req.rows, req.outputs, req.binary, offset)
+
+    def decode(self, body: bytes, n: int) -> DecodedRequest:
+        buf = bytearray(body)  # writable: torch.frombuffer shares it without a warning
+        tensors: list[Any] = [None] * self.n_inputs
+        for idx, dtype, count, offset, shape in self.inputs:
+            tensors[idx] = (
+                torch.frombuffer(buf, dtype=dtype, count=count, offset=n + offset).view(shape)
+                if count
+                else torch.empty(shape, dtype=dtype)
+            )
+        return DecodedRequest(None, tensors, self.rows, self.outputs, self.binary)
+
+
 def _binary_tensor(raw: _Raw | None, size: Any, name: str, datatype: str, shape: list[int]) -> torch.Tensor:
     """An input sent as raw little-endian bytes (binary tensor extension): ``binary_data_size`` bytes, the
     next ones after the previous binary input."""
@@ -422,6 +483,96 @@ def encode_binary(
             outs.extend(encode_outputs([spec], [tensor], None))
     head = b"".join((prefix, b',"outputs":', dumps_outputs(outs), b"}"))
     return head + b"".join(chunks), len(head)
+
+
+def raw_bytes(tensor: torch.Tensor) -> bytes:
+    """A tensor's elements as raw little-endian bytes (row-major)."""
+    t = tensor.contiguous()
+    size = t.numel() * t.element_size()
+    return ctypes.string_at(t.data_ptr(), size) if size else b""
+
+
+class BinaryEncoder:
+    """Binary-extension answers for one model's outputs. The JSON header's outputs part depends only on the
+    layout (each output's datatype and shape, which outputs are asked for and which as raw bytes): it is made
+    once per layout and kept, so an answer is its id, that part and the raw bytes. A layout with an output
+    asked for as JSON data is not kept (``encode_binary`` answers it)."""
+
+    KEPT = 256
+
+    def __init__(self, specs: list[TensorSpec]) -> None:
+        self.specs = specs
+        self._layouts: dict[tuple, tuple[bytes, tuple[int, ...]] | None] = {}
+
+    def layout(
+        self, metas: tuple, rows: int | None, wanted: list[str] | None, binary: frozenset
+    ) -> tuple[bytes, tuple[int, ...]] | None:
+        """(JSON of ``,"outputs":[...]}``, the indices of the outputs sent raw) for outputs of ``metas``
+        ((dtype, shape) each; with ``rows``, the shape after the batch dimension), or None (not all raw)."""
+        key = (metas, rows, None if wanted is None else tuple(wanted), binary)
+        try:
+            return self._layouts[key]
+        except KeyError:
+            pass
+        every = binary is ALL_OUTPUTS
+        outs: list[dict[str, Any]] = []
+        sent: list[int] = []
+        made: tuple[bytes, tuple[int, ...]] | None = None
+        for i, (spec, (dtype, shape)) in enumerate(zip(self.specs, metas, strict=False)):
+            if wanted is not None and spec.name not in wanted:
+                continue
+            if not (every or spec.name in binary):
+                break
+            full = [rows, *shape] if rows is not None else list(shape)
+            size = prod(full) * torch.empty((), dtype=dtype).element_size()  # once per layout
+            outs.append(
+                {
+                    "name": spec.name,
+                    "datatype": TORCH_TO_OIP.get(dtype, spec.datatype),
+                    "shape": full,
+                    "parameters": {"binary_data_size": size},
+                }
+            )
+            sent.append(i)
+        else:
+            made = (b"".join((b',"outputs":', dumps_outputs(outs), b"}")), tuple(sent))
+        if len(self._layouts) >= self.KEPT:
+            self._layouts.clear()
+        self._layouts[key] = made
+        return made
+
+    def encode(
+        self, prefix: bytes, tensors: list[torch.Tensor], wanted: list[str] | None, binary: frozenset
+    ) -> tuple[bytes, int]:
+        """What ``encode_binary(prefix, specs, tensors, wanted, binary)`` returns."""
+        made = self.layout(tuple((t.dtype, tuple(t.shape)) for t in tensors), None, wanted, binary)
+        if made is None:
+            return encode_binary(prefix, self.specs, tensors, wanted, binary)
+        head, sent = made
+        return b"".join((prefix, head, *[raw_bytes(tensors[i]) for i in sent])), len(prefix) + len(head)
+
+    def encode_rows(
+        self,
+        prefix: bytes,
+        metas: tuple,
+        raws: list[tuple[bytes, int]],
+        start: int,
+        stop: int,
+        wanted: list[str] | None,
+        binary: frozenset,
+    ) -> tuple[bytes, int] | None:
+        """The answer for rows ``start:stop`` of a batch's outputs, from the batch's raw bytes (``raws``: each
+        output's bytes and bytes per row; ``metas``: (dtype, shape after the batch dimension) each), or None
+        when an output is asked for as JSON data."""
+        made = self.layout(metas, stop - start, wanted, binary)
+        if made is None:
+            return None
+        head, sent = made
+        chunks = [prefix, head]
+        for i in sent:
+            data, per_row = raws[i]
+            chunks.append(data[start * per_row : stop * per_row])
+        return b"".join(chunks), len(prefix) + len(head)
 
 
 def _general_tensor(data: list, datatype: str, dtype: torch.dtype) -> torch.Tensor:

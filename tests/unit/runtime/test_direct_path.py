@@ -199,6 +199,35 @@ def test_concurrent_direct_requests_share_one_forward(loaded):
         assert torch.allclose(torch.tensor(out["data"]), engine.forward([x])[0].reshape(-1), atol=1e-6)
 
 
+def test_concurrent_binary_requests_share_one_forward_and_get_their_own_rows(loaded):
+    """Binary answers from a batch are cut from the batch's raw bytes (protocol.BinaryEncoder): each client
+    gets its own rows, whatever its row count, and one that asked for JSON output gets JSON."""
+    engine = make_engine(loaded["mlflow_pt2"], model_name="mlp", max_batch_delay_ms=0)
+    xs = [torch.linspace(-1, 1, IN * (1 + i % 2)).reshape(1 + i % 2, IN) * (i + 1) for i in range(10)]  # 15 rows
+
+    async def run() -> list[RecordingTransport]:
+        wire = Wire(engine)
+        conns = [wire.connect() for _ in xs]
+        forwards = sum(engine.metrics.batch_size.counts)
+        for i, ((proto, _), x) in enumerate(zip(conns, xs, strict=True)):
+            proto.data_received(binary_request(x, binary_out=i != 5))
+        await wire.settle([t for _, t in conns], len(xs))
+        assert sum(engine.metrics.batch_size.counts) - forwards == 1
+        return [t for _, t in conns]
+
+    for i, (x, transport) in enumerate(zip(xs, asyncio.run(run()), strict=True)):
+        head, _, body = transport.writes[0].partition(b"\r\n\r\n")
+        want = engine.forward([x])[0]
+        if i == 5:
+            got = torch.tensor(json.loads(body)["outputs"][0]["data"]).reshape(want.shape)
+        else:
+            n = int(re.search(rb"inference-header-content-length: ([0-9]+)", head).group(1))
+            out = json.loads(body[:n])["outputs"][0]
+            assert out["shape"] == list(want.shape) and out["parameters"]["binary_data_size"] == want.numel() * 4
+            got = torch.frombuffer(bytearray(body[n:]), dtype=torch.float32).reshape(want.shape)
+        assert torch.allclose(got, want, atol=1e-5), i
+
+
 def test_connection_close_and_shutdown_close_after_the_answer(engine):
     async def run() -> tuple[RecordingTransport, RecordingTransport]:
         wire = Wire(engine)
