@@ -16,7 +16,7 @@ PENDING_SCENARIOS := $(shell sed -n 's/^\([a-z_0-9]*\):.*/\1/p' molecule/PENDING
 SCENARIOS ?= $(filter-out $(PENDING_SCENARIOS),$(notdir $(patsubst %/molecule.yml,%,$(wildcard molecule/*/molecule.yml))))
 
 .PHONY: help bootstrap lab lab-down test test-fast lint ruff ansible-lint sanity unit molecule \
-        changelog-lint build constraints clean rules unit-1 unit-2 unit-3
+        changelog-lint build constraints clean rules unit-1 unit-2 unit-3 shellcheck
 
 help: ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -40,7 +40,7 @@ test: bootstrap ## everything CI runs: lint, sanity, unit, every molecule scenar
 # printed whole when it ends, the exit status is the first failure's. One lane by default: two lanes
 # ("unit-1 unit-2 unit-3" "ruff ansible-lint changelog-lint build sanity rules") measured 7 unit failures at load
 # 12-18 (load-sensitive tests, docs/benchmarks.md "Test suite"); they go first.
-TEST_FAST_LANES ?= "ruff ansible-lint changelog-lint build sanity unit-1 unit-2 unit-3 rules"
+TEST_FAST_LANES ?= "ruff shellcheck ansible-lint changelog-lint build sanity unit-1 unit-2 unit-3 rules"
 
 test-fast: ## everything that needs no container (each step's log printed whole, a summary)
 	@bash scripts/test-fast.sh $(TEST_FAST_LANES)
@@ -56,6 +56,10 @@ ansible-lint:
 
 changelog-lint:
 	antsibull-changelog lint
+
+# ansible-test's shellcheck covers the collection's scripts; the repo's own (scripts/, .ci/) are left out of it.
+shellcheck: ## shellcheck (warnings and errors) on every tracked shell script
+	shellcheck -S warning .ci/run $$(git ls-files '*.sh')
 
 build: ## build the collection tarball and check what went into it
 	@bash scripts/build-collection.sh

@@ -3,7 +3,6 @@
 # each step checks a stamp (a hash of its inputs) and skips when nothing changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-root=$(pwd)
 
 # pip warns about every absent local index a machine's pip.conf may name; keep real errors only.
 quiet_pip() { "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
@@ -22,6 +21,9 @@ APT_PACKAGES=(podman runc netavark aardvark-dns iptables debootstrap busybox-sta
               openssh-client python3-venv ca-certificates curl jq prometheus)
 # redis-server: the runtime's feature-fetch tests start their own on a free loopback port (never the service)
 APT_PACKAGES+=(redis-server)
+# The shellcheck package: ansible-test sanity's shellcheck test (it is skipped, with a warning only, where the binary is absent)
+# and `make shellcheck` for the repo's own scripts.
+APT_PACKAGES+=(shellcheck)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -35,6 +37,7 @@ else
 fi
 # Debian's prometheus package enables its service; PID 1 is not systemd here, so nothing starts. Tests start
 # their own prometheus processes on free loopback ports.
+shellcheck --version >/dev/null 2>&1 || die "shellcheck (Debian package shellcheck) does not run: 'shellcheck --version' failed"
 promtool --version >/dev/null 2>&1 || die "promtool (Debian package prometheus) does not run: 'promtool --version' failed"
 # The machine's own haproxy service is left alone: tests start their own haproxy processes on free
 # loopback ports, and Debian's stock haproxy.cfg listens on none.

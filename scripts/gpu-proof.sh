@@ -13,7 +13,7 @@
 #   GPU_PROOF_DRY_RUN=1      step 5 on a CPU-only machine, "cuda" served on cpu: checks this script, proves nothing.
 # Exit status: 0 when every step that could run passed; the summary names the steps that could not run and why.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
 PY=${PYTHON:-python3}
 OUT_DIR=${1:-${OUT:-/tmp/gpu-proof-out}}

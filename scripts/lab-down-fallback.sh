@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make lab-down` without a .venv (bootstrap never ran or was removed): the same removal by hand.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 for name in $(podman ps -a --filter label=sovereign.lab --format '{{.Names}}' 2>/dev/null); do
   # A second try: on a loaded machine podman rm can time out waiting for conmon's exit file (see lab_down.yml).
   for _ in 1 2 3; do podman rm -f "$name" >/dev/null && { echo "removed container $name"; break; }; sleep 5; done

@@ -6,7 +6,7 @@
 # never interleaved with another step's, with its wall time and exit status; a summary follows. The exit status is
 # the first failing step's (in the order the steps are listed), 0 when every step passed.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 [ $# -gt 0 ] || { echo "usage: $0 'STEP STEP ...' ['STEP ...' ...] (one quoted list of make targets per lane)" >&2; exit 2; }
 # All in one function, parsed whole before it runs: bash reads a script as it goes, and a checkout that changes under a
 # running test-fast (a merge, an edit) would otherwise change what it runs, and its exit status (seen 2026-12-02).

@@ -3,7 +3,7 @@
 # another; folders that do not exist are left out, a group with no tests collected is no failure. Exits non-zero
 # when any group failed (with the last failing group's status), after running every group.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 rc=0
 for group in "$@"; do
   paths=$(for p in $group; do [ -d "$p" ] && echo "$p"; done)

@@ -28,14 +28,14 @@ MNT=/var/lib/sovereign/restic/mnt/tank_sovereign_mlflow_artifacts
 
 echo "source bytes: $(exec_d 'cat /root/bench.bytes')"
 echo "first backup with the new data: $(t exec_d "$ARGV") s (load $(load))"
-echo "restore-side repository size after the first backup: $(podman exec $R du -sb /srv/restic/restic-$D/repo | cut -f1) bytes"
+echo "restore-side repository size after the first backup: $(podman exec "$R" du -sb "/srv/restic/restic-$D/repo" | cut -f1) bytes"
 echo "source processed: $(exec_d "grep -h 'backup_bytes_processed' /var/lib/prometheus/node-exporter/sovereign_restic_backup.prom | awk '{print \$2}'") bytes"
 # 1 % of the bytes changed: 64 MiB-file offsets overwritten with new random data, spread over the files.
 exec_d "cd /var/lib/sovereign/mlflow/artifacts/bench && n=\$(ls part-*.bin | wc -l) && per=\$(( $MIB * 1024 * 1024 / 100 / n )) &&
   for f in part-*.bin; do head -c \$per /dev/urandom | dd of=\$f bs=1M seek=7 conv=notrunc iflag=fullblock status=none; done && sync &&
   sha256sum part-*.bin > /root/bench.sha256"
 echo "incremental backup after a 1 % change: $(t exec_d "$ARGV") s (load $(load)); $(exec_d "grep -h 'backup_bytes_added' /var/lib/prometheus/node-exporter/sovereign_restic_backup.prom")"
-echo "repository size: $(podman exec $R du -sb /srv/restic/restic-$D/repo | cut -f1) bytes"
+echo "repository size: $(podman exec "$R" du -sb "/srv/restic/restic-$D/repo" | cut -f1) bytes"
 exec_d "sync; echo 3 > /proc/sys/vm/drop_caches"
 # Time to first byte: one artifact streamed from the repository (restic dump), read until its first byte, then whole.
 echo "first byte of one 64 MiB artifact (restic dump | head -c 1): $(t exec_d "{ $TOOL restic offsite dump latest $MNT/bench/part-1.bin || true; } | head -c 1 | wc -c") s (load $(load))"
