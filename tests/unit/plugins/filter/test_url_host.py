@@ -51,15 +51,18 @@ def test_http_url(address, port, expected):
 
 # Jinja that brackets an address by hand: "('[' ~ x ~ ']') if ':' in x".
 HAND_BRACKETS = re.compile(r"""['"]\[['"]\s*~\s*[\w.|() ]+~\s*['"]\]['"]""")
+# A URL made of an address variable as it is (an IPv6 listen address would make it "http://::1:80").
+BARE_ADDRESS_URL = re.compile(r"://\{\{\s*[\w.]*(address|bind)\s*\}\}")
 
 
 def test_no_role_brackets_an_address_by_hand():
-    """Every role goes through the filter: a new hand-written copy is a second home for the rule."""
+    """Every role goes through the filter: a new hand-written copy is a second home for the rule, and a URL made
+    of a bare address variable breaks on an IPv6 address."""
     found = []
     for path in sorted((ROOT / "roles").rglob("*")):
         if path.suffix in (".yml", ".yaml", ".j2") and path.is_file():
             for n, line in enumerate(path.read_text().splitlines(), 1):
-                if HAND_BRACKETS.search(line):
+                if HAND_BRACKETS.search(line) or BARE_ADDRESS_URL.search(line):
                     found.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert not found, "use `| sovereign.mlops.url_host`:\n" + "\n".join(found)
 
@@ -67,3 +70,5 @@ def test_no_role_brackets_an_address_by_hand():
 def test_the_guard_sees_a_hand_written_copy():
     assert HAND_BRACKETS.search("""x: "{{ ('[' ~ prometheus_listen_address ~ ']') if ':' in a else a }}" """)
     assert not HAND_BRACKETS.search("""'field': kind ~ '[' ~ loop.index0 ~ '].' ~ key""")
+    assert BARE_ADDRESS_URL.search('url: "http://{{ grafana_listen_address }}:{{ grafana_port }}/api/health"')
+    assert not BARE_ADDRESS_URL.search('url: "http://{{ grafana_listen_address | sovereign.mlops.url_host }}:3000"')
