@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from ansible_collections.sovereign.mlops.plugins.filter.url_host import FilterModule
-from ansible_collections.sovereign.mlops.plugins.module_utils._host_contract import http_url, url_host
+from ansible_collections.sovereign.mlops.plugins.module_utils._host_contract import url_host
 
 ROOT = Path(__file__).resolve().parents[4]
 
@@ -34,19 +34,6 @@ def test_url_host(address, expected):
 @pytest.mark.parametrize(("address", "expected"), CASES)
 def test_the_filter_is_the_module_utils_function(address, expected):
     assert FilterModule().filters()["url_host"](address) == expected
-
-
-@pytest.mark.parametrize(
-    ("address", "port", "expected"),
-    [
-        ("0.0.0.0", 8001, "http://127.0.0.1:8001"),
-        ("::", 8001, "http://127.0.0.1:8001"),
-        ("fd00::5", "8002", "http://[fd00::5]:8002"),
-        ("10.0.0.5", 8002, "http://10.0.0.5:8002"),
-    ],
-)
-def test_http_url(address, port, expected):
-    assert http_url(address, port) == expected
 
 
 # Jinja that brackets an address by hand: "('[' ~ x ~ ']') if ':' in x".
