@@ -538,9 +538,7 @@ class Engine:
 
     def _binary_rows_reply(self, req: DecodedRequest, result: _Rows) -> tuple[int, bytes, list]:
         """``_binary_reply`` of a request's rows of a batch: from the batch's raw bytes, not its own tensors."""
-        shared = result.shared
-        if any(o.dim() == 0 for o in shared.outs):
-            return self._binary_reply(req, result.tensors())
+        shared = result.shared  # every output has the batch's rows (_batch_results checked)
         rid = req.id if req.id is not None else new_id()
         prefix = b"".join((self._resp_prefix, b',"id":', dumps(rid)))
         answer = self.binary_encoder.encode_rows(
