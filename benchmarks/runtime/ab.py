@@ -26,7 +26,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -77,12 +76,6 @@ def request(port: int, body: bytes, header_len: int | None) -> bytes:
         f"Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -194,7 +187,7 @@ def main() -> int:
             tokens = shlex.split(flags)
             binary = "@binary" in tokens
             tokens = [t for t in tokens if t != "@binary"]
-            port = free_port()
+            port = bench.free_port()
             proc = start(src, model_dir, port, tokens, args.pin, work / f"{label}.log")
             procs.append(proc)
             payload = request(port, *binary_body(width)) if binary else request(port, oip_body(width), None)

@@ -5,13 +5,13 @@ session with runtime credentials standing in for a runtime (the runtime itself i
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from ports import free_port
 from sovereign_ops import bus, inventory
 
 HELPER = Path(__file__).resolve().parents[3] / "roles" / "zenoh_router" / "files" / "sovereign_zenoh.py"
@@ -22,12 +22,6 @@ USERS = {
 }
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rule(rid, flows, messages, keys):
     return {"id": rid, "permission": "allow", "flows": flows, "messages": messages, "key_exprs": keys}
 
@@ -35,7 +29,7 @@ def _rule(rid, flows, messages, keys):
 @pytest.fixture(scope="module")
 def router(tmp_path_factory):
     d = tmp_path_factory.mktemp("zenoh")
-    port = _free_port()
+    port = free_port()
     (d / "users.txt").write_text("".join(f"{u}:{p}\n" for u, p in USERS.items()))
     infer = ["sovereign/infer", "sovereign/infer/**"]
     config = {
@@ -102,7 +96,7 @@ def test_wrong_password_is_named(router):
 
 def test_no_router_is_named():
     with pytest.raises(inventory.InventoryError, match="no Zenoh router reachable"):
-        bus.open_session([f"tcp/127.0.0.1:{_free_port()}"], "u", "p", timeout_ms=500)
+        bus.open_session([f"tcp/127.0.0.1:{free_port()}"], "u", "p", timeout_ms=500)
 
 
 def test_bus_lists_router_sessions_and_queryables(router):

@@ -19,15 +19,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ports import free_port
 from sovereign_ops import cli, fleet, probe
 
 ROOT = Path(__file__).resolve().parents[3]
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 FACT = {

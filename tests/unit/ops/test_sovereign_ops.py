@@ -14,6 +14,7 @@ import textwrap
 import threading
 
 import pytest
+from ports import free_port
 from sovereign_ops import cli, fleet, inventory
 
 LAB = textwrap.dedent(
@@ -333,12 +334,6 @@ def test_rollback_gives_ansible_playbook_the_vault_password(inv, tmp_path, monke
     assert (tmp_path / "ansible-playbook.got").read_text().strip() == password
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def not_ssh():
     """A TCP server that accepts and hangs up: something listens on the port, but no SSH server."""
@@ -384,7 +379,7 @@ def not_ssh():
 def test_unreachable_host_is_a_one_line_row(request, address, port, message):
     """Real connection attempts (no SSH server needed to fail): the row says what and what to check, on one
     line, and nothing else reaches stderr (paramiko's traceback logging is silenced)."""
-    port = _free_port() if port == "free" else request.getfixturevalue("not_ssh") if port == "not_ssh" else port
+    port = free_port() if port == "free" else request.getfixturevalue("not_ssh") if port == "not_ssh" else port
     host = inventory.Host(name="h", vars={"ansible_host": address, "ansible_port": port}, groups={"inference"})
     rc, out, err = cli.run_on(host, fleet.status_command())
     assert rc == 255

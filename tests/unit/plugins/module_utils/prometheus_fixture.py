@@ -10,7 +10,6 @@ from __future__ import annotations
 import http.server
 import json
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -19,18 +18,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 needs_prometheus = pytest.mark.skipif(
     not Path(PROMETHEUS).is_file(), reason="no prometheus binary (Debian package prometheus: make bootstrap)"
 )
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1)
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class RuntimeMetrics:

@@ -19,11 +19,11 @@ from ansible_collections.sovereign.mlops.plugins.module_utils import _haproxy
 from ansible_collections.sovereign.mlops.tests.unit.plugins.modules.release_fixtures.harness import (
     HAPROXY,
     HAProxy,
-    free_port,
     needs_haproxy,
     render_haproxy_cfg,
     template_vars,
 )
+from ports import free_port
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "plugins" / "modules" / "release_fixtures"
 

@@ -21,13 +21,13 @@ from ansible_collections.sovereign.mlops.tests.unit.plugins.modules.release_fixt
     Backend,
     HAProxy,
     LiarServer,
-    free_port,
     needs_haproxy,
     render_haproxy_cfg,
     run_module,
     template_vars,
     warnings,
 )
+from ports import free_port
 
 pytestmark = needs_haproxy
 

@@ -26,11 +26,11 @@ from ansible_collections.sovereign.mlops.tests.unit.plugins.module_utils.prometh
     needs_prometheus,
 )
 from ansible_collections.sovereign.mlops.tests.unit.plugins.modules.release_fixtures.harness import (
-    free_port,
     needs_haproxy,
     run_module,
 )
 from ansible_collections.sovereign.mlops.tests.unit.plugins.modules.test_release_watch import switch
+from ports import free_port
 
 BASE = dict(
     canary="green",

@@ -33,7 +33,6 @@ from ansible_collections.sovereign.mlops.tests.unit.plugins.modules.release_fixt
     GOLDEN,
     HAProxy,
     OIPServer,
-    free_port,
     needs_haproxy,
     refused_port,
     render_haproxy_cfg,
@@ -41,6 +40,7 @@ from ansible_collections.sovereign.mlops.tests.unit.plugins.modules.release_fixt
     template_vars,
     warnings,
 )
+from ports import free_port
 
 LOADING = (503, {"ready": False, "state": "loading", "reason": "model is loading"})
 CAUSE = "cannot reach the tracking server mlflow.internal:5000: connection refused"

@@ -14,10 +14,10 @@ from ansible_collections.sovereign.mlops.tests.unit.plugins.modules.release_fixt
     GOLDEN,
     GRPCOIPServer,
     OIPServer,
-    free_port,
     refused_port,
     run_module,
 )
+from ports import free_port
 
 # Latency limits are generous in passing cases (machines are noisy); the failing latency case uses a server
 # that sleeps 80 ms per request against a 50 ms limit, a lower bound that noise can only make larger.

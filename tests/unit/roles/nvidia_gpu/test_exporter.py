@@ -11,7 +11,6 @@ real nvidia-ml-py, which finds no NVML library on this machine: it must serve nv
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import urllib.request
 
 import pytest
 from ansible_collections.sovereign.mlops.tests.unit.roles.nvidia_gpu import nvml_double
+from ports import free_port
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -142,15 +142,9 @@ def test_a_failed_event_wait_is_reported_not_fatal():
     assert value(samples, "sovereign_gpu_exporter_xid_watch_up", error="XID event wait failed: Unknown Error") == 0
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_exporter_serves_nvml_down_on_this_machine():
     """The real program with the real nvidia-ml-py: NVML finds no library here; it serves that, it does not exit."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, str(nvml_double.FILES / "sovereign_gpu_exporter.py"), "--port", str(port),
          "--expected-gpus", "1", "--interval", "0.5"],

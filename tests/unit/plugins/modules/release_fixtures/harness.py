@@ -34,12 +34,6 @@ needs_haproxy = pytest.mark.skipif(
 )
 
 
-def free_port():
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def refused_port():
     """A loopback port nobody listens on for as long as the block runs: bound, never listening, so a connect
