@@ -50,7 +50,6 @@ from .protocol import (
     TensorSpec,
     dumps,
     dumps_outputs,
-    encode_binary,
     encode_outputs,
     error_body,
     loads,
@@ -501,7 +500,7 @@ class Engine:
         ModelError) -> (status, body, headers)."""
         if type(result) is _Rows:
             if req.binary is not None:
-                return self._binary_rows_reply(req, result)
+                return self._binary_reply(req, result)
             return self._json_reply(req, result.encode(self.out_specs, req.outputs))
         if type(result) is list:
             if req.binary is not None:
@@ -529,31 +528,26 @@ class Engine:
             enc = self._binary_encoder = BinaryEncoder(self.out_specs)
         return enc
 
-    def _binary_reply(self, req: DecodedRequest, result: list[torch.Tensor]) -> tuple[int, bytes, list]:
+    def _binary_reply(self, req: DecodedRequest, result: list[torch.Tensor] | _Rows) -> tuple[int, bytes, list]:
+        """A 200 binary-extension answer; a request's rows of a batch are cut from the batch's raw bytes."""
         rid = req.id if req.id is not None else new_id()  # request_id.py: every answer has an id
         prefix = b"".join((self._resp_prefix, b',"id":', dumps(rid)))
-        body, head = self.binary_encoder.encode(prefix, result, req.outputs, req.binary)  # type: ignore[arg-type]
-        head_length = (b"inference-header-content-length", str(head).encode())
-        return 200, body, [BINARY_TYPE, head_length, *request_id_header(rid)]
-
-    def _binary_rows_reply(self, req: DecodedRequest, result: _Rows) -> tuple[int, bytes, list]:
-        """``_binary_reply`` of a request's rows of a batch: from the batch's raw bytes, not its own tensors."""
-        shared = result.shared  # every output has the batch's rows (_batch_results checked)
-        rid = req.id if req.id is not None else new_id()
-        prefix = b"".join((self._resp_prefix, b',"id":', dumps(rid)))
-        answer = self.binary_encoder.encode_rows(
-            prefix,
-            shared.metas,
-            shared.raws(),
-            result.start,
-            result.stop,
-            req.outputs,
-            req.binary,  # type: ignore[arg-type]
-        )
-        if answer is None:  # an output asked for as JSON data
-            body, head = encode_binary(prefix, self.out_specs, result.tensors(), req.outputs, req.binary)  # type: ignore[arg-type]
-        else:
-            body, head = answer
+        enc = self.binary_encoder
+        answer = None
+        if type(result) is _Rows:
+            shared = result.shared  # every output has the batch's rows (_batch_results checked)
+            answer = enc.encode_rows(
+                prefix,
+                shared.metas,
+                shared.raws(),
+                result.start,
+                result.stop,
+                req.outputs,
+                req.binary,  # type: ignore[arg-type]
+            )
+            if answer is None:  # an output asked for as JSON data
+                result = result.tensors()
+        body, head = answer or enc.encode(prefix, result, req.outputs, req.binary)  # type: ignore[arg-type]
         head_length = (b"inference-header-content-length", str(head).encode())
         return 200, body, [BINARY_TYPE, head_length, *request_id_header(rid)]
 

@@ -468,15 +468,14 @@ def encode_binary(
         if wanted is not None and spec.name not in wanted:
             continue
         if every or spec.name in binary:
-            t = tensor.contiguous()
-            size = t.numel() * t.element_size()
-            chunks.append(ctypes.string_at(t.data_ptr(), size) if size else b"")
+            data = raw_bytes(tensor)
+            chunks.append(data)
             outs.append(
                 {
                     "name": spec.name,
-                    "datatype": TORCH_TO_OIP.get(t.dtype, spec.datatype),
-                    "shape": list(t.shape),
-                    "parameters": {"binary_data_size": size},
+                    "datatype": TORCH_TO_OIP.get(tensor.dtype, spec.datatype),
+                    "shape": list(tensor.shape),
+                    "parameters": {"binary_data_size": len(data)},
                 }
             )
         else:
@@ -524,7 +523,7 @@ class BinaryEncoder:
             if not (every or spec.name in binary):
                 break
             full = [rows, *shape] if rows is not None else list(shape)
-            size = prod(full) * torch.empty((), dtype=dtype).element_size()  # once per layout
+            size = prod(full) * dtype.itemsize
             outs.append(
                 {
                     "name": spec.name,
